@@ -1,0 +1,2 @@
+//! Layer pack/unpack benchmarks (filled in with the layer module).
+fn main() {}

@@ -1,0 +1,306 @@
+//! The command line: clap types only. Doc comments here are the `--help` text.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// strata: build OS disk images from diskimage-builder elements, caching every step.
+///
+/// Elements are dib elements (folders of hook scripts in phase folders). Every step's inputs are
+/// hashed; the root filesystem after each step is kept as a zstd tar layer, so a rerun restores
+/// the last unchanged snapshot and runs only what changed.
+#[derive(Debug, Parser)]
+#[command(
+    name = "strata",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides it.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Resolve elements and print them in build order (optionally with their hooks).
+    Elements(ElementsArgs),
+    /// Build an image: run every phase, reusing cached steps.
+    Build(BuildArgs),
+    /// Show the steps a build would run, with their keys and whether each is cached.
+    Plan(PlanArgs),
+    /// Inspect and maintain the layer cache.
+    Cache(CacheArgs),
+    /// Helpers that strata's own elements call from their hooks (not a stable interface).
+    #[command(hide = true)]
+    Dib(DibArgs),
+}
+
+/// Where elements come from.
+#[derive(Debug, Clone, Args)]
+pub struct ElementPathArgs {
+    /// An extra folder of elements, searched before ELEMENTS_PATH (repeatable). strata's own
+    /// elements folder is always searched last.
+    #[arg(long = "element-path", value_name = "DIR")]
+    pub element_path: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ElementsArgs {
+    #[command(flatten)]
+    pub paths: ElementPathArgs,
+
+    /// Also list each phase's hooks in run order, with the element each comes from.
+    #[arg(long)]
+    pub hooks: bool,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Do not add the implicit `base` element.
+    #[arg(short = 'n')]
+    pub skip_base: bool,
+
+    /// The elements to resolve.
+    #[arg(required = true, value_name = "ELEMENT")]
+    pub elements: Vec<String>,
+}
+
+/// How finely the build is cut into cached steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Granularity {
+    /// One step per hook.
+    #[default]
+    Hook,
+    /// One step per phase.
+    Phase,
+}
+
+/// Options shared by `build` and `plan`: everything that decides what runs.
+#[derive(Debug, Clone, Args)]
+pub struct BuildOptions {
+    #[command(flatten)]
+    pub paths: ElementPathArgs,
+
+    /// Image name; outputs are NAME.<type>.
+    #[arg(short = 'o', value_name = "NAME", default_value = "image")]
+    pub image_name: String,
+
+    /// Output types, comma separated.
+    #[arg(
+        short = 't',
+        value_name = "TYPES",
+        value_delimiter = ',',
+        default_value = "tar"
+    )]
+    pub image_types: Vec<String>,
+
+    /// Target architecture (default: the host's, in dpkg naming).
+    #[arg(short = 'a', value_name = "ARCH")]
+    pub arch: Option<String>,
+
+    /// Trace hooks (sets DIB_DEBUG_TRACE; repeat to raise it).
+    #[arg(short = 'x', action = clap::ArgAction::Count)]
+    pub trace: u8,
+
+    /// Do not add the implicit `base` element.
+    #[arg(short = 'n')]
+    pub skip_base: bool,
+
+    /// Extra packages to install after install.d (comma separated, repeatable).
+    #[arg(short = 'p', value_name = "PKGS", value_delimiter = ',')]
+    pub packages: Vec<String>,
+
+    /// Ask elements to avoid network access (sets DIB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Folder elements may use to cache downloads (DIB_IMAGE_CACHE).
+    #[arg(long = "image-cache", value_name = "DIR", env = "DIB_IMAGE_CACHE")]
+    pub image_cache: Option<PathBuf>,
+
+    /// The layer cache folder.
+    #[arg(
+        long = "cache-dir",
+        value_name = "DIR",
+        env = "STRATA_CACHE_DIR",
+        default_value = "cache"
+    )]
+    pub cache_dir: PathBuf,
+
+    /// One cached step per hook (default) or per phase.
+    #[arg(long, value_enum, default_value_t = Granularity::Hook)]
+    pub granularity: Granularity,
+
+    /// Treat cached steps older than this as misses (e.g. 12h, 7d).
+    #[arg(long = "cache-ttl", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub cache_ttl: Option<std::time::Duration>,
+
+    /// Run every step again (results are still stored).
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
+
+    /// Run again from this step on: PHASE or PHASE/HOOK (e.g. install.d/50-foo).
+    #[arg(long = "rebuild-from", value_name = "PHASE[/HOOK]")]
+    pub rebuild_from: Option<String>,
+
+    /// One cached step per image-size GiB (DIB_IMAGE_SIZE).
+    #[arg(long = "image-size", value_name = "GIB")]
+    pub image_size: Option<String>,
+
+    /// Do not build in a tmpfs.
+    #[arg(long = "no-tmpfs")]
+    pub no_tmpfs: bool,
+
+    /// Use a tmpfs only if RAM is at least twice this many GiB (default 2).
+    #[arg(long = "min-tmpfs", value_name = "GIB", default_value_t = 2)]
+    pub min_tmpfs: u64,
+
+    /// The elements to build.
+    #[arg(required = true, value_name = "ELEMENT")]
+    pub elements: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub options: BuildOptions,
+
+    /// Also write the build log to this file.
+    #[arg(long, value_name = "FILE")]
+    pub logfile: Option<PathBuf>,
+
+    /// For each step that misses the cache, print which inputs differ from the nearest cached one.
+    #[arg(long)]
+    pub explain: bool,
+
+    /// Print the build manifest as JSON on stdout when done.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub options: BuildOptions,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// The layer cache folder.
+    #[arg(
+        long = "cache-dir",
+        value_name = "DIR",
+        env = "STRATA_CACHE_DIR",
+        default_value = "cache",
+        global = true
+    )]
+    pub cache_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List cached steps.
+    Ls {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show how much space the cache uses.
+    Du {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove least recently used steps until the cache fits in SIZE (e.g. 10G, 500M).
+    Gc {
+        #[arg(long = "max-size", value_name = "SIZE")]
+        max_size: String,
+    },
+    /// Re-hash every blob; drop corrupt ones and the steps that need them.
+    Verify,
+    /// Remove one step (and what only it needs).
+    Rm {
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+    /// Explain a step: its inputs, and how they differ from the nearest step at its position.
+    Explain {
+        #[arg(value_name = "KEY")]
+        key: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Host-side helpers for strata's shipped elements.
+#[derive(Debug, Args)]
+pub struct DibArgs {
+    #[command(subcommand)]
+    pub command: DibCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DibCommand {
+    /// Merge every element's package-installs into per-phase lists (dib's package-installs-squash).
+    PackageInstallsSquash {
+        /// Space separated element names (IMAGE_ELEMENT).
+        #[arg(long)]
+        elements: String,
+        /// Colon separated element folders (ELEMENTS_PATH).
+        #[arg(long)]
+        path: String,
+        /// Also resolve names through each element's pkg-map and write plain per-phase lists
+        /// (`<phase>.install`, `<phase>.uninstall`) into this folder.
+        #[arg(long, value_name = "DIR")]
+        resolved: Option<PathBuf>,
+        /// Where to write the JSON (dib's format).
+        #[arg(value_name = "OUTFILE")]
+        out: PathBuf,
+    },
+    /// Map package names through an element's pkg-map (dib's pkg-map).
+    PkgMap {
+        #[arg(long)]
+        element: Option<String>,
+        #[arg(long = "pkg-map", value_name = "FILE")]
+        pkg_map: Option<PathBuf>,
+        #[arg(long, env = "DISTRO_NAME")]
+        distro: Option<String>,
+        #[arg(long, env = "DIB_RELEASE")]
+        release: Option<String>,
+        #[arg(long = "missing-ok")]
+        missing_ok: bool,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Colon separated element folders, to find --element (ELEMENTS_PATH).
+        #[arg(long, env = "ELEMENTS_PATH", default_value = "")]
+        path: String,
+        names: Vec<String>,
+    },
+    /// Write every element's pkg-map, flattened for one distro and release, as `name<TAB>value`
+    /// lines into DIR/<element> (read by the in-image pkg-map script).
+    PkgMapExport {
+        #[arg(long)]
+        elements: String,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        distro: String,
+        #[arg(long, default_value = "")]
+        release: String,
+        #[arg(value_name = "DIR")]
+        out: PathBuf,
+    },
+}

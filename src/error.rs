@@ -1,0 +1,57 @@
+//! Exit statuses, and the mapping from an error chain to one of them (the one place that decides).
+
+/// The documented exit statuses of `strata`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// A build step (hook) failed, or the build could not finish.
+    BuildFailed = 1,
+    /// Bad input: arguments, elements, element files, configuration.
+    BadInput = 2,
+    /// The host lacks something strata needs (a tool, root, a kernel feature).
+    Environment = 3,
+    /// The cache is unusable (locked too long, corrupt index).
+    Cache = 4,
+    /// Interrupted by a signal.
+    Interrupted = 130,
+}
+
+/// An error whose exit status is known where it is raised. Library code returns
+/// `anyhow::Error`; wrapping a message in `Failure` (or returning one of the typed errors that
+/// `exit_code` knows) picks the status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure {
+            exit,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        Failure::new(Exit::BadInput, message)
+    }
+}
+
+/// Picks the exit status for an error: the first typed error in the chain decides; anything
+/// else is a failed build.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(f) = cause.downcast_ref::<Failure>() {
+            return f.exit as u8;
+        }
+        if cause
+            .downcast_ref::<crate::elements::ElementError>()
+            .is_some()
+        {
+            return Exit::BadInput as u8;
+        }
+    }
+    Exit::BuildFailed as u8
+}

@@ -1,0 +1,35 @@
+//! strata: a diskimage-builder compatible, cached incremental layer builder.
+//!
+//! ```text
+//! CLI args + DIB_* env ──► Settings
+//! ELEMENTS_PATH + names ──► elements (resolved, ordered, hook tree, env, packages)
+//! elements + Settings ──► Plan: ordered steps, each keyed from the one before
+//! Plan ──► Executor: cached step? restore lazily : run in the sandbox, snapshot a layer, index it
+//! final tree ──► output (tar, disk image) ──► manifest (keys, diff ids, digests)
+//! ```
+//!
+//! Nothing downstream reaches back upstream: the element model knows nothing of caches; the
+//! layer format knows nothing of elements; only `cli` knows clap; only `sandbox` mounts and
+//! chroots.
+
+pub mod cli;
+pub mod elements;
+pub mod error;
+pub mod layer;
+pub mod logging;
+pub mod phase;
+pub mod sandbox;
+pub mod store;
+
+use cli::{Cli, Command};
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Elements(_)
+        | Command::Build(_)
+        | Command::Plan(_)
+        | Command::Cache(_)
+        | Command::Dib(_) => Err(error::Failure::bad_input("this command is not built yet").into()),
+    }
+}
