@@ -140,7 +140,8 @@ pub struct BuildOptions {
     #[arg(long = "cache-ttl", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub cache_ttl: Option<std::time::Duration>,
 
-    /// Run every step again (results are still stored).
+    /// Neither use nor store cached steps: a plain build, as dib does (compare `--rebuild-from`,
+    /// which reruns steps and stores them).
     #[arg(long = "no-cache")]
     pub no_cache: bool,
 
@@ -148,7 +149,7 @@ pub struct BuildOptions {
     #[arg(long = "rebuild-from", value_name = "PHASE[/HOOK]")]
     pub rebuild_from: Option<String>,
 
-    /// One cached step per image-size GiB (DIB_IMAGE_SIZE).
+    /// Image size in GiB (DIB_IMAGE_SIZE); computed from the tree when absent.
     #[arg(long = "image-size", value_name = "GIB")]
     pub image_size: Option<String>,
 

@@ -15,10 +15,12 @@
 pub mod cli;
 pub mod elements;
 pub mod error;
+pub mod key;
 pub mod layer;
 pub mod logging;
 pub mod phase;
 pub mod sandbox;
+pub mod settings;
 pub mod store;
 
 use cli::{Cli, Command};

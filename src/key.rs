@@ -1,0 +1,458 @@
+//! Step keys: the explicit list of a step's inputs, its canonical encoding, and its blake3 key.
+//!
+//! `key = blake3(derive_key(KEY_CONTEXT), bincode(KeyInputs))`. bincode's standard config with
+//! serde gives a canonical encoding here because every field has a fixed order, maps are
+//! `BTreeMap`s, and there are no floats. The inputs are also kept as JSON in the index, so a miss
+//! can be explained by diffing them with the nearest earlier step ([`diff_inputs`]).
+//!
+//! Bump [`CACHE_FORMAT_VERSION`] whenever the encoding, the list of inputs, or the meaning of a
+//! key (or of the layers it names) changes.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// Version of the key recipe and of what a key refers to.
+pub const CACHE_FORMAT_VERSION: u32 = 1;
+
+/// blake3 key-derivation context for step keys.
+const KEY_CONTEXT: &str = "strata 2026-11 step key v1";
+
+/// One hook a step runs, identified by content and mode (only executable files run, so the mode
+/// matters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookInput {
+    pub name: String,
+    pub element: String,
+    pub mode: u32,
+    pub digest: String,
+}
+
+impl HookInput {
+    /// Reads a hook file (following a symlink, as dib-run-parts does).
+    pub fn read(name: &str, element: &str, path: &Path) -> io::Result<HookInput> {
+        let meta = fs::metadata(path)?;
+        let bytes = fs::read(path)?;
+        Ok(HookInput {
+            name: name.to_string(),
+            element: element.to_string(),
+            mode: meta.permissions().mode() & 0o7777,
+            digest: blake3::hash(&bytes).to_hex().to_string(),
+        })
+    }
+}
+
+/// Everything that decides what a step produces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInputs {
+    pub version: u32,
+    /// Key of the step before (None for the first step).
+    pub parent: Option<String>,
+    /// Phase folder name (`install.d`) or `core` for strata's own steps.
+    pub phase: String,
+    /// Hook name, `*` for a whole phase, or the core step's name.
+    pub step: String,
+    /// The hooks this step runs, in run order.
+    pub hooks: Vec<HookInput>,
+    /// Digest of the resolved elements' files outside phase folders.
+    pub element_files: String,
+    /// The environment the hook receives, volatile values normalised.
+    pub env: BTreeMap<String, String>,
+    pub arch: String,
+    /// Declared extra inputs: `cache-inputs` host files (path → digest), `-p` packages, ….
+    pub extra: BTreeMap<String, String>,
+}
+
+impl KeyInputs {
+    /// The step key, as 64 hex digits.
+    pub fn key(&self) -> String {
+        let bytes = bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .unwrap_or_else(|e| unreachable!("KeyInputs always encodes: {e}"));
+        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        h.update(&bytes);
+        h.finalize().to_hex().to_string()
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| unreachable!("KeyInputs is JSON: {e}"))
+    }
+}
+
+/// One difference between two steps' inputs, in words a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InputChange {
+    /// `parent`, `hook`, `element-files`, `env`, `arch`, `extra`, ….
+    pub input: String,
+    /// Variable, hook or path name, when there is one.
+    pub name: Option<String>,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+fn change(
+    input: &str,
+    name: Option<&str>,
+    before: Option<&str>,
+    after: Option<&str>,
+) -> InputChange {
+    InputChange {
+        input: input.into(),
+        name: name.map(Into::into),
+        before: before.map(Into::into),
+        after: after.map(Into::into),
+    }
+}
+
+fn diff_maps(
+    input: &str,
+    a: &BTreeMap<String, String>,
+    b: &BTreeMap<String, String>,
+    out: &mut Vec<InputChange>,
+) {
+    for (k, va) in a {
+        match b.get(k) {
+            Some(vb) if vb == va => {}
+            other => out.push(change(input, Some(k), Some(va), other.map(String::as_str))),
+        }
+    }
+    for (k, vb) in b {
+        if !a.contains_key(k) {
+            out.push(change(input, Some(k), None, Some(vb)));
+        }
+    }
+}
+
+/// What differs between an earlier step's inputs `a` and a new step's inputs `b`.
+pub fn diff_inputs(a: &KeyInputs, b: &KeyInputs) -> Vec<InputChange> {
+    let mut out = Vec::new();
+    if a.version != b.version {
+        let (va, vb) = (a.version.to_string(), b.version.to_string());
+        out.push(change("version", None, Some(&va), Some(&vb)));
+    }
+    if a.parent != b.parent {
+        out.push(change(
+            "parent",
+            None,
+            a.parent.as_deref(),
+            b.parent.as_deref(),
+        ));
+    }
+    if a.phase != b.phase || a.step != b.step {
+        let (sa, sb) = (
+            format!("{}/{}", a.phase, a.step),
+            format!("{}/{}", b.phase, b.step),
+        );
+        out.push(change("step", None, Some(&sa), Some(&sb)));
+    }
+    let hook_map = |k: &KeyInputs| -> BTreeMap<String, String> {
+        k.hooks
+            .iter()
+            .map(|h| {
+                (
+                    h.name.clone(),
+                    format!(
+                        "{} mode {:o} blake3 {}",
+                        h.element,
+                        h.mode,
+                        &h.digest[..16.min(h.digest.len())]
+                    ),
+                )
+            })
+            .collect()
+    };
+    diff_maps("hook", &hook_map(a), &hook_map(b), &mut out);
+    if a.element_files != b.element_files {
+        out.push(change(
+            "element-files",
+            None,
+            Some(&a.element_files),
+            Some(&b.element_files),
+        ));
+    }
+    diff_maps("env", &a.env, &b.env, &mut out);
+    if a.arch != b.arch {
+        out.push(change("arch", None, Some(&a.arch), Some(&b.arch)));
+    }
+    diff_maps("extra", &a.extra, &b.extra, &mut out);
+    out
+}
+
+/// Digest of every file of the given elements outside phase folders (bin/, environment.d,
+/// package-installs, pkg-map, element-deps, static files, …), in a fixed order: element name,
+/// then relative path. README files and `tests`/`test-elements`/`__pycache__` folders are left
+/// out: they do not change what a build does.
+pub fn element_files_digest<'a>(
+    elements: impl IntoIterator<Item = (&'a str, &'a Path)>,
+) -> io::Result<String> {
+    let mut sorted: Vec<_> = elements.into_iter().collect();
+    sorted.sort();
+    let mut h = blake3::Hasher::new_derive_key("strata 2026-11 element files v1");
+    for (name, dir) in sorted {
+        h.update(name.as_bytes());
+        h.update(b"\0");
+        let walker = walkdir::WalkDir::new(dir)
+            .follow_links(false)
+            .sort_by_file_name()
+            .min_depth(1)
+            .into_iter()
+            .filter_entry(|e| {
+                if e.depth() != 1 {
+                    return true;
+                }
+                let n = e.file_name().to_string_lossy();
+                let skip_dir = e.file_type().is_dir()
+                    && (crate::phase::Phase::from_dir_name(&n).is_some()
+                        || matches!(n.as_ref(), "tests" | "test-elements" | "__pycache__"));
+                !(skip_dir || n.starts_with("README"))
+            });
+        for entry in walker {
+            let entry = entry.map_err(io::Error::other)?;
+            let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+            h.update(rel.as_os_str().as_encoded_bytes());
+            h.update(b"\0");
+            let meta = entry.path().symlink_metadata()?;
+            h.update(&(meta.permissions().mode() & 0o7777).to_le_bytes());
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                h.update(b"l");
+                h.update(fs::read_link(entry.path())?.as_os_str().as_encoded_bytes());
+            } else if ft.is_file() {
+                h.update(b"f");
+                let mut f = fs::File::open(entry.path())?;
+                let n = io::copy(&mut f, &mut h)?;
+                h.update(&n.to_le_bytes());
+            } else if ft.is_dir() {
+                h.update(b"d");
+            }
+            h.update(b"\0");
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Digest of the host files an element declares in its `cache-inputs` file (one glob per line;
+/// blank lines and `#` comments ignored). Returns path → blake3 (or `missing`).
+pub fn cache_inputs(
+    element: &str,
+    dir: &Path,
+) -> Result<BTreeMap<String, String>, crate::error::Failure> {
+    let file = dir.join("cache-inputs");
+    let mut out = BTreeMap::new();
+    let text = match fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(crate::error::Failure::bad_input(format!(
+                "element {element}: cannot read {}: {e}",
+                file.display()
+            )));
+        }
+    };
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let paths = glob::glob(line).map_err(|e| {
+            crate::error::Failure::bad_input(format!(
+                "element {element}: {}: bad glob '{line}': {e}",
+                file.display()
+            ))
+        })?;
+        let mut any = false;
+        for p in paths.flatten() {
+            any = true;
+            let digest = match fs::read(&p) {
+                Ok(bytes) => blake3::hash(&bytes).to_hex().to_string(),
+                Err(e) => format!("unreadable: {}", e.kind()),
+            };
+            out.insert(format!("{element}:{}", p.display()), digest);
+        }
+        if !any {
+            out.insert(format!("{element}:{line}"), "missing".into());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> KeyInputs {
+        KeyInputs {
+            version: CACHE_FORMAT_VERSION,
+            parent: Some("p".repeat(64)),
+            phase: "install.d".into(),
+            step: "50-foo".into(),
+            hooks: vec![HookInput {
+                name: "50-foo".into(),
+                element: "foo".into(),
+                mode: 0o755,
+                digest: "d".repeat(64),
+            }],
+            element_files: "e".repeat(64),
+            env: [
+                ("ARCH".to_string(), "amd64".to_string()),
+                ("DIB_RELEASE".into(), "bookworm".into()),
+            ]
+            .into_iter()
+            .collect(),
+            arch: "amd64".into(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    fn changed(f: impl FnOnce(&mut KeyInputs)) -> (String, String) {
+        let a = base();
+        let mut b = base();
+        f(&mut b);
+        (a.key(), b.key())
+    }
+
+    #[test]
+    fn key_is_stable_and_hex() {
+        let k = base().key();
+        assert_eq!(k, base().key());
+        assert_eq!(k.len(), 64);
+        assert!(k.bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn each_input_changes_the_key() {
+        type Edit = Box<dyn Fn(&mut KeyInputs)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("version", Box::new(|k| k.version += 1)),
+            ("parent", Box::new(|k| k.parent = Some("q".repeat(64)))),
+            ("no parent", Box::new(|k| k.parent = None)),
+            ("phase", Box::new(|k| k.phase = "post-install.d".into())),
+            ("step", Box::new(|k| k.step = "51-foo".into())),
+            (
+                "hook bytes",
+                Box::new(|k| k.hooks[0].digest = "c".repeat(64)),
+            ),
+            ("hook mode", Box::new(|k| k.hooks[0].mode = 0o644)),
+            (
+                "hook element",
+                Box::new(|k| k.hooks[0].element = "bar".into()),
+            ),
+            (
+                "element files",
+                Box::new(|k| k.element_files = "f".repeat(64)),
+            ),
+            (
+                "env value",
+                Box::new(|k| {
+                    k.env.insert("DIB_RELEASE".into(), "trixie".into());
+                }),
+            ),
+            (
+                "env added",
+                Box::new(|k| {
+                    k.env.insert("DIB_X".into(), String::new());
+                }),
+            ),
+            ("arch", Box::new(|k| k.arch = "arm64".into())),
+            (
+                "extra",
+                Box::new(|k| {
+                    k.extra.insert("foo:/etc/x".into(), "1".into());
+                }),
+            ),
+        ];
+        for (what, edit) in edits {
+            let (a, b) = changed(|k| edit(k));
+            assert_ne!(a, b, "changing {what} must change the key");
+        }
+    }
+
+    #[test]
+    fn volatile_env_does_not_change_the_key() {
+        use crate::settings::normalise_for_key;
+        let mut e1 = base().env;
+        let mut e2 = base().env;
+        e1.insert("TMP_BUILD_DIR".into(), "/tmp/strata_build.aaaa".into());
+        e2.insert("TMP_BUILD_DIR".into(), "/var/tmp/strata_build.zzzz".into());
+        e1.insert("DIB_IMAGE_CACHE".into(), "/root/.cache/a".into());
+        e2.insert("DIB_IMAGE_CACHE".into(), "/srv/cache".into());
+        let (mut a, mut b) = (base(), base());
+        a.env = normalise_for_key(&e1);
+        b.env = normalise_for_key(&e2);
+        assert_eq!(a.key(), b.key());
+    }
+
+    #[test]
+    fn diff_names_the_changed_variable() {
+        let a = base();
+        let mut b = base();
+        b.env.insert("DIB_RELEASE".into(), "trixie".into());
+        let d = diff_inputs(&a, &b);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].input, "env");
+        assert_eq!(d[0].name.as_deref(), Some("DIB_RELEASE"));
+        assert_eq!(d[0].after.as_deref(), Some("trixie"));
+    }
+
+    #[test]
+    fn json_round_trip_keeps_the_key() {
+        let a = base();
+        let back: KeyInputs = serde_json::from_str(&a.to_json()).unwrap();
+        assert_eq!(a.key(), back.key());
+    }
+
+    #[test]
+    fn element_files_digest_ignores_phase_dirs_and_readme_but_not_bin() {
+        let t = tempfile::tempdir().unwrap();
+        let e = t.path().join("foo");
+        fs::create_dir_all(e.join("install.d")).unwrap();
+        fs::create_dir_all(e.join("bin")).unwrap();
+        fs::write(e.join("bin/tool"), "a").unwrap();
+        fs::write(e.join("install.d/10-x"), "a").unwrap();
+        let d0 = element_files_digest([("foo", e.as_path())]).unwrap();
+        fs::write(e.join("install.d/10-x"), "b").unwrap();
+        fs::write(e.join("README.md"), "docs").unwrap();
+        assert_eq!(d0, element_files_digest([("foo", e.as_path())]).unwrap());
+        fs::write(e.join("bin/tool"), "b").unwrap();
+        assert_ne!(d0, element_files_digest([("foo", e.as_path())]).unwrap());
+        // The same content in another folder gives the same digest.
+        let other = tempfile::tempdir().unwrap();
+        let e2 = other.path().join("foo");
+        fs::create_dir_all(e2.join("bin")).unwrap();
+        fs::write(e2.join("bin/tool"), "b").unwrap();
+        fs::set_permissions(
+            e2.join("bin/tool"),
+            fs::metadata(e.join("bin/tool")).unwrap().permissions(),
+        )
+        .unwrap();
+        fs::set_permissions(&e2, fs::metadata(&e).unwrap().permissions()).unwrap();
+        fs::create_dir_all(e2.join("install.d")).unwrap();
+        assert_eq!(
+            element_files_digest([("foo", e.as_path())]).unwrap(),
+            element_files_digest([("foo", e2.as_path())]).unwrap()
+        );
+    }
+
+    #[test]
+    fn cache_inputs_hash_host_files_and_flag_missing() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("host.conf");
+        fs::write(&f, "x").unwrap();
+        fs::write(
+            t.path().join("cache-inputs"),
+            format!(
+                "# comment\n{}\n{}/nothing-*\n",
+                f.display(),
+                t.path().display()
+            ),
+        )
+        .unwrap();
+        let a = cache_inputs("el", t.path()).unwrap();
+        assert_eq!(a.len(), 2);
+        assert!(a.values().any(|v| v == "missing"));
+        fs::write(&f, "y").unwrap();
+        assert_ne!(a, cache_inputs("el", t.path()).unwrap());
+    }
+}
