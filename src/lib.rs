@@ -12,13 +12,16 @@
 //! layer format knows nothing of elements; only `cli` knows clap; only `sandbox` mounts and
 //! chroots.
 
+pub mod build;
 pub mod cli;
+pub mod commands;
 pub mod elements;
 pub mod error;
 pub mod key;
 pub mod layer;
 pub mod logging;
 pub mod phase;
+pub mod plan;
 pub mod sandbox;
 pub mod settings;
 pub mod store;
@@ -28,10 +31,11 @@ use cli::{Cli, Command};
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Elements(_)
-        | Command::Build(_)
-        | Command::Plan(_)
-        | Command::Cache(_)
-        | Command::Dib(_) => Err(error::Failure::bad_input("this command is not built yet").into()),
+        Command::Build(args) => build::build(args),
+        Command::Plan(args) => build::plan(args),
+        Command::Cache(args) => commands::cache::run(args),
+        Command::Elements(_) | Command::Dib(_) => {
+            Err(error::Failure::bad_input("this command is not built yet").into())
+        }
     }
 }

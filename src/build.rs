@@ -1,0 +1,948 @@
+//! The executor: walks the phases, keys each step, skips cached steps, restores the last cached
+//! snapshot once (lazily, at the first miss), runs the rest in the sandbox, and stores each
+//! executed step's change as a layer.
+//!
+//! ```text
+//! Settings ──► Prepared (elements, hook tree, element digest, hook environment)
+//! for each phase:  live hook folder ──► plan::phase_steps (keys chained from the previous step)
+//!   step cached?   yes ──► remember it (apply its hook-tree layer now: later phases list hooks
+//!                          from that folder); the rootfs layer waits
+//!                  no  ──► restore the remembered rootfs layers once; run in the sandbox;
+//!                          scan ─ diff ─ pack ─► blob store + index
+//! final tree ──► outputs (cached by the last key) ──► NAME.strata.json manifest
+//! ```
+//!
+//! `strata plan` walks the same loop without running anything.
+
+use crate::cli::{BuildArgs, Granularity, PlanArgs};
+use crate::elements::{self, Element};
+use crate::error::{Exit, Failure};
+use crate::key::{self, KeyInputs};
+use crate::layer::{self, Changeset, PackOptions, Scan, ScanOptions, UnpackOptions};
+use crate::phase::Phase;
+use crate::plan::{self, Action, KeyContext, Step, StepView};
+use crate::runner::{self, HookRun, Reporter};
+use crate::sandbox::{self, BuildDir, ChrootMounts};
+use crate::settings::{self, BuildPaths, Settings};
+use crate::store::{LayerRecord, StepRecord, Store};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Where the chroot sees the merged hook tree.
+const IN_TARGET: &str = "/tmp/in_target.d";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn process_env() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+/// The resolved element set and everything derived from it once per build.
+struct Prepared {
+    settings: Settings,
+    elements: Vec<Element>,
+    tree: elements::hooks::HookTree,
+    key_ctx: KeyContext,
+    image_element: String,
+    image_element_yaml: String,
+    elements_path: String,
+}
+
+fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
+    let env = process_env();
+    let settings = Settings::resolve(opts, &env, elements::discover::host_arch)?;
+    let search = elements::discover::search_path(
+        &settings.element_dirs,
+        settings.elements_path_env.as_deref(),
+        &elements::discover::builtin_elements_dir(),
+    )?;
+    let catalog = elements::discover::scan(&search)?;
+    let resolved = elements::deps::resolve(
+        &catalog,
+        &settings.elements,
+        &elements::deps::ResolveOptions {
+            skip_base: settings.skip_base,
+            arch: settings.arch.clone(),
+        },
+    )?;
+    let tree = elements::hooks::HookTree::build(&resolved)?;
+    let element_files = key::element_files_digest(
+        resolved.iter().map(|e| (e.name.as_str(), e.path.as_path())),
+    )
+    .context("cannot read element files")?;
+    let mut extra = BTreeMap::new();
+    for e in &resolved {
+        extra.extend(key::cache_inputs(&e.name, &e.path)?);
+    }
+    let image_element = resolved.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(" ");
+    let image_element_yaml = resolved
+        .iter()
+        .map(|e| format!("{}: {}\n", e.name, e.path.display()))
+        .collect();
+    let elements_path = search
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let key_ctx = KeyContext {
+        element_files,
+        arch: settings.arch.clone(),
+        extra,
+        granularity: settings.granularity,
+    };
+    Ok(Prepared {
+        settings,
+        elements: resolved,
+        tree,
+        key_ctx,
+        image_element,
+        image_element_yaml,
+        elements_path,
+    })
+}
+
+impl Prepared {
+    fn base_env(&self, paths: &BuildPaths) -> BTreeMap<String, String> {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("strata"));
+        settings::base_environment(
+            &self.settings,
+            paths,
+            &self.image_element,
+            &self.image_element_yaml,
+            &self.elements_path,
+            &exe,
+        )
+    }
+
+    /// The environment a phase's hooks get, as it enters keys: environment.d captured against
+    /// placeholder paths, then normalised.
+    fn key_env(&self, phase: Phase, hooks_dir: &Path) -> Result<BTreeMap<String, String>> {
+        let placeholder = BuildPaths::placeholder();
+        let mut base = settings::phase_environment(&self.base_env(&placeholder), phase, &placeholder);
+        // environment.d files see the real hook folder (some read files beside themselves).
+        base.insert("TMP_HOOKS_PATH".into(), hooks_dir.display().to_string());
+        let files = env_files(hooks_dir)?;
+        let captured = elements::env::capture(&files, &base)?;
+        Ok(settings::normalise_for_key(&captured))
+    }
+}
+
+fn env_files(hooks_dir: &Path) -> Result<Vec<PathBuf>> {
+    let dir = hooks_dir.join("environment.d");
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    elements::env::env_files(&dir).with_context(|| format!("cannot list {}", dir.display()))
+}
+
+/// One step's line in the manifest.
+#[derive(Debug, Clone, Serialize)]
+struct ManifestStep {
+    phase: String,
+    hook: String,
+    key: String,
+    diff_id: Option<String>,
+    cached: bool,
+    seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ManifestOutput {
+    r#type: String,
+    path: String,
+    blake3: String,
+    cached: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Manifest {
+    strata_version: &'static str,
+    cache_format_version: u32,
+    image_name: String,
+    arch: String,
+    elements: Vec<String>,
+    steps: Vec<ManifestStep>,
+    outputs: Vec<ManifestOutput>,
+    seconds: f64,
+}
+
+/// A cached step whose rootfs layer has not been applied yet.
+struct Pending {
+    record: StepRecord,
+}
+
+/// The walk over all steps, shared by `build` (runs misses) and `plan` (only looks).
+struct Executor<'a> {
+    prep: &'a Prepared,
+    store: Option<&'a Store>,
+    paths: BuildPaths,
+    dry_run: bool,
+    explain: bool,
+    reporter: Option<&'a Reporter>,
+    parent: Option<String>,
+    forcing: bool,
+    pending: Vec<Pending>,
+    /// True once the rootfs in `paths.mount_dir` reflects every step so far.
+    restored: bool,
+    rootfs_scan: Option<Scan>,
+    manifest: Vec<ManifestStep>,
+    views: Vec<StepView>,
+    timings: Vec<(String, f64)>,
+    ran_any: bool,
+}
+
+impl<'a> Executor<'a> {
+    fn is_cached(&self, step: &Step) -> Result<Option<StepRecord>> {
+        let Some(store) = self.store else { return Ok(None) };
+        if self.forcing {
+            return Ok(None);
+        }
+        let Some(rec) = store.lookup_step(&step.key)? else { return Ok(None) };
+        if let Some(ttl) = self.prep.settings.cache_ttl {
+            if now() - rec.created > ttl.as_secs() as i64 {
+                tracing::info!("{}: cached step is older than --cache-ttl; running it again", step.label());
+                return Ok(None);
+            }
+        }
+        // A layer whose blob is damaged is dropped and the step runs again.
+        for diff in [&rec.layer, &rec.hooks_layer].into_iter().flatten() {
+            let Some(l) = store.layer_for(diff)? else { return Ok(None) };
+            if !store.verify_blob(&l.blob_digest)? {
+                tracing::warn!(
+                    "{}: cached layer {} is corrupt; dropping it and running the step again",
+                    step.label(),
+                    &diff[..12]
+                );
+                store.rm(&rec.key)?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(rec))
+    }
+
+    fn update_forcing(&mut self, step: &Step) {
+        if let Some(rf) = &self.prep.settings.rebuild_from {
+            let phase_index = Phase::ALL.iter().position(|p| p.dir_name() == step.phase);
+            let rf_index = Phase::ALL.iter().position(|p| *p == rf.phase);
+            if step.matches(rf.phase, rf.hook.as_deref())
+                || matches!((phase_index, rf_index), (Some(a), Some(b)) if a > b)
+                || (step.phase == "core" && rf_index.is_some() && self.ran_any)
+            {
+                self.forcing = true;
+            }
+        }
+    }
+
+    fn explain_miss(&self, step: &Step) -> Result<()> {
+        let Some(store) = self.store else { return Ok(()) };
+        let nearest = store.nearest_step(&step.phase, &step.name, &step.key)?;
+        let label = step.label();
+        let Some(near) = nearest else {
+            eprintln!("explain {label}: no earlier step at this position in the cache");
+            return Ok(());
+        };
+        let before: KeyInputs = match serde_json::from_str(&near.inputs) {
+            Ok(k) => k,
+            Err(_) => {
+                eprintln!("explain {label}: the nearest cached step has unreadable inputs");
+                return Ok(());
+            }
+        };
+        for line in explain_lines(&before, &step.inputs) {
+            eprintln!("explain {label}: {line}");
+        }
+        Ok(())
+    }
+
+    /// Applies a cached step's hook-tree layer to the live hook folder right away.
+    fn apply_hooks_layer(&self, rec: &StepRecord) -> Result<()> {
+        let (Some(store), Some(diff)) = (self.store, &rec.hooks_layer) else { return Ok(()) };
+        apply_layer(store, diff, &self.paths.hooks_dir)
+    }
+
+    /// Brings the rootfs up to date with every cached step so far (once).
+    fn restore(&mut self) -> Result<()> {
+        if self.restored {
+            return Ok(());
+        }
+        let store = self.store.context("restoring needs the cache")?;
+        let started = Instant::now();
+        let n = self.pending.len();
+        for p in self.pending.drain(..) {
+            if let Some(diff) = &p.record.layer {
+                apply_layer(store, diff, &self.paths.mount_dir).with_context(|| {
+                    format!(
+                        "cannot restore the cached result of {}/{}; run `strata cache verify`",
+                        p.record.phase, p.record.hook
+                    )
+                })?;
+            }
+        }
+        if n > 0 {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!("restored {n} cached steps in {secs:.2}s");
+            self.timings.push(("(restore cached steps)".into(), secs));
+        }
+        self.restored = true;
+        self.rootfs_scan = None;
+        Ok(())
+    }
+
+    fn scan_rootfs(&self) -> Result<Scan> {
+        scan_excluding_mounts(&self.paths.mount_dir)
+    }
+
+    fn walk_phase(&mut self, phase: Phase) -> Result<()> {
+        let key_env = self.prep.key_env(phase, &self.paths.hooks_dir)?;
+        let tree = &self.prep.tree;
+        let origin = |rel: &Path| tree.origin(rel).map(str::to_string);
+        let steps = plan::phase_steps(
+            &self.prep.key_ctx,
+            phase,
+            &self.paths.hooks_dir,
+            &key_env,
+            &origin,
+            self.parent.as_deref(),
+        )?;
+        // Steps are keyed in one chain per phase; a hook-tree change by an earlier step of the
+        // same phase cannot change this phase's hook list (dib lists a phase's hooks once, too).
+        for step in steps {
+            self.walk_step(step)?;
+        }
+        if phase == Phase::Install {
+            if let Some(step) = plan::packages_step(
+                &self.prep.key_ctx,
+                &self.prep.settings.packages,
+                &key_env,
+                self.parent.as_deref(),
+            ) {
+                self.walk_step(step)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn walk_step(&mut self, step: Step) -> Result<()> {
+        self.update_forcing(&step);
+        let cached = self.is_cached(&step)?;
+        self.views.push(StepView::of(&step, cached.is_some()));
+        if let Some(rec) = cached {
+            if !self.dry_run {
+                if let Some(r) = self.reporter {
+                    r.println(&format!("[{}] cached ({})", step.label(), &step.key[..12]));
+                }
+                if let Some(store) = self.store {
+                    store.touch_step(&rec.key, now())?;
+                }
+            }
+            self.apply_hooks_layer(&rec)?;
+            self.manifest.push(ManifestStep {
+                phase: step.phase.clone(),
+                hook: step.name.clone(),
+                key: step.key.clone(),
+                diff_id: rec.layer.clone(),
+                cached: true,
+                seconds: 0.0,
+            });
+            self.parent = Some(step.key.clone());
+            self.pending.push(Pending { record: rec });
+            if self.restored {
+                // The tree is live already: apply this layer now to keep it current.
+                self.restored = false;
+                self.restore()?;
+            }
+            return Ok(());
+        }
+        if self.dry_run {
+            self.parent = Some(step.key.clone());
+            return Ok(());
+        }
+        if self.explain {
+            self.explain_miss(&step)?;
+        }
+        self.restore()?;
+        self.run_step(&step)?;
+        self.parent = Some(step.key.clone());
+        Ok(())
+    }
+
+    fn run_step(&mut self, step: &Step) -> Result<()> {
+        let started = Instant::now();
+        let snapshot = self.store.is_some();
+        let before_root = if snapshot {
+            match self.rootfs_scan.take() {
+                Some(s) => Some(s),
+                None => Some(self.scan_rootfs()?),
+            }
+        } else {
+            None
+        };
+        let before_hooks = if snapshot { Some(scan_excluding_mounts(&self.paths.hooks_dir)?) } else { None };
+
+        self.execute(step)?;
+        self.ran_any = true;
+
+        let mut layer_rec = None;
+        let mut hooks_rec = None;
+        if let (Some(store), Some(before_root), Some(before_hooks)) = (self.store, before_root, before_hooks) {
+            let after_root = self.scan_rootfs()?;
+            layer_rec = store_layer(store, &self.paths.mount_dir, &before_root, &after_root, &self.prep.settings)?;
+            let after_hooks = scan_excluding_mounts(&self.paths.hooks_dir)?;
+            hooks_rec = store_layer(store, &self.paths.hooks_dir, &before_hooks, &after_hooks, &self.prep.settings)?;
+            self.rootfs_scan = Some(after_root);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if let Some(store) = self.store {
+            let t = now();
+            let record = StepRecord {
+                key: step.key.clone(),
+                parent: step.inputs.parent.clone(),
+                phase: step.phase.clone(),
+                hook: step.name.clone(),
+                layer: layer_rec.as_ref().map(|l: &LayerRecord| l.diff_id.clone()),
+                hooks_layer: hooks_rec.as_ref().map(|l: &LayerRecord| l.diff_id.clone()),
+                inputs: step.inputs.to_json(),
+                created: t,
+                last_used: t,
+                hits: 0,
+                seconds,
+            };
+            let layers: Vec<LayerRecord> = layer_rec.iter().chain(hooks_rec.iter()).cloned().collect();
+            store.record_step(&record, &layers)?;
+        }
+        self.manifest.push(ManifestStep {
+            phase: step.phase.clone(),
+            hook: step.name.clone(),
+            key: step.key.clone(),
+            diff_id: layer_rec.map(|l| l.diff_id),
+            cached: false,
+            seconds,
+        });
+        self.timings.push((step.label(), seconds));
+        Ok(())
+    }
+
+    fn execute(&mut self, step: &Step) -> Result<()> {
+        let reporter = self.reporter.context("running needs a reporter")?;
+        let base = self.prep.base_env(&self.paths);
+        match &step.action {
+            Action::Hooks { phase, hooks } => {
+                let env = settings::phase_environment(&base, *phase, &self.paths);
+                let mounts = if phase.in_chroot() {
+                    Some(ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?)
+                } else {
+                    None
+                };
+                let files = env_files(&self.paths.hooks_dir)?;
+                let mut rows = Vec::new();
+                let mut result = Ok(());
+                for hook in hooks {
+                    let run = if phase.in_chroot() {
+                        HookRun {
+                            phase: *phase,
+                            hook: &hook.name,
+                            element: &hook.element,
+                            script: Path::new(IN_TARGET).join(phase.dir_name()).join(&hook.name),
+                            env_files: files
+                                .iter()
+                                .filter_map(|f| f.file_name())
+                                .map(|n| Path::new(IN_TARGET).join("environment.d").join(n))
+                                .collect(),
+                            env: env.clone(),
+                            chroot: Some(self.paths.mount_dir.clone()),
+                        }
+                    } else {
+                        HookRun {
+                            phase: *phase,
+                            hook: &hook.name,
+                            element: &hook.element,
+                            script: hook.path.clone(),
+                            env_files: files.clone(),
+                            env: env.clone(),
+                            chroot: None,
+                        }
+                    };
+                    let outcome = runner::run_hook(&run, reporter)?;
+                    rows.push((hook.name.clone(), outcome.seconds));
+                    if !outcome.success {
+                        result = Err(hook_failure(*phase, &hook.name, &hook.element, &outcome));
+                        break;
+                    }
+                }
+                if let Some(m) = mounts {
+                    m.unmount()?;
+                }
+                if self.prep.settings.granularity == Granularity::Phase || hooks.len() > 1 {
+                    reporter.println(&runner::timing_table(phase.dir_name(), &rows));
+                }
+                result?;
+                if *phase == Phase::Root {
+                    check_root_deployed(&self.paths.mount_dir)?;
+                }
+            }
+            Action::Packages(pkgs) => {
+                let script = self.paths.mount_dir.join("tmp/strata-extra-packages");
+                fs::create_dir_all(self.paths.mount_dir.join("tmp"))?;
+                let quoted: Vec<String> = pkgs.iter().map(|p| shell_quote(p)).collect();
+                fs::write(&script, format!("#!/bin/sh\nset -eu\nexec install-packages {}\n", quoted.join(" ")))?;
+                set_mode(&script, 0o755)?;
+                let mounts = ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?;
+                let env = settings::phase_environment(&base, Phase::Install, &self.paths);
+                let run = HookRun {
+                    phase: Phase::Install,
+                    hook: "packages",
+                    element: "-p",
+                    script: PathBuf::from("/tmp/strata-extra-packages"),
+                    env_files: Vec::new(),
+                    env,
+                    chroot: Some(self.paths.mount_dir.clone()),
+                };
+                let outcome = runner::run_hook(&run, reporter);
+                mounts.unmount()?;
+                fs::remove_file(&script)?;
+                let outcome = outcome?;
+                if !outcome.success {
+                    return Err(hook_failure(Phase::Install, "packages (-p)", "-p", &outcome));
+                }
+            }
+            Action::FinaliseBase => finalise_base(&self.paths.mount_dir)?,
+        }
+        Ok(())
+    }
+}
+
+/// The one error a failed hook gives: element, phase, hook, status, and its last lines.
+fn hook_failure(phase: Phase, hook: &str, element: &str, outcome: &runner::HookOutcome) -> anyhow::Error {
+    let status = match (outcome.code, outcome.signal) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "an unknown status".to_string(),
+    };
+    let mut msg = format!("hook {phase}/{hook} of element {element} failed with {status}");
+    if !outcome.tail.is_empty() {
+        msg.push_str(&format!("; its last {} lines:", outcome.tail.len()));
+        for line in &outcome.tail {
+            msg.push_str("\n    ");
+            msg.push_str(line);
+        }
+    }
+    Failure::new(Exit::BuildFailed, msg).into()
+}
+
+fn explain_lines(before: &KeyInputs, after: &KeyInputs) -> Vec<String> {
+    let changes = key::diff_inputs(before, after);
+    if changes.is_empty() {
+        return vec!["inputs equal the nearest cached step's (its layer was dropped?)".into()];
+    }
+    let only_parent = changes.iter().all(|c| c.input == "parent");
+    changes
+        .iter()
+        .map(|c| {
+            let name = c.name.as_deref().map(|n| format!(" {n}")).unwrap_or_default();
+            let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+            if c.input == "parent" {
+                if only_parent {
+                    "an earlier step ran again (parent key changed), so this one runs too".to_string()
+                } else {
+                    "parent key changed".to_string()
+                }
+            } else {
+                format!("{}{name}: {} → {}", c.input, show(&c.before), show(&c.after))
+            }
+        })
+        .collect()
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// dib fails a build whose root.d left nothing but `lost+found`/`tmp` in the tree.
+fn check_root_deployed(root: &Path) -> Result<()> {
+    let mut any = false;
+    for e in fs::read_dir(root)? {
+        let name = e?.file_name();
+        if name != "lost+found" && name != "tmp" {
+            any = true;
+            break;
+        }
+    }
+    if !any {
+        return Err(Failure::new(
+            Exit::BuildFailed,
+            "root.d left the image root empty: no element deployed an operating system tree \
+             (is an operating-system element such as debian-minimal in the element list?)",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// dib's finalise_base clean-up: empty /tmp and truncate every file under /var/log.
+fn finalise_base(root: &Path) -> Result<()> {
+    let tmp = root.join("tmp");
+    if tmp.is_dir() && !tmp.is_symlink() {
+        if !sandbox::mount_points_under(&tmp)?.is_empty() {
+            anyhow::bail!("{} still has mounts in it; not emptying it", tmp.display());
+        }
+        for e in fs::read_dir(&tmp)? {
+            let p = e?.path();
+            if p.symlink_metadata()?.is_dir() {
+                fs::remove_dir_all(&p)?;
+            } else {
+                fs::remove_file(&p)?;
+            }
+        }
+    }
+    let log = root.join("var/log");
+    if log.is_dir() && !log.is_symlink() {
+        for e in walkdir::WalkDir::new(&log).follow_links(false) {
+            let e = e?;
+            if e.file_type().is_file() {
+                fs::OpenOptions::new().write(true).truncate(true).open(e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scan_excluding_mounts(dir: &Path) -> Result<Scan> {
+    let exclude = sandbox::mount_points_under(dir)?
+        .into_iter()
+        .filter_map(|m| m.strip_prefix(dir).ok().map(Path::to_path_buf))
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    layer::scan(dir, &ScanOptions { exclude }).with_context(|| format!("cannot scan {}", dir.display()))
+}
+
+fn pack_options(settings: &Settings) -> PackOptions {
+    PackOptions {
+        source_date_epoch: settings.source_date_epoch,
+        level: 3,
+        workers: 2,
+    }
+}
+
+/// Packs what changed between two scans of `root` into the store (None if nothing changed).
+fn store_layer(store: &Store, root: &Path, before: &Scan, after: &Scan, settings: &Settings) -> Result<Option<LayerRecord>> {
+    let changes = layer::diff(before, after);
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    let mut writer = store.blob_writer()?;
+    let info = layer::pack(root, &changes, &mut writer, &pack_options(settings))?;
+    let (digest, blob_size) = writer.finish()?;
+    Ok(Some(LayerRecord {
+        diff_id: info.diff_id,
+        blob_digest: digest,
+        size: info.tar_size,
+        blob_size,
+    }))
+}
+
+fn apply_layer(store: &Store, diff_id: &str, target: &Path) -> Result<()> {
+    let l = store
+        .layer_for(diff_id)?
+        .with_context(|| format!("layer {diff_id} is not in the index"))?;
+    let blob = store.open_blob(&l.blob_digest)?;
+    let stats = layer::unpack(blob, target, &UnpackOptions::default())?;
+    if stats.diff_id != diff_id {
+        anyhow::bail!("layer {diff_id} unpacked to different content ({}); the cache is corrupt", stats.diff_id);
+    }
+    Ok(())
+}
+
+/// `strata build`.
+pub fn build(args: BuildArgs) -> Result<()> {
+    let started = Instant::now();
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Failure::new(
+            Exit::Environment,
+            "strata build must run as root: it mounts, chroots and creates device nodes (try sudo)",
+        )
+        .into());
+    }
+    // First, while single-threaded: everything mounted from here on dies with this process.
+    sandbox::enter_private_namespace()?;
+    let prep = prepare(&args.options)?;
+    let settings = &prep.settings;
+    let reporter = Reporter::new(args.logfile.as_deref(), false)?;
+    let store = if settings.no_cache { None } else { Some(Store::open(&settings.cache_dir)?) };
+
+    let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
+    fs::create_dir_all(&settings.tmp_dir)
+        .with_context(|| format!("cannot create TMP_DIR {}", settings.tmp_dir.display()))?;
+    let build_dir = BuildDir::create(&settings.tmp_dir, "strata_build.", use_tmpfs)?;
+    let paths = BuildPaths::under(&build_dir.path);
+    for d in [&paths.image_dir, &paths.mount_dir] {
+        fs::create_dir_all(d)?;
+    }
+    prep.tree.materialize(&paths.hooks_dir).context("cannot write the merged hook tree")?;
+    fs::create_dir_all(&settings.image_cache)
+        .with_context(|| format!("cannot create the image cache {}", settings.image_cache.display()))?;
+
+    let mut exec = Executor {
+        prep: &prep,
+        store: store.as_ref(),
+        paths: paths.clone(),
+        dry_run: false,
+        explain: args.explain,
+        reporter: Some(&reporter),
+        parent: None,
+        forcing: false,
+        pending: Vec::new(),
+        restored: false,
+        rootfs_scan: None,
+        manifest: Vec::new(),
+        views: Vec::new(),
+        timings: Vec::new(),
+        ran_any: false,
+    };
+    // Nothing is restored until the first miss; from then on the tree is live and cached steps
+    // (possible after a --cache-ttl rerun) are applied as they come.
+    let result = walk_all(&mut exec).and_then(|()| write_outputs(&mut exec));
+    let outcome = match &result {
+        Ok(outputs) => {
+            let manifest = Manifest {
+                strata_version: env!("CARGO_PKG_VERSION"),
+                cache_format_version: key::CACHE_FORMAT_VERSION,
+                image_name: settings.image_name.clone(),
+                arch: settings.arch.clone(),
+                elements: prep.elements.iter().map(|e| e.name.clone()).collect(),
+                steps: exec.manifest.clone(),
+                outputs: outputs.iter().map(|o| ManifestOutput {
+                    r#type: o.r#type.clone(),
+                    path: o.path.clone(),
+                    blake3: o.blake3.clone(),
+                    cached: o.cached,
+                }).collect(),
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            let text = serde_json::to_string_pretty(&manifest)?;
+            write_atomic(Path::new(&format!("{}.strata.json", settings.image_name)), text.as_bytes())?;
+            if args.json {
+                println!("{text}");
+            }
+            "ok".to_string()
+        }
+        Err(e) => format!("failed: {}", format!("{e:#}").lines().next().unwrap_or_default()),
+    };
+    if let Some(store) = &store {
+        store.record_build(&crate::store::BuildRecord {
+            elements: prep.image_element.clone(),
+            arguments: settings.dib_args(),
+            outcome,
+            step_keys: exec.manifest.iter().map(|s| s.key.clone()).collect(),
+            started: now() - started.elapsed().as_secs() as i64,
+            seconds: started.elapsed().as_secs_f64(),
+        })?;
+    }
+    let cleanup = build_dir.cleanup();
+    let cached = exec.manifest.iter().filter(|s| s.cached).count();
+    exec.timings.push(("total".into(), started.elapsed().as_secs_f64()));
+    reporter.finish();
+    eprintln!("{}", runner::timing_table("build", &exec.timings));
+    eprintln!("{} steps: {} cached, {} run", exec.manifest.len(), cached, exec.manifest.len() - cached);
+    result?;
+    cleanup?;
+    Ok(())
+}
+
+fn walk_all(exec: &mut Executor) -> Result<()> {
+    for phase in Phase::ALL {
+        exec.walk_phase(phase)?;
+    }
+    let step = plan::finalise_base_step(&exec.prep.key_ctx, exec.parent.as_deref());
+    exec.walk_step(step)
+}
+
+struct OutputRecord {
+    r#type: String,
+    path: String,
+    blake3: String,
+    cached: bool,
+}
+
+/// Writes every requested output. A tar output is cached by the last step's key.
+fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
+    let settings = &exec.prep.settings;
+    let mut out = Vec::new();
+    for t in &settings.image_types {
+        let path = PathBuf::from(format!("{}.{t}", settings.image_name));
+        let last = exec.parent.clone().unwrap_or_default();
+        let out_key = blake3::Hasher::new_derive_key("strata 2026-11 output key v1")
+            .update(last.as_bytes())
+            .update(b"\0")
+            .update(t.as_bytes())
+            .finalize()
+            .to_hex()
+            .to_string();
+        if let Some(store) = exec.store {
+            if !exec.ran_any && !exec.forcing {
+                if let Some(o) = store.get_output(&out_key)? {
+                    let started = Instant::now();
+                    let blob = store.open_blob(&o.blob_digest)?;
+                    let mut dec = zstd::Decoder::new(blob)?;
+                    let digest = write_file_hashed(&path, &mut dec)?;
+                    exec.timings.push((format!("output {t} (cached)"), started.elapsed().as_secs_f64()));
+                    out.push(OutputRecord { r#type: t.clone(), path: path.display().to_string(), blake3: digest, cached: true });
+                    continue;
+                }
+            }
+        }
+        exec.restore()?;
+        let started = Instant::now();
+        let scan = match exec.rootfs_scan.take() {
+            Some(s) => s,
+            None => exec.scan_rootfs()?,
+        };
+        let digest = write_tar_output(exec.store, &exec.paths.mount_dir, &scan, &path, settings, &out_key)?;
+        exec.rootfs_scan = Some(scan);
+        exec.timings.push((format!("output {t}"), started.elapsed().as_secs_f64()));
+        out.push(OutputRecord { r#type: t.clone(), path: path.display().to_string(), blake3: digest, cached: false });
+    }
+    Ok(out)
+}
+
+/// A writer that feeds two writers.
+struct Tee<A, B>(A, B);
+
+impl<A: Write, B: Write> Write for Tee<A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    tempfile::Builder::new()
+        .prefix(".strata-out.")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn write_file_hashed(path: &Path, src: &mut impl io::Read) -> Result<String> {
+    let tmp = temp_beside(path)?;
+    let mut w = Hashing { inner: io::BufWriter::with_capacity(1 << 20, tmp), hasher: blake3::Hasher::new() };
+    io::copy(src, &mut w)?;
+    let digest = w.hasher.finalize().to_hex().to_string();
+    let tmp = w.inner.into_inner().map_err(|e| e.into_error())?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(digest)
+}
+
+fn write_tar_output(store: Option<&Store>, root: &Path, scan: &Scan, path: &Path, settings: &Settings, out_key: &str) -> Result<String> {
+    let tmp = temp_beside(path)?;
+    let mut file = Hashing { inner: io::BufWriter::with_capacity(1 << 20, tmp), hasher: blake3::Hasher::new() };
+    let changes = Changeset::full(scan);
+    let opts = pack_options(settings);
+    match store {
+        Some(store) => {
+            let mut blob = store.blob_writer()?;
+            {
+                let mut enc = zstd::Encoder::new(&mut blob, opts.level)?;
+                enc.multithread(opts.workers)?;
+                layer::write_tar(root, &changes, Tee(&mut file, &mut enc), &opts)?;
+                enc.finish()?;
+            }
+            let (digest, size) = blob.finish()?;
+            store.put_output(out_key, &digest, size)?;
+        }
+        None => {
+            layer::write_tar(root, &changes, &mut file, &opts)?;
+        }
+    }
+    let digest = file.hasher.finalize().to_hex().to_string();
+    let tmp = file.inner.into_inner().map_err(|e| e.into_error())?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(digest)
+}
+
+/// `strata plan`: every step with its key and whether it is cached, without running anything.
+pub fn plan(args: PlanArgs) -> Result<()> {
+    let prep = prepare(&args.options)?;
+    let store = if prep.settings.no_cache || !prep.settings.cache_dir.join("index.sqlite").exists() {
+        None
+    } else {
+        Some(Store::open(&prep.settings.cache_dir)?)
+    };
+    let scratch = tempfile::Builder::new().prefix("strata-plan.").tempdir()?;
+    let paths = BuildPaths::under(scratch.path());
+    prep.tree.materialize(&paths.hooks_dir).context("cannot write the merged hook tree")?;
+    let mut exec = Executor {
+        prep: &prep,
+        store: store.as_ref(),
+        paths,
+        dry_run: true,
+        explain: false,
+        reporter: None,
+        parent: None,
+        forcing: false,
+        pending: Vec::new(),
+        restored: false,
+        rootfs_scan: None,
+        manifest: Vec::new(),
+        views: Vec::new(),
+        timings: Vec::new(),
+        ran_any: false,
+    };
+    walk_all(&mut exec)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&exec.views)?);
+    } else {
+        for v in &exec.views {
+            let state = if v.cached { "cached" } else { "run" };
+            println!("{:<7} {}  {}/{}", state, &v.key[..16], v.phase, v.hook);
+        }
+        let cached = exec.views.iter().filter(|v| v.cached).count();
+        println!("{} steps: {} cached, {} to run", exec.views.len(), cached, exec.views.len() - cached);
+    }
+    Ok(())
+}
