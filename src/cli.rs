@@ -161,6 +161,43 @@ pub struct BuildOptions {
     #[arg(long = "min-tmpfs", value_name = "GIB", default_value_t = 2)]
     pub min_tmpfs: u64,
 
+    /// Default install type for elements with `*-<type>-install` folders (DIB_DEFAULT_INSTALLTYPE).
+    #[arg(long = "install-type", value_name = "TYPE")]
+    pub install_type: Option<String>,
+
+    /// Extra image space in MB on top of the computed size (DIB_IMAGE_EXTRA_SIZE).
+    #[arg(long = "image-extra-size", value_name = "MB")]
+    pub image_extra_size: Option<String>,
+
+    /// Label of the root filesystem (default cloudimg-rootfs; img-rootfs for xfs).
+    #[arg(long = "root-label", value_name = "LABEL")]
+    pub root_label: Option<String>,
+
+    /// Extra options for the root filesystem's mkfs.
+    #[arg(long = "mkfs-options", value_name = "OPTS")]
+    pub mkfs_options: Option<String>,
+
+    /// Options for qemu-img convert (-o), e.g. compat=1.1.
+    #[arg(long = "qemu-img-options", value_name = "OPTS")]
+    pub qemu_img_options: Option<String>,
+
+    /// mkfs -E resize=N for the root filesystem (ext4).
+    #[arg(long = "max-online-resize", value_name = "N")]
+    pub max_online_resize: Option<String>,
+
+    /// Also write .md5 and .sha256 files beside each image.
+    #[arg(long)]
+    pub checksum: bool,
+
+    /// Do not compress qcow2 images.
+    #[arg(short = 'u')]
+    pub uncompressed: bool,
+
+    /// dib's "clear the environment" flag; accepted for compatibility (strata always hands hooks
+    /// a defined environment).
+    #[arg(short = 'c', hide = true)]
+    pub clear_env: bool,
+
     /// The elements to build.
     #[arg(required = true, value_name = "ELEMENT")]
     pub elements: Vec<String>,

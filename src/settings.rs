@@ -157,6 +157,15 @@ impl Settings {
             .filter(|(k, _)| k.starts_with("DIB_") || PASSTHROUGH.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        if let Some(t) = &opts.install_type {
+            user_env.insert("DIB_DEFAULT_INSTALLTYPE".into(), t.clone());
+        }
+        if let Some(x) = &opts.image_extra_size {
+            user_env.insert("DIB_IMAGE_EXTRA_SIZE".into(), x.clone());
+        }
+        if let Some(x) = &opts.image_size {
+            user_env.insert("DIB_IMAGE_SIZE".into(), x.clone());
+        }
         // Set from options, never from the user's leftovers.
         for k in [
             "DIB_IMAGE_CACHE",

@@ -1,0 +1,165 @@
+//! Shared helpers: a throwaway build folder with copies of the fixture elements, a private
+//! cache, and runs of the real `strata` binary.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn strata() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn copy_tree(src: &Path, dst: &Path) {
+    let status = Command::new("cp").arg("-a").arg(src).arg(dst).status().unwrap();
+    assert!(status.success(), "cp -a {} {}", src.display(), dst.display());
+}
+
+/// A build sandbox for one test: elements, cache, TMP_DIR and outputs all under one temp dir.
+pub struct BuildFixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl BuildFixture {
+    pub fn new() -> BuildFixture {
+        let dir = tempfile::Builder::new().prefix("strata-it.").tempdir().unwrap();
+        copy_tree(&repo().join("tests/fixtures/build-elements"), &dir.path().join("elements"));
+        fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        fs::create_dir_all(dir.path().join("out")).unwrap();
+        BuildFixture { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn elements(&self) -> PathBuf {
+        self.path().join("elements")
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.path().join("cache")
+    }
+
+    pub fn out(&self, name: &str) -> PathBuf {
+        self.path().join("out").join(name)
+    }
+
+    /// `strata build` of the fixture elements with extra arguments, in this fixture's dirs.
+    pub fn build_cmd(&self, extra: &[&str]) -> Command {
+        self.build_cmd_as("img", extra)
+    }
+
+    /// Like `build_cmd`, writing `out/NAME.tar` and `out/NAME.strata.json`.
+    pub fn build_cmd_as(&self, name: &str, extra: &[&str]) -> Command {
+        let mut c = strata();
+        c.arg("build")
+            .arg("-n")
+            .arg("-t")
+            .arg("tar")
+            .arg("-o")
+            .arg(self.out(name))
+            .arg("--cache-dir")
+            .arg(self.cache())
+            .arg("--element-path")
+            .arg(self.elements())
+            .args(extra)
+            .env_remove("ELEMENTS_PATH")
+            .env("STRATA_ELEMENTS_DIR", self.path().join("no-builtin-elements"))
+            .env("TMP_DIR", self.path().join("tmp"))
+            .env("DIB_FIXTURE_DIR", repo().join("tests/fixtures"))
+            .env("DIB_IMAGE_CACHE", self.path().join("image-cache"))
+            .env_remove("SOURCE_DATE_EPOCH");
+        if !extra.iter().any(|a| a.starts_with("fixture-")) {
+            c.arg("fixture-app");
+        }
+        c
+    }
+
+    pub fn build(&self, extra: &[&str]) -> Output {
+        let out = self.build_cmd(extra).output().unwrap();
+        self.assert_no_leftovers();
+        out
+    }
+
+    pub fn build_ok(&self, extra: &[&str]) -> Manifest {
+        let out = self.build(extra);
+        assert!(
+            out.status.success(),
+            "build failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.manifest()
+    }
+
+    pub fn manifest(&self) -> Manifest {
+        let text = fs::read_to_string(self.out("img.strata.json")).unwrap();
+        Manifest(serde_json::from_str(&text).unwrap())
+    }
+
+    /// No mount under this fixture, and no build folder left in its TMP_DIR.
+    pub fn assert_no_leftovers(&self) {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let prefix = self.path().to_string_lossy().to_string();
+        let left: Vec<_> = mounts.lines().filter(|l| l.contains(&prefix)).collect();
+        assert!(left.is_empty(), "mounts left behind: {left:#?}");
+        let tmp: Vec<_> = fs::read_dir(self.path().join("tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "build folders left in TMP_DIR: {tmp:?}");
+    }
+
+    /// Lists a tar output's members (GNU tar reads it, so the output is a standard tar).
+    pub fn tar_member(&self, tar: &Path, member: &str) -> Option<String> {
+        let out = Command::new("tar").arg("-xOf").arg(tar).arg(member).output().unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn tar_list(&self, tar: &Path) -> Vec<String> {
+        let out = Command::new("tar").arg("-tf").arg(tar).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+}
+
+/// A parsed NAME.strata.json.
+pub struct Manifest(pub serde_json::Value);
+
+impl Manifest {
+    pub fn steps(&self) -> Vec<(String, bool)> {
+        self.0["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    format!("{}/{}", s["phase"].as_str().unwrap(), s["hook"].as_str().unwrap()),
+                    s["cached"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn ran(&self) -> Vec<String> {
+        self.steps().into_iter().filter(|(_, c)| !c).map(|(s, _)| s).collect()
+    }
+
+    pub fn cached(&self) -> Vec<String> {
+        self.steps().into_iter().filter(|(_, c)| *c).map(|(s, _)| s).collect()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.0["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["key"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn output_digest(&self) -> String {
+        self.0["outputs"][0]["blake3"].as_str().unwrap().to_string()
+    }
+}
