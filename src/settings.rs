@@ -43,6 +43,7 @@ pub const VOLATILE: &[&str] = &[
     "IMAGE_ELEMENT_YAML",
     "DIB_ENV",
     "DIB_DEBUG_TRACE",
+    "DIB_PYTHON_EXEC",
     "TERM",
     "http_proxy",
     "https_proxy",
@@ -306,7 +307,7 @@ pub fn base_environment(
         ("DIB_DEBUG_TRACE", settings.trace.to_string()),
         ("DIB_ARGS", settings.dib_args()),
         ("DIB_ENV", dib_env),
-        ("DIB_PYTHON_EXEC", "/usr/bin/python3".into()),
+        ("DIB_PYTHON_EXEC", settings.user_env.get("DIB_PYTHON_EXEC").cloned().unwrap_or_else(default_python)),
         (
             "DIB_NO_TMPFS",
             if settings.use_tmpfs {
@@ -336,6 +337,15 @@ pub fn base_environment(
         env.insert("SOURCE_DATE_EPOCH".into(), sde.to_string());
     }
     env
+}
+
+/// dib sets DIB_PYTHON_EXEC to the Python running dib; strata uses the host's python3.
+fn default_python() -> String {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("python3")
+        .to_string()
 }
 
 /// The environment of one hook in one phase: `base` plus `TARGET_ROOT` where dib sets it.
