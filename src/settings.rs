@@ -28,6 +28,9 @@ const PASSTHROUGH: &[&str] = &[
     "TERM",
 ];
 
+/// The exported bash function `get_image_element_array`, as bash passes functions on.
+pub const IMAGE_ELEMENT_FN: &str = "BASH_FUNC_get_image_element_array%%";
+
 /// Variables whose value differs between machines or runs without changing what a step produces.
 /// They reach hooks with their real value but enter step keys as a placeholder.
 pub const VOLATILE: &[&str] = &[
@@ -41,6 +44,7 @@ pub const VOLATILE: &[&str] = &[
     "STRATA_BIN",
     "ELEMENTS_PATH",
     "IMAGE_ELEMENT_YAML",
+    IMAGE_ELEMENT_FN,
     "DIB_ENV",
     "DIB_DEBUG_TRACE",
     "DIB_PYTHON_EXEC",
@@ -333,6 +337,18 @@ pub fn base_environment(
     for (k, v) in pairs {
         env.insert(k.to_string(), v);
     }
+    // dib exports a bash function listing `[name]=path` pairs for `eval declare -A`; bash imports
+    // exported functions from BASH_FUNC_<name>%% variables.
+    let pairs: String = image_element_yaml
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(n, p)| format!("[{n}]={p}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    env.insert(
+        IMAGE_ELEMENT_FN.to_string(),
+        format!("() {{  echo \"{pairs}\"\n}}"),
+    );
     if let Some(sde) = settings.source_date_epoch {
         env.insert("SOURCE_DATE_EPOCH".into(), sde.to_string());
     }
@@ -453,6 +469,27 @@ mod tests {
         assert_eq!(r.hook.as_deref(), Some("50-foo"));
         assert_eq!(RebuildFrom::parse("cleanup").unwrap().hook, None);
         assert!(RebuildFrom::parse("nope.d/x").is_err());
+    }
+
+    #[test]
+    fn hooks_can_call_get_image_element_array() {
+        let s = Settings::resolve(&opts(&["e"]), &env(&[]), || "amd64".into()).unwrap();
+        let base = base_environment(
+            &s,
+            &BuildPaths::placeholder(),
+            "a b",
+            "a: /x/a\nb: /y/b\n",
+            "/x:/y",
+            Path::new("/bin/strata"),
+        );
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg("eval declare -A e=($(get_image_element_array)); echo ${e[b]}")
+            .env_clear()
+            .envs(&base)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "/y/b");
     }
 
     #[test]
