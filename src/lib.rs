@@ -13,6 +13,7 @@
 //! chroots.
 
 pub mod cli;
+pub mod commands;
 pub mod elements;
 pub mod error;
 pub mod layer;
@@ -26,10 +27,9 @@ use cli::{Cli, Command};
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Elements(_)
-        | Command::Build(_)
-        | Command::Plan(_)
-        | Command::Cache(_)
-        | Command::Dib(_) => Err(error::Failure::bad_input("this command is not built yet").into()),
+        Command::Dib(args) => commands::dib::run(args.command),
+        Command::Elements(_) | Command::Build(_) | Command::Plan(_) | Command::Cache(_) => {
+            Err(error::Failure::bad_input("this command is not built yet").into())
+        }
     }
 }
