@@ -49,6 +49,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if cause
             .downcast_ref::<crate::elements::ElementError>()
             .is_some()
+            || cause.is::<crate::elements::packages::PackageError>()
         {
             return Exit::BadInput as u8;
         }

@@ -34,7 +34,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Build(args) => build::build(args),
         Command::Plan(args) => build::plan(args),
         Command::Cache(args) => commands::cache::run(args),
-        Command::Elements(_) | Command::Dib(_) => {
+        Command::Dib(args) => commands::dib::run(args.command),
+        Command::Elements(_) => {
             Err(error::Failure::bad_input("this command is not built yet").into())
         }
     }

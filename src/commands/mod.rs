@@ -1,3 +1,4 @@
 //! One module per subcommand that is more than a call into the library.
 
 pub mod cache;
+pub mod dib;

@@ -1,4 +1,5 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
 
 mod build;
+mod dib_helpers;
 mod harness;
