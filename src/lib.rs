@@ -12,7 +12,9 @@
 //! layer format knows nothing of elements; only `cli` knows clap; only `sandbox` mounts and
 //! chroots.
 
+pub mod arch;
 pub mod cli;
+pub mod commands;
 pub mod elements;
 pub mod error;
 pub mod layer;
@@ -26,10 +28,9 @@ use cli::{Cli, Command};
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Elements(_)
-        | Command::Build(_)
-        | Command::Plan(_)
-        | Command::Cache(_)
-        | Command::Dib(_) => Err(error::Failure::bad_input("this command is not built yet").into()),
+        Command::Elements(args) => commands::elements::run(&args),
+        Command::Build(_) | Command::Plan(_) | Command::Cache(_) | Command::Dib(_) => {
+            Err(error::Failure::bad_input("this command is not built yet").into())
+        }
     }
 }
