@@ -186,3 +186,128 @@ pub fn capture_dir(
     let files = env_files(dir).map_err(|e| ElementError::io("list", dir, e))?;
     capture(&files, base)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ("KEEP".to_string(), "kept".to_string()),
+        ])
+    }
+
+    fn names(files: &[PathBuf]) -> Vec<String> {
+        files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn env_files_are_in_byte_order_and_filtered() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("environment.d");
+        fs::create_dir(&d).unwrap();
+        for n in [
+            "9-two",
+            "10-one",
+            "05.x.bash",
+            "100-a",
+            "20-b",
+            "bad~",
+            "has space",
+        ] {
+            fs::write(d.join(n), "").unwrap();
+        }
+        fs::create_dir(d.join("30-dir")).unwrap();
+        std::os::unix::fs::symlink(d.join("10-one"), d.join("40-link")).unwrap();
+        std::os::unix::fs::symlink(d.join("missing"), d.join("41-dangling")).unwrap();
+        assert_eq!(
+            names(&env_files(&d).unwrap()),
+            ["05.x.bash", "10-one", "100-a", "20-b", "40-link", "9-two"]
+        );
+        assert!(env_files(&t.path().join("absent")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn capture_sources_in_order_and_returns_exports_only() {
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("10-a");
+        let b = t.path().join("20-b");
+        fs::write(
+            &a,
+            "export FOO=one\nLOCAL=x\necho noise\nf() { :; }\nexport -f f\n",
+        )
+        .unwrap();
+        fs::write(
+            &b,
+            "export BAR=\"${FOO}-two $LOCAL\"\nexport MULTI=$'l1\\nl2'\n",
+        )
+        .unwrap();
+        let env = capture(&[a, b], &base()).unwrap();
+        assert_eq!(env["FOO"], "one");
+        assert_eq!(env["BAR"], "one-two x");
+        assert_eq!(env["MULTI"], "l1\nl2");
+        assert_eq!(env["KEEP"], "kept");
+        assert!(env.contains_key("BASH_FUNC_f%%"));
+        assert!(!env.contains_key("LOCAL"));
+        for noise in BASH_NOISE {
+            assert!(!env.contains_key(noise), "{noise}");
+        }
+        // Nothing from strata's own process leaks in.
+        assert_eq!(
+            env.keys().filter(|k| !k.starts_with("BASH_FUNC")).count(),
+            5,
+            "{env:?}"
+        );
+    }
+
+    #[test]
+    fn a_failing_file_is_named_with_bashs_message() {
+        let t = tempfile::tempdir().unwrap();
+        let ok = t.path().join("10-ok");
+        let bad = t.path().join("20-bad");
+        let never = t.path().join("30-never");
+        fs::write(&ok, "export A=1\n").unwrap();
+        fs::write(&bad, "export X=$UNSET_VAR\n").unwrap();
+        fs::write(&never, "export B=2\n").unwrap();
+        let err = capture(&[ok.clone(), bad.clone(), never.clone()], &base())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "environment.d file {} failed (exit 1): ",
+                bad.display()
+            )) && err.ends_with("UNSET_VAR: unbound variable"),
+            "{err}"
+        );
+        fs::write(&bad, "echo about to fail >&2\nexit 3\n").unwrap();
+        let err = capture(&[bad.clone()], &base()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "environment.d file {} failed (exit 3): about to fail",
+                bad.display()
+            )
+        );
+        fs::write(&bad, "false | true\nfalse\n").unwrap();
+        let err = capture(&[bad.clone()], &base()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("environment.d file {} failed (exit 1)", bad.display())
+        );
+        fs::write(&bad, "exit 0\n").unwrap();
+        let err = capture(&[bad.clone()], &base()).unwrap_err().to_string();
+        assert!(err.contains("20-bad failed (exit 0)"), "{err}");
+    }
+
+    #[test]
+    fn capture_of_nothing_is_the_base() {
+        let env = capture(&[], &base()).unwrap();
+        assert_eq!(env, base());
+        let with_pwd = BTreeMap::from([("PWD".to_string(), "/somewhere".to_string())]);
+        assert_eq!(capture(&[], &with_pwd).unwrap(), with_pwd);
+    }
+}

@@ -426,3 +426,230 @@ fn numeric_prefix_cmp(a: &[u8], b: &[u8]) -> Ordering {
         (false, true) => Ordering::Greater,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::fs::symlink;
+
+    fn write(path: &Path, body: &str, mode: u32) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, body).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn element(root: &Path, name: &str) -> Element {
+        let path = root.join(name);
+        fs::create_dir_all(&path).unwrap();
+        Element {
+            name: name.to_string(),
+            path: fs::canonicalize(path).unwrap(),
+        }
+    }
+
+    fn sorted(names: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        v.sort_by(|a, b| run_parts_cmp(a, b));
+        v
+    }
+
+    #[test]
+    fn run_parts_order_matches_dib_examples() {
+        assert_eq!(
+            sorted(&["100-x", "10-b", "foo", "10-a", "9-z"]),
+            ["foo", "9-z", "10-a", "10-b", "100-x"]
+        );
+        assert_eq!(sorted(&["foo", "Zed", "00-a"]), ["00-a", "Zed", "foo"]);
+        assert_eq!(sorted(&["010-a", "9-b", "10-a"]), ["9-b", "010-a", "10-a"]);
+        assert_eq!(sorted(&["1", "-5", "-x", "a"]), ["-5", "-x", "a", "1"]);
+    }
+
+    /// Runs the real `LC_ALL=C sort -n` on the names.
+    fn gnu_sort_n(names: &[String]) -> Vec<String> {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("sort")
+            .arg("-n")
+            .env("LC_ALL", "C")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = names.join("\n");
+        input.push('\n');
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn run_parts_cmp_agrees_with_gnu_sort_n(
+            names in proptest::collection::vec("[-0-9A-Za-z_.]{1,8}", 1..20)
+        ) {
+            let mut ours = names.clone();
+            ours.sort_by(|a, b| run_parts_cmp(a, b));
+            prop_assert_eq!(ours, gnu_sort_n(&names));
+        }
+    }
+
+    #[test]
+    fn run_parts_takes_only_executable_conforming_files_and_follows_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("install.d");
+        for n in ["100-x", "10-b", "foo", "10-a", "9-z", "Zed", "00-a"] {
+            write(&d.join(n), "#!/bin/sh\n", 0o755);
+        }
+        write(&d.join("50-not-exec"), "", 0o644);
+        write(&d.join("50-has.dot"), "", 0o755);
+        write(&d.join("50-tilde~"), "", 0o755);
+        write(&t.path().join("elsewhere/target"), "", 0o755);
+        symlink(t.path().join("elsewhere/target"), d.join("60-link")).unwrap();
+        symlink(t.path().join("nowhere"), d.join("61-dangling")).unwrap();
+        fs::create_dir(d.join("70-a-dir")).unwrap();
+        let got: Vec<String> = run_parts(&d).unwrap().into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            got,
+            [
+                "00-a", "Zed", "foo", "9-z", "10-a", "10-b", "60-link", "100-x"
+            ]
+        );
+        let parts = run_parts(&d).unwrap();
+        assert_eq!(parts[0].path, d.join("00-a"));
+        assert!(run_parts(&t.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn tree_merges_folders_and_records_origins() {
+        let t = tempfile::tempdir().unwrap();
+        let a = element(t.path(), "a");
+        let b = element(t.path(), "b");
+        write(&a.path.join("install.d/10-a"), "a", 0o755);
+        write(
+            &a.path.join("install.d/src-source-install/10-x"),
+            "x",
+            0o755,
+        );
+        write(&b.path.join("install.d/20-b"), "b", 0o700);
+        write(
+            &b.path.join("install.d/src-source-install/20-y"),
+            "y",
+            0o755,
+        );
+        write(&b.path.join("bin/tool"), "t", 0o755);
+        write(&a.path.join("tests/10-test"), "", 0o755);
+        write(&a.path.join("test-elements/x/element-deps"), "", 0o644);
+        write(&a.path.join("__pycache__/x.pyc"), "", 0o644);
+        write(&a.path.join("compiled.pyc"), "", 0o644);
+        let tree = HookTree::build(&[a, b]).unwrap();
+        assert_eq!(tree.origin("install.d/10-a"), Some("a"));
+        assert_eq!(tree.origin("install.d/20-b"), Some("b"));
+        assert_eq!(tree.origin("install.d/src-source-install/20-y"), Some("b"));
+        assert_eq!(tree.origin("install.d"), Some("a"));
+        assert_eq!(tree.origin("bin/tool"), Some("b"));
+        for skipped in ["tests", "test-elements", "__pycache__", "compiled.pyc"] {
+            assert_eq!(tree.origin(skipped), None, "{skipped}");
+        }
+    }
+
+    #[test]
+    fn duplicate_hook_names_both_elements_and_the_path() {
+        let t = tempfile::tempdir().unwrap();
+        let a = element(t.path(), "alpha");
+        let b = element(t.path(), "beta");
+        write(&a.path.join("install.d/50-same"), "a", 0o755);
+        write(&b.path.join("install.d/50-same"), "b", 0o755);
+        let err = HookTree::build(&[a.clone(), b.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("'install.d/50-same' is in two elements: 'alpha' (")
+                && err.contains("and 'beta' ("),
+            "{err}"
+        );
+        // Deeper levels too, and a file against a folder.
+        let t = tempfile::tempdir().unwrap();
+        let a = element(t.path(), "alpha");
+        let b = element(t.path(), "beta");
+        write(&a.path.join("static/etc/conf"), "a", 0o644);
+        write(&b.path.join("static/etc/conf/inner"), "b", 0o644);
+        let err = HookTree::build(&[a, b]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("'static/etc/conf' is in two elements"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn top_level_files_are_overwritten_by_the_last_element() {
+        let t = tempfile::tempdir().unwrap();
+        let a = element(t.path(), "a");
+        let b = element(t.path(), "b");
+        write(&a.path.join("pkg-map"), "from a", 0o644);
+        write(&b.path.join("pkg-map"), "from b", 0o644);
+        write(&a.path.join("README.rst"), "only a", 0o644);
+        let tree = HookTree::build(&[a, b]).unwrap();
+        assert_eq!(tree.origin("pkg-map"), Some("b"));
+        assert_eq!(tree.origin("README.rst"), Some("a"));
+        let dest = t.path().join("out");
+        tree.materialize(&dest).unwrap();
+        assert_eq!(fs::read_to_string(dest.join("pkg-map")).unwrap(), "from b");
+    }
+
+    #[test]
+    fn materialize_copies_modes_times_and_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let a = element(t.path(), "a");
+        write(&a.path.join("install.d/10-run"), "#!/bin/sh\n", 0o750);
+        write(&a.path.join("install.d/data"), "d", 0o640);
+        symlink("../bin/tool", a.path.join("install.d/20-link")).unwrap();
+        write(&a.path.join("bin/tool"), "t", 0o755);
+        fs::set_permissions(a.path.join("bin"), fs::Permissions::from_mode(0o555)).unwrap();
+        // A top-level symlink to a folder counts as a folder.
+        let outside = t.path().join("outside-root.d");
+        write(&outside.join("10-root"), "r", 0o755);
+        symlink(&outside, a.path.join("root.d")).unwrap();
+        let tree = HookTree::build(std::slice::from_ref(&a)).unwrap();
+        let dest = t.path().join("hooks");
+        tree.materialize(&dest).unwrap();
+        let mode = |p: &str| fs::symlink_metadata(dest.join(p)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("install.d/10-run"), 0o750);
+        assert_eq!(mode("install.d/data"), 0o640);
+        assert_eq!(mode("bin"), 0o555);
+        assert_eq!(
+            fs::read_link(dest.join("install.d/20-link")).unwrap(),
+            Path::new("../bin/tool")
+        );
+        assert!(fs::symlink_metadata(dest.join("root.d")).unwrap().is_dir());
+        assert_eq!(
+            fs::read_to_string(dest.join("root.d/10-root")).unwrap(),
+            "r"
+        );
+        let src_m = fs::metadata(a.path.join("install.d/10-run")).unwrap();
+        let dst_m = fs::metadata(dest.join("install.d/10-run")).unwrap();
+        assert_eq!(src_m.mtime(), dst_m.mtime());
+        assert_eq!(src_m.mtime_nsec(), dst_m.mtime_nsec());
+        // The materialized phase folder runs the hooks dib would.
+        let names: Vec<_> = run_parts(&dest.join("install.d"))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["10-run", "20-link"]);
+        // A second materialize into the same, now non-empty, folder is refused.
+        let err = tree.materialize(&dest).unwrap_err();
+        assert!(matches!(err, ElementError::DestinationNotEmpty { .. }));
+        fs::set_permissions(dest.join("bin"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(a.path.join("bin"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
