@@ -303,10 +303,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let f = t.path().join("plain-file");
         fs::write(&f, "").unwrap();
-        let err = Catalog::scan(&[f.clone()]).unwrap_err();
+        let err = Catalog::scan(std::slice::from_ref(&f)).unwrap_err();
         assert!(err.to_string().contains(&f.display().to_string()), "{err}");
         let missing = t.path().join("missing");
-        let err = Catalog::scan(&[missing.clone()]).unwrap_err();
+        let err = Catalog::scan(std::slice::from_ref(&missing)).unwrap_err();
         assert!(matches!(err, ElementError::NotADirectory { path } if path == missing));
     }
 

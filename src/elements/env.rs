@@ -284,7 +284,9 @@ mod tests {
             "{err}"
         );
         fs::write(&bad, "echo about to fail >&2\nexit 3\n").unwrap();
-        let err = capture(&[bad.clone()], &base()).unwrap_err().to_string();
+        let err = capture(std::slice::from_ref(&bad), &base())
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             format!(
@@ -293,13 +295,17 @@ mod tests {
             )
         );
         fs::write(&bad, "false | true\nfalse\n").unwrap();
-        let err = capture(&[bad.clone()], &base()).unwrap_err().to_string();
+        let err = capture(std::slice::from_ref(&bad), &base())
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             format!("environment.d file {} failed (exit 1)", bad.display())
         );
         fs::write(&bad, "exit 0\n").unwrap();
-        let err = capture(&[bad.clone()], &base()).unwrap_err().to_string();
+        let err = capture(std::slice::from_ref(&bad), &base())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("20-bad failed (exit 0)"), "{err}");
     }
 

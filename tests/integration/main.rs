@@ -1,1 +1,4 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
+
+mod elements;
+mod util;
