@@ -477,3 +477,24 @@ fn a_failing_environment_file_is_named_with_bashs_message() {
     );
     assert!(err.ends_with("BAR: unbound variable"), "{err}");
 }
+
+/// Runs `tests/dib_compat.sh` (downloads diskimage-builder from PyPI; needs the network, pip,
+/// python3). Run with `cargo test --test integration dib_compat -- --ignored`.
+#[test]
+#[ignore = "downloads diskimage-builder from PyPI"]
+fn dib_compat_script_agrees_with_dib() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dib_compat.sh");
+    let bin = assert_cmd::cargo::cargo_bin("strata");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .env("STRATA", &bin)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "dib_compat.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+}
