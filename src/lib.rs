@@ -35,8 +35,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => build::plan(args),
         Command::Cache(args) => commands::cache::run(args),
         Command::Dib(args) => commands::dib::run(args.command),
-        Command::Elements(_) => {
-            Err(error::Failure::bad_input("this command is not built yet").into())
-        }
+        Command::Elements(args) => commands::elements::run(&args),
     }
 }

@@ -1,4 +1,5 @@
-//! One module per subcommand that is more than a call into the library.
+//! The subcommands: each turns parsed CLI arguments into library calls and prints the result.
 
 pub mod cache;
 pub mod dib;
+pub mod elements;

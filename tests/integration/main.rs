@@ -2,4 +2,6 @@
 
 mod build;
 mod dib_helpers;
+mod elements;
 mod harness;
+mod util;
