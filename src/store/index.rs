@@ -68,9 +68,17 @@ const STEP_COLUMNS: &str =
 
 pub(super) fn sql_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
     move |source| {
-        if source.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
-            StoreError::NotADatabase {
+        let code = source.sqlite_error_code();
+        if code == Some(rusqlite::ErrorCode::NotADatabase)
+            || code == Some(rusqlite::ErrorCode::DatabaseCorrupt)
+        {
+            let reason = match &source {
+                rusqlite::Error::SqliteFailure(_, Some(msg)) => msg.clone(),
+                other => other.to_string(),
+            };
+            StoreError::DamagedIndex {
                 path: path.to_path_buf(),
+                reason,
             }
         } else {
             StoreError::Sqlite {
@@ -382,11 +390,22 @@ impl Store {
         for layer in layers {
             check_digest(&layer.blob_digest)?;
             let path = self.blob_path(&layer.blob_digest);
-            if !path.is_file() {
-                return Err(StoreError::MissingBlob {
-                    digest: layer.blob_digest.clone(),
-                    path,
-                });
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() && m.len() == layer.blob_size => {}
+                // A wrong size would make every later lookup take the blob for truncated.
+                Ok(m) if m.is_file() => {
+                    return Err(StoreError::WrongBlobSize {
+                        path,
+                        recorded: layer.blob_size,
+                        actual: m.len(),
+                    });
+                }
+                _ => {
+                    return Err(StoreError::MissingBlob {
+                        digest: layer.blob_digest.clone(),
+                        path,
+                    });
+                }
             }
         }
         let mut conn = self.conn();

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{debug, info};
 
 pub use blobs::{BlobWriter, VerifiedBlob};
 pub use maint::{GcReport, RmReport, Usage, VerifyReport};
@@ -73,10 +73,10 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     #[error(
-        "cache index {} is not a SQLite database (damaged?); move it aside (the blobs stay and `strata cache gc` collects them) or use another --cache-dir",
+        "cache index {} is damaged ({reason}); move it aside (the blobs stay, and `strata cache gc` collects them once a new index exists) or use another --cache-dir",
         path.display()
     )]
-    NotADatabase { path: PathBuf },
+    DamagedIndex { path: PathBuf, reason: String },
     #[error(
         "cache index {} has schema version {found}, newer than this strata knows ({known}); upgrade strata or use another --cache-dir",
         path.display()
@@ -88,6 +88,15 @@ pub enum StoreError {
     },
     #[error("cache blob {digest} is missing ({}); run `strata cache verify`", path.display())]
     MissingBlob { digest: String, path: PathBuf },
+    #[error(
+        "cache blob {} is {actual} bytes but its layer record says {recorded}; pass the size BlobWriter::finish returned",
+        path.display()
+    )]
+    WrongBlobSize {
+        path: PathBuf,
+        recorded: u64,
+        actual: u64,
+    },
     #[error("cache: {digest:?} is not a blob digest (64 lowercase hex digits expected)")]
     BadDigest { digest: String },
     #[error(
@@ -112,6 +121,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The exit status this error should end strata with: bad input for what the user typed
+    /// (a size, a key), the cache status for everything else.
+    pub fn exit(&self) -> crate::error::Exit {
+        use crate::error::Exit;
+        match self {
+            StoreError::BadSize { .. }
+            | StoreError::UnknownKey { .. }
+            | StoreError::AmbiguousKey { .. }
+            | StoreError::BadDigest { .. } => Exit::BadInput,
+            _ => Exit::Cache,
+        }
+    }
+
     pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.to_path_buf();
         move |source| StoreError::Io {

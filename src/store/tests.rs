@@ -85,6 +85,25 @@ fn tmp_count(dir: &Path) -> usize {
 }
 
 #[test]
+fn store_is_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Store>();
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    std::thread::scope(|scope| {
+        for t in 0..4u8 {
+            let s = &s;
+            scope.spawn(move || {
+                let l = layer(s, &[t; 100]);
+                s.record_step(&step(&format!("k{t}"), None, Some(&l), 1), &[l])
+                    .unwrap();
+            });
+        }
+    });
+    assert_eq!(s.list_steps().unwrap().len(), 4);
+}
+
+#[test]
 fn open_creates_layout_and_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("cache");
@@ -260,6 +279,18 @@ fn record_step_refuses_missing_blobs_and_layers() {
     assert!(matches!(err, StoreError::MissingLayer { .. }), "{err}");
     assert!(err.to_string().contains("diff-ghost"));
     assert!(s.list_steps().unwrap().is_empty());
+    let real = layer(&s, b"twelve bytes");
+    let wrong = LayerRecord {
+        blob_size: 5,
+        ..real
+    };
+    let err = s
+        .record_step(&step("k1", None, Some(&wrong), 1), &[wrong])
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::WrongBlobSize { actual: 12, .. }),
+        "{err}"
+    );
     let bad = LayerRecord {
         blob_digest: "../../etc/passwd".into(),
         ..ghost
@@ -806,13 +837,34 @@ fn garbage_index_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("index.sqlite"), vec![b'x'; 8192]).unwrap();
     let err = Store::open(dir.path()).unwrap_err();
-    assert!(matches!(err, StoreError::NotADatabase { .. }), "{err}");
+    assert!(matches!(err, StoreError::DamagedIndex { .. }), "{err}");
+    assert_eq!(err.exit(), crate::error::Exit::Cache);
     let msg = err.to_string();
     assert!(
         msg.contains(&dir.path().join("index.sqlite").display().to_string()),
         "{msg}"
     );
     assert!(!msg.contains('\n'));
+}
+
+#[test]
+fn damaged_index_pages_are_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = store(dir.path());
+        let l = layer(&s, b"x");
+        s.record_step(&step("k1", None, Some(&l), 1), &[l]).unwrap();
+    }
+    // Keep SQLite's 100-byte header, scribble over the rest of the schema page.
+    let path = dir.path().join("index.sqlite");
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in &mut bytes[100..4096] {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::DamagedIndex { .. }), "{err}");
+    assert!(err.to_string().contains("index.sqlite"));
 }
 
 #[test]
