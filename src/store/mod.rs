@@ -315,8 +315,8 @@ impl Store {
         self.lock
             .unlock()
             .map_err(StoreError::io("unlock", &self.lock_path))?;
-        info!(
-            "cache {}: {what} needs the cache to itself",
+        debug!(
+            "cache {}: {what} takes the exclusive lock",
             self.root.display()
         );
         let locked = wait_for_lock(&self.lock, &self.lock_path, true, self.options.lock_timeout);
