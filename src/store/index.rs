@@ -1,0 +1,676 @@
+//! The SQLite index: schema and hand-rolled migrations (`PRAGMA user_version`), and the queries
+//! over steps, layers, outputs and builds.
+//!
+//! ```text
+//! open(path) ─► busy_timeout, WAL ─► migrate (IMMEDIATE txn, re-reads user_version inside)
+//! record_step ─► IMMEDIATE txn: layer rows (blobs must exist) ─► step row (INSERT OR IGNORE)
+//! lookup_step ─► step row ─► its layer rows ─► their blob files; anything missing = drop + miss
+//! ```
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use tracing::warn;
+
+use super::{
+    BUSY_TIMEOUT, BuildRecord, LayerRecord, OutputRecord, SCHEMA_VERSION, StepRecord, Store,
+    StoreError, check_digest,
+};
+
+/// `MIGRATIONS[i]` takes the schema from version i to i + 1.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the first schema.
+    "CREATE TABLE steps (
+        key         TEXT PRIMARY KEY NOT NULL,
+        parent      TEXT,
+        phase       TEXT NOT NULL,
+        hook        TEXT NOT NULL,
+        layer       TEXT,
+        hooks_layer TEXT,
+        inputs      TEXT NOT NULL,
+        created     INTEGER NOT NULL,
+        last_used   INTEGER NOT NULL,
+        hits        INTEGER NOT NULL DEFAULT 0,
+        seconds     REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX steps_parent ON steps(parent);
+    CREATE INDEX steps_position ON steps(phase, hook, last_used);
+    CREATE INDEX steps_layer ON steps(layer);
+    CREATE INDEX steps_hooks_layer ON steps(hooks_layer);
+    CREATE TABLE layers (
+        diff_id   TEXT PRIMARY KEY NOT NULL,
+        blob      TEXT NOT NULL,
+        size      INTEGER NOT NULL,
+        blob_size INTEGER NOT NULL
+    );
+    CREATE INDEX layers_blob ON layers(blob);
+    CREATE TABLE outputs (
+        key       TEXT PRIMARY KEY NOT NULL,
+        blob      TEXT NOT NULL,
+        size      INTEGER NOT NULL,
+        created   INTEGER NOT NULL,
+        last_used INTEGER NOT NULL
+    );
+    CREATE INDEX outputs_blob ON outputs(blob);
+    CREATE TABLE builds (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        elements  TEXT NOT NULL,
+        arguments TEXT NOT NULL,
+        outcome   TEXT NOT NULL,
+        step_keys TEXT NOT NULL,
+        started   INTEGER NOT NULL,
+        seconds   REAL NOT NULL
+    );",
+];
+
+const STEP_COLUMNS: &str =
+    "key, parent, phase, hook, layer, hooks_layer, inputs, created, last_used, hits, seconds";
+
+pub(super) fn sql_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |source| {
+        let code = source.sqlite_error_code();
+        if code == Some(rusqlite::ErrorCode::NotADatabase)
+            || code == Some(rusqlite::ErrorCode::DatabaseCorrupt)
+        {
+            let reason = match &source {
+                rusqlite::Error::SqliteFailure(_, Some(msg)) => msg.clone(),
+                other => other.to_string(),
+            };
+            StoreError::DamagedIndex {
+                path: path.to_path_buf(),
+                reason,
+            }
+        } else {
+            StoreError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Opens the index, switches it to WAL and brings its schema up to date. SQLite answers
+/// SQLITE_BUSY at once, without its busy handler, while another process is switching a new
+/// index to WAL; that is retried for up to `BUSY_TIMEOUT`.
+pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
+    let start = std::time::Instant::now();
+    loop {
+        match try_open(path) {
+            Err(StoreError::Sqlite { source, .. })
+                if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && start.elapsed() < BUSY_TIMEOUT =>
+            {
+                tracing::debug!(
+                    "cache index {} busy while opening; retrying",
+                    path.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_open(path: &Path) -> Result<Connection, StoreError> {
+    let mut conn = Connection::open(path).map_err(sql_err(path))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(path))?;
+    // The first statement that reads the file: a garbage file fails here as NotADatabase.
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .map_err(sql_err(path))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_err(path))?;
+    }
+    // In WAL mode NORMAL stays consistent after a crash; a power cut may lose the last commits,
+    // which only turns a few hits into misses.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sql_err(path))?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let known = SCHEMA_VERSION;
+    let read = |c: &Connection| -> Result<i64, StoreError> {
+        c.pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql_err(path))
+    };
+    let found = read(conn)?;
+    if found == known {
+        return Ok(());
+    }
+    if found > known {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            known,
+        });
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql_err(path))?;
+    // Another process may have migrated while we waited for the write lock.
+    let mut version = read(&tx)?;
+    if version > known {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    while version < known {
+        let step = MIGRATIONS
+            .get(version as usize)
+            .ok_or_else(|| StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            })?;
+        tx.execute_batch(step).map_err(sql_err(path))?;
+        version += 1;
+    }
+    tx.pragma_update(None, "user_version", version)
+        .map_err(sql_err(path))?;
+    tx.commit().map_err(sql_err(path))
+}
+
+fn step_from_row(row: &Row<'_>) -> rusqlite::Result<StepRecord> {
+    Ok(StepRecord {
+        key: row.get(0)?,
+        parent: row.get(1)?,
+        phase: row.get(2)?,
+        hook: row.get(3)?,
+        layer: row.get(4)?,
+        hooks_layer: row.get(5)?,
+        inputs: row.get(6)?,
+        created: row.get(7)?,
+        last_used: row.get(8)?,
+        hits: row.get(9)?,
+        seconds: row.get(10)?,
+    })
+}
+
+fn layer_from_row(row: &Row<'_>) -> rusqlite::Result<LayerRecord> {
+    Ok(LayerRecord {
+        diff_id: row.get(0)?,
+        blob_digest: row.get(1)?,
+        size: u64_col(row, 2)?,
+        blob_size: u64_col(row, 3)?,
+    })
+}
+
+fn output_from_row(row: &Row<'_>) -> rusqlite::Result<OutputRecord> {
+    Ok(OutputRecord {
+        key: row.get(0)?,
+        blob_digest: row.get(1)?,
+        size: u64_col(row, 2)?,
+        created: row.get(3)?,
+        last_used: row.get(4)?,
+    })
+}
+
+/// SQLite integers are i64; sizes are stored as such (a blob over 8 EiB is not a concern).
+fn u64_col(row: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(i)?;
+    Ok(v.max(0) as u64)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(super) fn get_step_in(conn: &Connection, key: &str) -> rusqlite::Result<Option<StepRecord>> {
+    conn.prepare_cached(&format!("SELECT {STEP_COLUMNS} FROM steps WHERE key = ?1"))?
+        .query_row([key], step_from_row)
+        .optional()
+}
+
+pub(super) fn layer_in(conn: &Connection, diff_id: &str) -> rusqlite::Result<Option<LayerRecord>> {
+    conn.prepare_cached("SELECT diff_id, blob, size, blob_size FROM layers WHERE diff_id = ?1")?
+        .query_row([diff_id], layer_from_row)
+        .optional()
+}
+
+/// `key` and every step descending from it (cycle-safe: UNION de-duplicates).
+pub(super) fn subtree_in(conn: &Connection, key: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "WITH RECURSIVE sub(key) AS (
+             SELECT key FROM steps WHERE key = ?1
+             UNION SELECT s.key FROM steps s JOIN sub ON s.parent = sub.key)
+         SELECT key FROM sub",
+    )?;
+    let keys = stmt
+        .query_map([key], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(keys)
+}
+
+pub(super) fn delete_steps(tx: &Transaction<'_>, keys: &[String]) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached("DELETE FROM steps WHERE key = ?1")?;
+    for key in keys {
+        stmt.execute([key])?;
+    }
+    Ok(())
+}
+
+pub(super) fn all_steps(conn: &Connection) -> rusqlite::Result<Vec<StepRecord>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {STEP_COLUMNS} FROM steps ORDER BY created, key"
+    ))?;
+    stmt.query_map([], step_from_row)?.collect()
+}
+
+pub(super) fn all_layers(conn: &Connection) -> rusqlite::Result<Vec<LayerRecord>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT diff_id, blob, size, blob_size FROM layers ORDER BY diff_id")?;
+    stmt.query_map([], layer_from_row)?.collect()
+}
+
+pub(super) fn all_outputs(conn: &Connection) -> rusqlite::Result<Vec<OutputRecord>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, blob, size, created, last_used FROM outputs ORDER BY created, key",
+    )?;
+    stmt.query_map([], output_from_row)?.collect()
+}
+
+/// Why a step cannot be used, if it cannot.
+enum Broken {
+    NoLayerRow(String),
+    NoBlob(LayerRecord),
+    WrongSize(LayerRecord, u64),
+}
+
+impl Store {
+    /// Whether the layer's blob is on disk with the recorded size.
+    fn check_layer(&self, layer: LayerRecord) -> Option<Broken> {
+        match std::fs::metadata(self.blob_path(&layer.blob_digest)) {
+            Ok(m) if m.is_file() && m.len() == layer.blob_size => None,
+            Ok(m) if m.is_file() => {
+                let len = m.len();
+                Some(Broken::WrongSize(layer, len))
+            }
+            _ => Some(Broken::NoBlob(layer)),
+        }
+    }
+
+    /// The step with this key, if it is usable: every layer it names is indexed and its blob is
+    /// on disk with the recorded size. A step whose blob is missing or truncated is dropped
+    /// (with its descendants, which were built on top of it) with a warning, and is a miss.
+    pub fn lookup_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        let mut conn = self.conn();
+        let Some(step) = get_step_in(&conn, key).map_err(self.sql())? else {
+            return Ok(None);
+        };
+        let mut broken = None;
+        for diff_id in step.layers() {
+            match layer_in(&conn, diff_id).map_err(self.sql())? {
+                None => broken = Some(Broken::NoLayerRow(diff_id.to_string())),
+                Some(layer) => broken = self.check_layer(layer),
+            }
+            if broken.is_some() {
+                break;
+            }
+        }
+        let Some(broken) = broken else {
+            return Ok(Some(step));
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql())?;
+        match &broken {
+            Broken::NoLayerRow(diff_id) => warn!(
+                "cache step {key} ({}/{}) names layer {diff_id}, which the index lacks; dropping the step, it will run again",
+                step.phase, step.hook
+            ),
+            Broken::NoBlob(layer) | Broken::WrongSize(layer, _) => {
+                let path = self.blob_path(&layer.blob_digest);
+                if let Broken::WrongSize(_, len) = &broken {
+                    warn!(
+                        "cache blob {} is {len} bytes, not {} (truncated?); removing it and the steps that need it, they will run again",
+                        path.display(),
+                        layer.blob_size
+                    );
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        warn!("cannot remove damaged blob {}: {e}", path.display());
+                    }
+                } else {
+                    warn!(
+                        "cache blob {} (layer {} of step {key}, {}/{}) is missing; dropping the step, it will run again",
+                        path.display(),
+                        layer.diff_id,
+                        step.phase,
+                        step.hook
+                    );
+                }
+                tx.execute("DELETE FROM layers WHERE diff_id = ?1", [&layer.diff_id])
+                    .map_err(self.sql())?;
+            }
+        }
+        let doomed = subtree_in(&tx, key).map_err(self.sql())?;
+        delete_steps(&tx, &doomed).map_err(self.sql())?;
+        tx.commit().map_err(self.sql())?;
+        Ok(None)
+    }
+
+    /// The step with this key as indexed, without checking its blobs (for explaining).
+    pub fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        get_step_in(&self.conn(), key).map_err(self.sql())
+    }
+
+    /// The steps from the first one down to `key`, following parents (first step first): the
+    /// layers to apply, in order, to restore the tree after `key`. Stops at a parent the index
+    /// does not hold.
+    pub fn chain(&self, key: &str) -> Result<Vec<StepRecord>, StoreError> {
+        let conn = self.conn();
+        let mut chain = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut next = Some(key.to_string());
+        while let Some(k) = next {
+            if !seen.insert(k.clone()) {
+                break;
+            }
+            match get_step_in(&conn, &k).map_err(self.sql())? {
+                Some(step) => {
+                    next = step.parent.clone();
+                    chain.push(step);
+                }
+                None => break,
+            }
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// Records a step and the layers it names in one IMMEDIATE transaction. Every given layer's
+    /// blob must already be on disk. Idempotent: an existing step is kept as it is (unless its
+    /// layers are gone, then it is replaced), an existing layer row is kept unless its blob is
+    /// gone.
+    pub fn record_step(&self, step: &StepRecord, layers: &[LayerRecord]) -> Result<(), StoreError> {
+        for layer in layers {
+            check_digest(&layer.blob_digest)?;
+            let path = self.blob_path(&layer.blob_digest);
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() && m.len() == layer.blob_size => {}
+                // A wrong size would make every later lookup take the blob for truncated.
+                Ok(m) if m.is_file() => {
+                    return Err(StoreError::WrongBlobSize {
+                        path,
+                        recorded: layer.blob_size,
+                        actual: m.len(),
+                    });
+                }
+                _ => {
+                    return Err(StoreError::MissingBlob {
+                        digest: layer.blob_digest.clone(),
+                        path,
+                    });
+                }
+            }
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql())?;
+        for layer in layers {
+            let usable = match layer_in(&tx, &layer.diff_id).map_err(self.sql())? {
+                Some(old) => self.check_layer(old).is_none(),
+                None => false,
+            };
+            if !usable {
+                tx.execute(
+                    "INSERT OR REPLACE INTO layers (diff_id, blob, size, blob_size)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        layer.diff_id,
+                        layer.blob_digest,
+                        to_i64(layer.size),
+                        to_i64(layer.blob_size)
+                    ],
+                )
+                .map_err(self.sql())?;
+            }
+        }
+        for diff_id in step.layers() {
+            match layer_in(&tx, diff_id).map_err(self.sql())? {
+                None => {
+                    return Err(StoreError::MissingLayer {
+                        key: step.key.clone(),
+                        diff_id: diff_id.to_string(),
+                    });
+                }
+                Some(layer) => {
+                    if self.check_layer(layer.clone()).is_some() {
+                        return Err(StoreError::MissingBlob {
+                            path: self.blob_path(&layer.blob_digest),
+                            digest: layer.blob_digest,
+                        });
+                    }
+                }
+            }
+        }
+        let old_usable = match get_step_in(&tx, &step.key).map_err(self.sql())? {
+            None => false,
+            Some(old) => old.layers().all(|d| {
+                layer_in(&tx, d)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|l| self.check_layer(l).is_none())
+            }),
+        };
+        if !old_usable {
+            tx.execute(
+                &format!(
+                    "INSERT OR REPLACE INTO steps ({STEP_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                ),
+                params![
+                    step.key,
+                    step.parent,
+                    step.phase,
+                    step.hook,
+                    step.layer,
+                    step.hooks_layer,
+                    step.inputs,
+                    step.created,
+                    step.last_used,
+                    step.hits,
+                    step.seconds
+                ],
+            )
+            .map_err(self.sql())?;
+        }
+        tx.commit().map_err(self.sql())
+    }
+
+    /// Marks a step used: `last_used = now`, `hits += 1`.
+    pub fn touch_step(&self, key: &str, now: i64) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached("UPDATE steps SET last_used = ?2, hits = hits + 1 WHERE key = ?1")
+            .and_then(|mut s| s.execute(params![key, now]))
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// The most recently used step at the same position (phase and hook) other than
+    /// `exclude_key`, to explain a miss by diffing inputs.
+    pub fn nearest_step(
+        &self,
+        phase: &str,
+        hook: &str,
+        exclude_key: &str,
+    ) -> Result<Option<StepRecord>, StoreError> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT {STEP_COLUMNS} FROM steps WHERE phase = ?1 AND hook = ?2 AND key != ?3
+                 ORDER BY last_used DESC, created DESC, key LIMIT 1"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![phase, hook, exclude_key], step_from_row)
+                    .optional()
+            })
+            .map_err(self.sql())
+    }
+
+    /// The layer with this diff id, if indexed.
+    pub fn layer_for(&self, diff_id: &str) -> Result<Option<LayerRecord>, StoreError> {
+        layer_in(&self.conn(), diff_id).map_err(self.sql())
+    }
+
+    /// Every step, oldest first.
+    pub fn list_steps(&self) -> Result<Vec<StepRecord>, StoreError> {
+        all_steps(&self.conn()).map_err(self.sql())
+    }
+
+    /// Every layer, by diff id.
+    pub fn list_layers(&self) -> Result<Vec<LayerRecord>, StoreError> {
+        all_layers(&self.conn()).map_err(self.sql())
+    }
+
+    /// The full key of the one step whose key starts with `prefix` (an exact key always wins).
+    pub fn resolve_key(&self, prefix: &str) -> Result<String, StoreError> {
+        let conn = self.conn();
+        if get_step_in(&conn, prefix).map_err(self.sql())?.is_some() {
+            return Ok(prefix.to_string());
+        }
+        let mut matches: Vec<String> = conn
+            .prepare_cached(
+                "SELECT key FROM steps WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key LIMIT 6",
+            )
+            .and_then(|mut s| s.query_map([prefix], |r| r.get(0))?.collect())
+            .map_err(self.sql())?;
+        match matches.len() {
+            0 => Err(StoreError::UnknownKey {
+                key: prefix.to_string(),
+                root: self.root.clone(),
+            }),
+            1 => Ok(matches.remove(0)),
+            _ => Err(StoreError::AmbiguousKey {
+                prefix: prefix.to_string(),
+                matches,
+                root: self.root.clone(),
+            }),
+        }
+    }
+
+    /// Records one build; returns its id.
+    pub fn record_build(&self, b: &BuildRecord) -> Result<i64, StoreError> {
+        let keys = serde_json::to_string(&b.step_keys).unwrap_or_else(|_| "[]".to_string());
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql())?;
+        tx.execute(
+            "INSERT INTO builds (elements, arguments, outcome, step_keys, started, seconds)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                b.elements,
+                b.arguments,
+                b.outcome,
+                keys,
+                b.started,
+                b.seconds
+            ],
+        )
+        .map_err(self.sql())?;
+        let id = tx.last_insert_rowid();
+        tx.commit().map_err(self.sql())?;
+        Ok(id)
+    }
+
+    /// Every recorded build with its id, oldest first.
+    pub fn list_builds(&self) -> Result<Vec<(i64, BuildRecord)>, StoreError> {
+        self.conn()
+            .prepare_cached(
+                "SELECT id, elements, arguments, outcome, step_keys, started, seconds
+                 FROM builds ORDER BY id",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    let keys: String = r.get(4)?;
+                    Ok((
+                        r.get(0)?,
+                        BuildRecord {
+                            elements: r.get(1)?,
+                            arguments: r.get(2)?,
+                            outcome: r.get(3)?,
+                            step_keys: serde_json::from_str(&keys).unwrap_or_default(),
+                            started: r.get(5)?,
+                            seconds: r.get(6)?,
+                        },
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(self.sql())
+    }
+
+    /// Caches a final output under `key` (replacing an older one). The blob must exist.
+    pub fn put_output(
+        &self,
+        key: &str,
+        blob_digest: &str,
+        size: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        check_digest(blob_digest)?;
+        let path = self.blob_path(blob_digest);
+        if !path.is_file() {
+            return Err(StoreError::MissingBlob {
+                digest: blob_digest.to_string(),
+                path,
+            });
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(self.sql())?;
+        tx.execute(
+            "INSERT INTO outputs (key, blob, size, created, last_used) VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT(key) DO UPDATE SET blob = excluded.blob, size = excluded.size,
+                 created = excluded.created, last_used = excluded.last_used",
+            params![key, blob_digest, to_i64(size), now],
+        )
+        .map_err(self.sql())?;
+        tx.commit().map_err(self.sql())
+    }
+
+    /// The output cached under `key`, if its blob is still on disk (else the row is dropped with
+    /// a warning and this is a miss).
+    pub fn get_output(&self, key: &str) -> Result<Option<OutputRecord>, StoreError> {
+        let conn = self.conn();
+        let out = conn
+            .prepare_cached(
+                "SELECT key, blob, size, created, last_used FROM outputs WHERE key = ?1",
+            )
+            .and_then(|mut s| s.query_row([key], output_from_row).optional())
+            .map_err(self.sql())?;
+        let Some(out) = out else { return Ok(None) };
+        if self.blob_path(&out.blob_digest).is_file() {
+            return Ok(Some(out));
+        }
+        warn!(
+            "cache blob {} of output {key} is missing; dropping the output",
+            self.blob_path(&out.blob_digest).display()
+        );
+        conn.execute("DELETE FROM outputs WHERE key = ?1", [key])
+            .map_err(self.sql())?;
+        Ok(None)
+    }
+
+    /// Marks an output used.
+    pub fn touch_output(&self, key: &str, now: i64) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE outputs SET last_used = ?2 WHERE key = ?1",
+                params![key, now],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Every cached output, oldest first.
+    pub fn list_outputs(&self) -> Result<Vec<OutputRecord>, StoreError> {
+        all_outputs(&self.conn()).map_err(self.sql())
+    }
+}
