@@ -62,21 +62,22 @@ struct Prepared {
 
 fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
     let env = process_env();
-    let settings = Settings::resolve(opts, &env, elements::discover::host_arch)?;
-    let search = elements::discover::search_path(
+    let settings = Settings::resolve(opts, &env, crate::arch::host_arch)?;
+    let search = elements::discover::build_search_path(
         &settings.element_dirs,
-        settings.elements_path_env.as_deref(),
-        &elements::discover::builtin_elements_dir(),
-    )?;
-    let catalog = elements::discover::scan(&search)?;
+        settings.elements_path_env.as_deref().map(std::ffi::OsStr::new),
+        elements::discover::builtin_elements_dir().as_deref(),
+    );
+    let catalog = elements::discover::Catalog::scan(&search)?;
     let resolved = elements::deps::resolve(
         &catalog,
-        &settings.elements,
-        &elements::deps::ResolveOptions {
+        &elements::deps::Request {
+            names: &settings.elements,
             skip_base: settings.skip_base,
-            arch: settings.arch.clone(),
+            arch: &settings.arch,
         },
-    )?;
+    )?
+    .elements;
     let tree = elements::hooks::HookTree::build(&resolved)?;
     let element_files = key::element_files_digest(
         resolved.iter().map(|e| (e.name.as_str(), e.path.as_path())),
@@ -91,7 +92,8 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
         .iter()
         .map(|e| format!("{}: {}\n", e.name, e.path.display()))
         .collect();
-    let elements_path = search
+    let elements_path = catalog
+        .search_path()
         .iter()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
@@ -661,8 +663,10 @@ fn apply_layer(store: &Store, diff_id: &str, target: &Path) -> Result<()> {
     let l = store
         .layer_for(diff_id)?
         .with_context(|| format!("layer {diff_id} is not in the index"))?;
-    let blob = store.open_blob(&l.blob_digest)?;
-    let stats = layer::unpack(blob, target, &UnpackOptions::default())?;
+    let mut blob = store.open_blob(&l.blob_digest)?;
+    let stats = layer::unpack(&mut blob, target, &UnpackOptions::default())?;
+    // The decoder may stop before EOF; the blob's digest is only checked at its end.
+    blob.finish()?;
     if stats.diff_id != diff_id {
         anyhow::bail!("layer {diff_id} unpacked to different content ({}); the cache is corrupt", stats.diff_id);
     }
@@ -798,9 +802,13 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             if !exec.ran_any && !exec.forcing {
                 if let Some(o) = store.get_output(&out_key)? {
                     let started = Instant::now();
-                    let blob = store.open_blob(&o.blob_digest)?;
-                    let mut dec = zstd::Decoder::new(blob)?;
-                    let digest = write_file_hashed(&path, &mut dec)?;
+                    let mut blob = store.open_blob(&o.blob_digest)?;
+                    let digest = {
+                        let mut dec = zstd::Decoder::new(&mut blob)?;
+                        write_file_hashed(&path, &mut dec)?
+                    };
+                    blob.finish()?;
+                    store.touch_output(&out_key, now())?;
                     exec.timings.push((format!("output {t} (cached)"), started.elapsed().as_secs_f64()));
                     out.push(OutputRecord { r#type: t.clone(), path: path.display().to_string(), blake3: digest, cached: true });
                     continue;
@@ -893,7 +901,7 @@ fn write_tar_output(store: Option<&Store>, root: &Path, scan: &Scan, path: &Path
                 enc.finish()?;
             }
             let (digest, size) = blob.finish()?;
-            store.put_output(out_key, &digest, size)?;
+            store.put_output(out_key, &digest, size, now())?;
         }
         None => {
             layer::write_tar(root, &changes, &mut file, &opts)?;

@@ -6,6 +6,17 @@ use crate::key::{self, KeyInputs};
 use crate::store::{self, Store};
 use anyhow::Result;
 
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
 fn short(k: &str) -> &str {
     &k[..k.len().min(16)]
 }
@@ -54,25 +65,66 @@ pub fn run(args: CacheArgs) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&u)?);
             } else {
-                println!("{u}");
+                println!("blobs      {:>8}  {}", u.blobs, human(u.blob_bytes));
+                println!("  orphaned {:>8}  {}", u.orphan_blobs, human(u.orphan_bytes));
+                println!("layers     {:>8}  {} uncompressed", u.layers, human(u.layer_bytes));
+                println!("steps      {:>8}", u.steps);
+                println!("outputs    {:>8}", u.outputs);
+                println!("builds     {:>8}", u.builds);
+                println!("index               {}", human(u.index_bytes));
+                println!("tmp        {:>8}  {}", u.tmp_files, human(u.tmp_bytes));
             }
         }
         CacheCommand::Gc { max_size } => {
             let max = store::parse_size(&max_size)
                 .map_err(|e| Failure::bad_input(format!("--max-size {max_size}: {e}")))?;
             let r = store.gc(max)?;
-            println!("{r}");
+            println!(
+                "gc: {} → {} (limit {}); removed {} steps, {} outputs, {} blobs ({} orphaned), {} temp files",
+                human(r.bytes_before),
+                human(r.bytes_after),
+                human(r.max_bytes),
+                r.steps_removed.len(),
+                r.outputs_removed.len(),
+                r.blobs_removed,
+                r.orphan_blobs,
+                r.tmp_files_removed
+            );
         }
         CacheCommand::Verify => {
             let r = store.verify()?;
-            println!("{r}");
+            for d in &r.corrupt {
+                println!("corrupt blob {d} (deleted)");
+            }
+            for d in &r.missing {
+                println!("missing blob {d}");
+            }
+            println!(
+                "verify: {} blobs ({}) checked; {} corrupt, {} missing; dropped {} steps and {} outputs; index {}",
+                r.blobs_checked,
+                human(r.bytes_checked),
+                r.corrupt.len(),
+                r.missing.len(),
+                r.steps_dropped.len(),
+                r.outputs_dropped.len(),
+                r.index_check
+            );
         }
         CacheCommand::Rm { key } => {
+            let key = store.resolve_key(&key)?;
             let r = store.rm(&key)?;
-            println!("{r}");
+            println!(
+                "removed {} steps ({} and its descendants), {} outputs, {} blobs, {} freed",
+                r.steps.len(),
+                short(&key),
+                r.outputs.len(),
+                r.blobs_removed,
+                human(r.bytes_freed)
+            );
         }
         CacheCommand::Explain { key, json } => {
-            let Some(step) = store.lookup_step(&key)? else {
+            let key = store.resolve_key(&key)?;
+            let Some(step) = store.get_step(&key)? else {
                 return Err(Failure::bad_input(format!("no cached step has key {key}")).into());
             };
             let inputs: KeyInputs = serde_json::from_str(&step.inputs)?;
