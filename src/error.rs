@@ -46,6 +46,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(f) = cause.downcast_ref::<Failure>() {
             return f.exit as u8;
         }
+        if let Some(crate::sandbox::SandboxError::Interrupted { .. }) = cause.downcast_ref() {
+            return Exit::Interrupted as u8;
+        }
         if cause
             .downcast_ref::<crate::elements::ElementError>()
             .is_some()

@@ -18,6 +18,7 @@ pub mod error;
 pub mod layer;
 pub mod logging;
 pub mod phase;
+pub mod runner;
 pub mod sandbox;
 pub mod store;
 
