@@ -218,6 +218,46 @@ mod tests {
     }
 
     #[test]
+    fn removal_refuses_to_descend_into_a_live_bind_mount_on_the_same_filesystem() {
+        super::super::enter_private_namespace().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("sentinel"), "keep").unwrap();
+        let tree = tempfile::tempdir().unwrap();
+        let victim = tree.path().join("victim");
+        let bound = victim.join("a/bound");
+        std::fs::create_dir_all(&bound).unwrap();
+        std::fs::write(victim.join("a/file"), "x").unwrap();
+        mount(
+            Some(host.path()),
+            &bound,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        // Same filesystem, so st_dev alone would not notice; the mount id does.
+        assert_eq!(
+            fs::metadata(&bound).unwrap().dev(),
+            fs::metadata(&victim).unwrap().dev()
+        );
+
+        let err = remove_tree_on_one_mount(&victim).unwrap_err();
+        assert!(matches!(err, SandboxError::StillMounted { .. }), "{err}");
+        let meta = fs::symlink_metadata(&victim).unwrap();
+        let err = remove_below(&victim, meta.dev(), mount_id(&victim)).unwrap_err();
+        assert!(matches!(err, SandboxError::UnsafePath { .. }), "{err}");
+        assert_eq!(
+            fs::read_to_string(host.path().join("sentinel")).unwrap(),
+            "keep"
+        );
+
+        unmount_all_under(&victim).unwrap();
+        remove_tree_on_one_mount(&victim).unwrap();
+        assert!(!victim.exists());
+        assert!(host.path().join("sentinel").exists());
+    }
+
+    #[test]
     fn tmpfs_needs_twice_the_minimum() {
         let total = mem_total_kib(&fs::read_to_string("/proc/meminfo").unwrap()).unwrap();
         let gib = total / (1024 * 1024);

@@ -208,10 +208,10 @@ fn child_setup(parent: libc::pid_t, root: Option<&CStr>, cwd: &CStr) -> io::Resu
         }
         // H: the command.
         libc::close(status_pipe[1]);
-        if let Some(root) = root {
-            if libc::chroot(root.as_ptr()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
+        if let Some(root) = root
+            && libc::chroot(root.as_ptr()) != 0
+        {
+            return Err(io::Error::last_os_error());
         }
         if libc::chdir(cwd.as_ptr()) != 0 {
             return Err(io::Error::last_os_error());

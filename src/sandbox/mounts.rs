@@ -381,6 +381,10 @@ impl ChrootMounts {
         }
         self.resolv_copy = None;
         for (path, mtime) in restore {
+            if fs::symlink_metadata(&path).is_err() {
+                // A directory strata created and removed again.
+                continue;
+            }
             if let Err(e) = utimensat(
                 nix::fcntl::AT_FDCWD,
                 &path,

@@ -1,1 +1,2 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
+mod sandbox;
