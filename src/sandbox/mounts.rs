@@ -9,8 +9,9 @@
 //!   root/sys              sysfs, read-only (as dib: tools behave as in a container)
 //!   root/tmp/in_target.d  hooks_dir, bind then remount ro (keeping nosuid/nodev/noexec)
 //!   root/etc/resolv.conf  existing entry renamed to etc/.strata-resolv.conf.orig, an empty
-//!                         regular file created, a private COPY of the host's resolv.conf bound
-//!                         on it
+//!                         regular file created, a private COPY of the host's resolv.conf (kept
+//!                         next to root, removed on unmount) bound on it, so a hook writing to
+//!                         it never changes the host's file
 //! ChrootMounts::unmount() ─► reverse order; remove what was created; rename resolv.conf back;
 //!                           put back the mtime of every directory strata touched (unless a hook
 //!                           changed it meanwhile). Only ctimes differ afterwards.
@@ -276,9 +277,17 @@ impl ChrootMounts {
         }
 
         let content = fs::read("/etc/resolv.conf").unwrap_or_else(|_| HOST_RESOLV_FALLBACK.into());
+        // The copy lives next to the root (in the build dir, so on its tmpfs when there is
+        // one, and gone with it even if strata is killed).
+        let copy_dir = self
+            .root
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
         let mut copy = tempfile::Builder::new()
-            .prefix("strata-resolv.")
-            .tempfile()
+            .prefix(".strata-resolv.")
+            .tempfile_in(&copy_dir)
             .map_err(|e| SandboxError::io("create a copy of", "/etc/resolv.conf", e))?;
         copy.write_all(&content)
             .and_then(|()| copy.as_file().sync_all())

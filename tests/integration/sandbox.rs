@@ -485,7 +485,7 @@ fn chroot_mounts_round_trip(resolv: Resolv) {
     let hooks = dir.path().join("hooks");
     write_exec(
         &hooks.join("install.d/50-check"),
-        r#"#!/bin/bash
+        r##"#!/bin/bash
 set -eu
 test -r /proc/self/status && echo "proc ok"
 f=$(find /sys/kernel -maxdepth 1 -type f -perm -200 | head -n 1 || true)
@@ -496,11 +496,13 @@ echo "hooks: $(ls /tmp/in_target.d/install.d)"
 test -c /dev/null && test -d /dev/pts && echo "dev ok"
 echo "resolv: $(cat /etc/resolv.conf)"
 echo "home=$HOME tmpdir=${TMPDIR-unset} path=$PATH"
-"#,
+echo "# written by a hook" >> /etc/resolv.conf
+"##,
     );
     let hooks_before = listing(&hooks);
     let before = listing(&root);
     let host_hostname = std::fs::read("/etc/hostname").ok();
+    let host_resolv = std::fs::read("/etc/resolv.conf").ok();
 
     let mounts = ChrootMounts::mount(&root, &hooks).unwrap();
     assert!(mount_points_under(&root).unwrap().len() >= 6);
@@ -541,6 +543,14 @@ echo "home=$HOME tmpdir=${TMPDIR-unset} path=$PATH"
     assert_eq!(listing(&hooks), hooks_before);
     assert!(!root.join("etc").join(RESOLV_ASIDE).exists());
     assert_eq!(std::fs::read("/etc/hostname").ok(), host_hostname);
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), host_resolv);
+    // The private copy next to the root is gone too.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
 }
 
 #[test]
