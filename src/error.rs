@@ -49,6 +49,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<crate::store::StoreError>() {
             return e.exit() as u8;
         }
+        if let Some(crate::sandbox::SandboxError::Interrupted { .. }) = cause.downcast_ref() {
+            return Exit::Interrupted as u8;
+        }
         if cause
             .downcast_ref::<crate::elements::ElementError>()
             .is_some()

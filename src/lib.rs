@@ -21,7 +21,11 @@ pub mod key;
 pub mod layer;
 pub mod logging;
 pub mod phase;
+<<<<<<< HEAD
 pub mod plan;
+=======
+pub mod runner;
+>>>>>>> wip/sandbox
 pub mod sandbox;
 pub mod settings;
 pub mod store;

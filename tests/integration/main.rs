@@ -1,7 +1,12 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
+<<<<<<< HEAD
 
 mod build;
 mod dib_helpers;
 mod elements;
 mod harness;
+mod sandbox;
 mod util;
+=======
+mod sandbox;
+>>>>>>> wip/sandbox

@@ -1,0 +1,468 @@
+//! Runs one hook (like dib-run-parts does for each of its scripts), streams and logs its output,
+//! and formats dib's timing table.
+//!
+//! ```text
+//! HookRun ─► env: caller's env (+ in a chroot: HOME=/root, no TMPDIR/VIRTUAL_ENV, a sane PATH)
+//!         ─► sandbox::spawn(bash -c RUNNER strata-hook SCRIPT ENV_FILE...)
+//!              RUNNER: set -eu; set -o pipefail; . each env file in order
+//!                      (with set -x when DIB_DEBUG_TRACE > 0); exec SCRIPT
+//!         ─► every output line: "[install.d/50-foo] line" above the spinner (Reporter) and,
+//!            timestamped, in the build log; the last 20 lines kept for the error report
+//!         ─► HookOutcome { success, code, signal, seconds, tail }
+//! ```
+//! Ctrl-C: `Reporter::new` installs SIGINT/SIGTERM handlers that only set a flag (a second one
+//! exits at once with 130; the hooks then die by PDEATHSIG). The terminal's SIGINT reaches the
+//! hook through the process group; when the hook has ended, `run_hook` sees the flag and returns
+//! `SandboxError::Interrupted`. A hook that ignores the signal is killed after 5 seconds.
+//! Between steps the caller checks `interrupted()`.
+
+use crate::phase::Phase;
+use crate::sandbox::{self, Exec, SandboxError};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The PATH a chroot hook gets (dib's run_in_target list, without its literal `$PATH` quirk).
+pub const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How many output lines a failure report keeps.
+pub const TAIL_LINES: usize = 20;
+/// How long a hook may outlive an interrupt before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+
+/// One hook to run.
+#[derive(Debug, Clone)]
+pub struct HookRun<'a> {
+    pub phase: Phase,
+    pub hook: &'a str,
+    pub element: &'a str,
+    /// The hook's path as seen where it runs (e.g. `/tmp/in_target.d/install.d/50-foo`).
+    pub script: PathBuf,
+    /// environment.d files to source first, in order, as seen where the hook runs.
+    pub env_files: Vec<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    pub chroot: Option<PathBuf>,
+}
+
+/// How a hook ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookOutcome {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub seconds: f64,
+    /// The last `TAIL_LINES` output lines, without prefix.
+    pub tail: Vec<String>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static HANDLERS: std::sync::Once = std::sync::Once::new();
+
+extern "C" fn on_interrupt(_sig: libc::c_int) {
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        // Second signal: leave now; PDEATHSIG takes the hooks and the namespace down.
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// True once SIGINT or SIGTERM arrived (after `Reporter::new` installed the handlers).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn install_interrupt_handlers() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    HANDLERS.call_once(|| {
+        let action = SigAction::new(
+            SigHandler::Handler(on_interrupt),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        for sig in [Signal::SIGINT, Signal::SIGTERM] {
+            // SAFETY: the handler only touches an atomic and calls _exit.
+            if let Err(e) = unsafe { sigaction(sig, &action) } {
+                tracing::warn!("cannot install a handler for {sig}: {e}");
+            }
+        }
+    });
+}
+
+/// The build's live display (an indicatif spinner on a terminal, plain lines otherwise) and
+/// its log file.
+pub struct Reporter {
+    bar: ProgressBar,
+    tty: bool,
+    quiet: bool,
+    log: Mutex<Option<File>>,
+}
+
+impl Reporter {
+    /// `log`: the per-build log file (appended to). `quiet`: hook output goes to the log only.
+    /// Also installs the SIGINT/SIGTERM handlers (see the module docs).
+    pub fn new(log: Option<&Path>, quiet: bool) -> Result<Reporter, SandboxError> {
+        let file = match log {
+            Some(p) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| SandboxError::io("open the build log", p, e))?,
+            ),
+            None => None,
+        };
+        let tty = std::io::stderr().is_terminal();
+        let bar = if tty {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+                bar.set_style(style);
+            }
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        install_interrupt_handlers();
+        Ok(Reporter {
+            bar,
+            tty,
+            quiet,
+            log: Mutex::new(file),
+        })
+    }
+
+    /// Shows which hook runs now.
+    pub fn start_step(&self, phase: Phase, hook: &str, element: &str) {
+        self.bar.set_message(format!("{phase}/{hook} ({element})"));
+        if self.tty {
+            self.bar.enable_steady_tick(Duration::from_millis(120));
+        }
+    }
+
+    /// A status message for the terminal (unless quiet) and the log.
+    pub fn println(&self, msg: &str) {
+        self.display(msg);
+        self.log_line(msg);
+    }
+
+    /// A line of hook output, already prefixed.
+    fn hook_line(&self, line: &str) {
+        if !self.quiet {
+            self.display(line);
+        }
+        self.log_line(line);
+    }
+
+    fn display(&self, line: &str) {
+        if self.tty {
+            self.bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn log_line(&self, line: &str) {
+        let mut guard = match self.log.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(file) = guard.as_mut() {
+            let stamp = humantime::format_rfc3339_millis(SystemTime::now());
+            if let Err(e) = writeln!(file, "{stamp} {line}") {
+                tracing::warn!("cannot write to the build log: {e}; logging stops");
+                *guard = None;
+            }
+        }
+    }
+
+    /// Clears the spinner.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// The shell text that sources the env files and execs the hook (`$1` = hook, rest = files).
+fn runner_script(trace: bool, posix_sh: bool) -> String {
+    let pipefail = if posix_sh {
+        "set -o pipefail 2>/dev/null || true"
+    } else {
+        "set -o pipefail"
+    };
+    let (on, off) = if trace {
+        ("set -x\n    ", "\n    { set +x; } 2>/dev/null")
+    } else {
+        ("", "")
+    };
+    format!(
+        "set -eu\n{pipefail}\n__strata_hook=$1\nshift\nfor __strata_env in \"$@\"; do\n    \
+         {on}. \"$__strata_env\"{off}\ndone\nunset __strata_env\nexec \"$__strata_hook\"\n"
+    )
+}
+
+/// True when `path` (absolute, as seen inside `root`) exists there, following symlinks as the
+/// chroot would (absolute links resolve inside `root`, `..` never leaves it).
+fn exists_in_root(root: &Path, path: &Path) -> bool {
+    let mut pending: Vec<OsString> = path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut stack: Vec<OsString> = Vec::new();
+    let mut hops = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            stack.pop();
+            continue;
+        }
+        let mut host = root.to_path_buf();
+        host.extend(&stack);
+        host.push(&name);
+        match std::fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                let Ok(target) = std::fs::read_link(&host) else {
+                    return false;
+                };
+                if hops > 40 {
+                    return false;
+                }
+                if target.is_absolute() {
+                    stack.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(_) => stack.push(name),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Runs one hook and reports how it ended. A failing hook is an `Ok` outcome with
+/// `success == false`; `Err` means it could not be run, or the build was interrupted.
+pub fn run_hook(run: &HookRun, reporter: &Reporter) -> Result<HookOutcome, SandboxError> {
+    let label = format!("{}/{} ({})", run.phase, run.hook, run.element);
+    if interrupted() {
+        return Err(SandboxError::Interrupted { hook: label });
+    }
+    let mut env = run.env.clone();
+    let (shell, cwd) = match &run.chroot {
+        Some(root) => {
+            env.insert("HOME".into(), "/root".into());
+            env.remove("TMPDIR");
+            env.remove("VIRTUAL_ENV");
+            env.insert("PATH".into(), CHROOT_PATH.into());
+            let shell = if exists_in_root(root, Path::new("/bin/bash")) {
+                "/bin/bash"
+            } else {
+                "/bin/sh"
+            };
+            (shell, PathBuf::from("/"))
+        }
+        None => (
+            "/bin/bash",
+            std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        ),
+    };
+    let trace = env
+        .get("DIB_DEBUG_TRACE")
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .is_some_and(|n| n > 0);
+    let mut args: Vec<OsString> = vec![
+        "-c".into(),
+        runner_script(trace, shell == "/bin/sh").into(),
+        "strata-hook".into(),
+        run.script.clone().into_os_string(),
+    ];
+    args.extend(run.env_files.iter().map(|p| p.clone().into_os_string()));
+    let exec = Exec {
+        program: shell.into(),
+        args,
+        env,
+        chroot: run.chroot.clone(),
+        cwd,
+    };
+
+    reporter.start_step(run.phase, run.hook, run.element);
+    let started = Instant::now();
+    let mut child = sandbox::spawn(&exec, true).map_err(|source| SandboxError::Spawn {
+        hook: label.clone(),
+        source,
+    })?;
+    let prefix = format!("[{}/{}] ", run.phase, run.hook);
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES + 1);
+    let mut emit = |raw: &[u8]| {
+        let text = String::from_utf8_lossy(raw);
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        // Progress meters redraw with \r: keep what the terminal would finally show.
+        let shown = text.rsplit('\r').find(|s| !s.is_empty()).unwrap_or("");
+        reporter.hook_line(&format!("{prefix}{shown}"));
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(shown.to_string());
+    };
+
+    if let Some(mut out) = child.take_output() {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 8192];
+        let mut interrupted_at: Option<Instant> = None;
+        loop {
+            if interrupted() {
+                let since = *interrupted_at.get_or_insert_with(Instant::now);
+                if since.elapsed() > INTERRUPT_GRACE {
+                    let _ = child.kill();
+                }
+            }
+            let mut pfd = libc::pollfd {
+                fd: out.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for a descriptor we own.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
+            if ready < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(SandboxError::io("read the output of hook", &run.script, e));
+            }
+            let ready = ready > 0;
+            if !ready {
+                continue;
+            }
+            let n = match out.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(SandboxError::io("read the output of hook", &run.script, e)),
+            };
+            if n == 0 {
+                break;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                emit(&line[..line.len() - 1]);
+            }
+        }
+        if !pending.is_empty() {
+            emit(&pending);
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| SandboxError::io("wait for hook", &run.script, e))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if interrupted() {
+        return Err(SandboxError::Interrupted { hook: label });
+    }
+    Ok(HookOutcome {
+        success: status.success(),
+        code: status.code(),
+        signal: status.signal(),
+        seconds,
+        tail: tail.into(),
+    })
+}
+
+/// dib-run-parts' PROFILING table: one row per script, name padded to 40, seconds `%10.3f`.
+pub fn timing_table(title: &str, rows: &[(String, f64)]) -> String {
+    let mut s = String::new();
+    s.push_str("----------------------- PROFILING -----------------------\n\n");
+    s.push_str(&format!("Target: {title}\n\n"));
+    s.push_str(&format!("{:<40} {:>9}\n", "Script", "Seconds"));
+    s.push_str(&format!(
+        "{:<40} {:>9}\n",
+        "---------------------------------------", "----------"
+    ));
+    s.push('\n');
+    for (name, secs) in rows {
+        s.push_str(&format!("{name:<40} {secs:>10.3}\n"));
+    }
+    s.push('\n');
+    s.push_str("--------------------- END PROFILING ---------------------\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timing_table_matches_dib_layout() {
+        let t = timing_table(
+            "install.d",
+            &[("10-a".into(), 1.5), ("50-long-name".into(), 12.3456)],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "----------------------- PROFILING -----------------------"
+        );
+        assert_eq!(lines[2], "Target: install.d");
+        assert_eq!(lines[4], format!("Script{}   Seconds", " ".repeat(34)));
+        assert_eq!(lines[5], format!("{} ----------", "-".repeat(39) + " "));
+        assert_eq!(lines[7], format!("10-a{}      1.500", " ".repeat(36)));
+        assert_eq!(lines[8].len(), 51);
+        assert!(lines[8].ends_with("    12.346"));
+        assert_eq!(
+            lines.last().copied(),
+            Some("--------------------- END PROFILING ---------------------")
+        );
+    }
+
+    #[test]
+    fn runner_script_traces_only_when_asked() {
+        let plain = runner_script(false, false);
+        assert!(plain.starts_with("set -eu\nset -o pipefail\n"));
+        assert!(!plain.contains("set -x"));
+        assert!(plain.contains("exec \"$__strata_hook\""));
+        let traced = runner_script(true, true);
+        assert!(traced.contains("set -x"));
+        assert!(traced.contains("|| true"));
+    }
+
+    #[test]
+    fn exists_in_root_resolves_links_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::write(root.join("usr/bin/bash"), "").unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        std::fs::create_dir(root.join("sbin")).unwrap();
+        // An absolute link resolves inside the root, not on the host.
+        std::os::unix::fs::symlink("/usr/bin/bash", root.join("sbin/abs")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", root.join("sbin/host")).unwrap();
+        std::os::unix::fs::symlink("../../../../../usr/bin/bash", root.join("sbin/up")).unwrap();
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        assert!(exists_in_root(root, Path::new("/bin/bash")));
+        assert!(exists_in_root(root, Path::new("/sbin/abs")));
+        assert!(exists_in_root(root, Path::new("/sbin/up")));
+        assert!(!exists_in_root(root, Path::new("/sbin/host")));
+        assert!(!exists_in_root(root, Path::new("/bin/sh")));
+        assert!(!exists_in_root(root, Path::new("/loop")));
+    }
+}

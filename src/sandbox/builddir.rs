@@ -1,0 +1,269 @@
+//! The build directory (dib's `TMP_BUILD_DIR`): created with mkdtemp, optionally on a tmpfs, and
+//! removed without ever deleting through a mount.
+//!
+//! ```text
+//! BuildDir::create(parent, prefix, tmpfs) ─► parent/prefixXXXXXXXX (+ tmpfs, mode 0755)
+//! BuildDir::cleanup()  ─► umount2(MNT_DETACH) every mount at/under it, deepest first, until the
+//!                         mount table shows none ─► remove the tree, refusing to enter any
+//!                         directory on another device or mount (st_dev + statx mount id)
+//! ```
+//! `remove_dir_all` is never used: it recurses into live bind mounts and deletes the source's
+//! files (checked in a probe, see reference/rust-crates.md §0.4).
+
+use super::SandboxError;
+use super::mountinfo::mounts_at_or_under;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// A temporary build directory; removed by `cleanup` (or, best effort, on drop).
+#[derive(Debug)]
+pub struct BuildDir {
+    pub path: PathBuf,
+    pub tmpfs: bool,
+    cleaned: bool,
+}
+
+impl BuildDir {
+    /// Creates `parent/<prefix>XXXXXXXX` (mkdtemp, mode 0700) and mounts a tmpfs on it when
+    /// `tmpfs` is set. As in dib the tmpfs gets no size option (the kernel's default, half of
+    /// RAM); its root gets mode 0755.
+    pub fn create(parent: &Path, prefix: &str, tmpfs: bool) -> Result<BuildDir, SandboxError> {
+        let template = parent.join(format!("{prefix}XXXXXXXX"));
+        let path = nix::unistd::mkdtemp(&template)
+            .map_err(|e| SandboxError::io("create a build directory in", parent, e.into()))?;
+        let dir = BuildDir {
+            path,
+            tmpfs,
+            cleaned: false,
+        };
+        if tmpfs {
+            mount(
+                Some("tmpfs"),
+                &dir.path,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=0755"),
+            )
+            .map_err(|source| SandboxError::Mount {
+                what: "a tmpfs".into(),
+                target: dir.path.clone(),
+                source,
+            })?;
+        }
+        Ok(dir)
+    }
+
+    /// Unmounts everything at or under the directory and removes it.
+    pub fn cleanup(mut self) -> Result<(), SandboxError> {
+        self.cleaned = true;
+        unmount_all_under(&self.path)?;
+        remove_tree_on_one_mount(&self.path)
+    }
+}
+
+impl Drop for BuildDir {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let result =
+            unmount_all_under(&self.path).and_then(|()| remove_tree_on_one_mount(&self.path));
+        if let Err(err) = result {
+            tracing::warn!("could not clean up the build directory: {err}");
+        }
+    }
+}
+
+/// dib's `tmpfs_check`: true when MemTotal is at least twice `min_gib` GiB.
+pub fn tmpfs_allowed(min_gib: u64) -> bool {
+    match fs::read_to_string("/proc/meminfo") {
+        Ok(text) => mem_total_kib(&text)
+            .is_some_and(|kib| kib >= min_gib.saturating_mul(2).saturating_mul(1024 * 1024)),
+        Err(_) => false,
+    }
+}
+
+fn mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Detaches every mount at or under `path`, deepest first, until the mount table shows none.
+pub(crate) fn unmount_all_under(path: &Path) -> Result<(), SandboxError> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    for _ in 0..16 {
+        let mounts = mounts_at_or_under(path)
+            .map_err(|e| SandboxError::io("read the mount table for", path, e))?;
+        if mounts.is_empty() {
+            return Ok(());
+        }
+        let mut points: Vec<PathBuf> = mounts.into_iter().map(|m| m.mount_point).collect();
+        // Deepest first; among equal depths the later (upper) mount first.
+        points.reverse();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for point in points {
+            match umount2(&point, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+                Err(source) => {
+                    return Err(SandboxError::Unmount {
+                        target: point,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    let left = mounts_at_or_under(path)
+        .map_err(|e| SandboxError::io("read the mount table for", path, e))?;
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(SandboxError::StillMounted {
+            path: path.to_path_buf(),
+            mounts: left
+                .iter()
+                .map(|m| m.mount_point.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+}
+
+/// The id of the mount `path` (not followed if a symlink) lives on, if the kernel reports it.
+fn mount_id(path: &Path) -> Option<u64> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statx only writes into `buf`, which is a properly sized, zeroed statx struct.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut buf,
+        )
+    };
+    (rc == 0 && buf.stx_mask & libc::STATX_MNT_ID != 0).then_some(buf.stx_mnt_id)
+}
+
+/// Removes `path` and everything below it, refusing to enter a directory that lies on another
+/// device or another mount than `path` itself (a live mount must never be deleted through).
+pub(crate) fn remove_tree_on_one_mount(path: &Path) -> Result<(), SandboxError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(SandboxError::io("inspect", path, e)),
+    };
+    if !meta.is_dir() {
+        return fs::remove_file(path).map_err(|e| SandboxError::io("remove", path, e));
+    }
+    let live = mounts_at_or_under(path)
+        .map_err(|e| SandboxError::io("read the mount table for", path, e))?;
+    if !live.is_empty() {
+        return Err(SandboxError::StillMounted {
+            path: path.to_path_buf(),
+            mounts: live
+                .iter()
+                .map(|m| m.mount_point.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    remove_below(path, meta.dev(), mount_id(path))?;
+    fs::remove_dir(path).map_err(|e| SandboxError::io("remove", path, e))
+}
+
+fn remove_below(dir: &Path, dev: u64, mnt: Option<u64>) -> Result<(), SandboxError> {
+    let entries = fs::read_dir(dir).map_err(|e| SandboxError::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| SandboxError::io("list", dir, e))?;
+        let p = entry.path();
+        let meta = fs::symlink_metadata(&p).map_err(|e| SandboxError::io("inspect", &p, e))?;
+        if meta.is_dir() {
+            if meta.dev() != dev || (mnt.is_some() && mount_id(&p) != mnt) {
+                return Err(SandboxError::UnsafePath {
+                    path: p,
+                    reason:
+                        "it is a live mount point; unmount it first (nothing below it was deleted)"
+                            .into(),
+                });
+            }
+            remove_below(&p, dev, mnt)?;
+            fs::remove_dir(&p).map_err(|e| SandboxError::io("remove", &p, e))?;
+        } else {
+            fs::remove_file(&p).map_err(|e| SandboxError::io("remove", &p, e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_total_is_read_in_kib() {
+        let text = "MemFree:  10 kB\nMemTotal:       24523164 kB\n";
+        assert_eq!(mem_total_kib(text), Some(24_523_164));
+        assert_eq!(mem_total_kib("nothing"), None);
+    }
+
+    #[test]
+    fn removal_refuses_to_descend_into_a_live_bind_mount_on_the_same_filesystem() {
+        super::super::enter_private_namespace().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("sentinel"), "keep").unwrap();
+        let tree = tempfile::tempdir().unwrap();
+        let victim = tree.path().join("victim");
+        let bound = victim.join("a/bound");
+        std::fs::create_dir_all(&bound).unwrap();
+        std::fs::write(victim.join("a/file"), "x").unwrap();
+        mount(
+            Some(host.path()),
+            &bound,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        // Same filesystem, so st_dev alone would not notice; the mount id does.
+        assert_eq!(
+            fs::metadata(&bound).unwrap().dev(),
+            fs::metadata(&victim).unwrap().dev()
+        );
+
+        let err = remove_tree_on_one_mount(&victim).unwrap_err();
+        assert!(matches!(err, SandboxError::StillMounted { .. }), "{err}");
+        let meta = fs::symlink_metadata(&victim).unwrap();
+        let err = remove_below(&victim, meta.dev(), mount_id(&victim)).unwrap_err();
+        assert!(matches!(err, SandboxError::UnsafePath { .. }), "{err}");
+        assert_eq!(
+            fs::read_to_string(host.path().join("sentinel")).unwrap(),
+            "keep"
+        );
+
+        unmount_all_under(&victim).unwrap();
+        remove_tree_on_one_mount(&victim).unwrap();
+        assert!(!victim.exists());
+        assert!(host.path().join("sentinel").exists());
+    }
+
+    #[test]
+    fn tmpfs_needs_twice_the_minimum() {
+        let total = mem_total_kib(&fs::read_to_string("/proc/meminfo").unwrap()).unwrap();
+        let gib = total / (1024 * 1024);
+        assert!(tmpfs_allowed(0));
+        assert!(tmpfs_allowed(gib / 2));
+        assert!(!tmpfs_allowed(gib / 2 + 1));
+        assert!(!tmpfs_allowed(u64::MAX));
+    }
+}
