@@ -20,12 +20,10 @@ pub mod error;
 pub mod key;
 pub mod layer;
 pub mod logging;
+pub mod arch;
 pub mod phase;
-<<<<<<< HEAD
 pub mod plan;
-=======
 pub mod runner;
->>>>>>> wip/sandbox
 pub mod sandbox;
 pub mod settings;
 pub mod store;

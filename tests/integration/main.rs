@@ -1,5 +1,4 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
-<<<<<<< HEAD
 
 mod build;
 mod dib_helpers;
@@ -7,6 +6,3 @@ mod elements;
 mod harness;
 mod sandbox;
 mod util;
-=======
-mod sandbox;
->>>>>>> wip/sandbox
