@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod elements;
 pub mod error;
+pub mod image;
 pub mod layer;
 pub mod logging;
 pub mod phase;
