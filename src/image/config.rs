@@ -539,9 +539,9 @@ fn build_graph(entries: &[Entry], strict: bool) -> Result<Graph, ImageError> {
                         "Mount point [{mp}] specified more than once"
                     )));
                 }
-                if !mp.starts_with('/') || mp.split('/').any(|c| c == "..") {
+                if (!mp.starts_with('/') && mp != "none") || mp.split('/').any(|c| c == "..") {
                     return Err(ImageError::Config(format!(
-                        "mount {name}: mount point [{mp}] must be an absolute path without '..'"
+                        "mount {name}: mount point [{mp}] must be an absolute path without '..' (or none for swap)"
                     )));
                 }
                 mounts.push((mp.clone(), name.clone()));
@@ -617,14 +617,16 @@ fn build_graph(entries: &[Entry], strict: bool) -> Result<Graph, ImageError> {
             .as_deref()
             .and_then(|b| index.get(b))
             .map(|&j| &nodes[j].kind);
-        let ok = match (&n.kind, base_kind) {
-            (Kind::Mkfs(_), Some(Kind::Loop { .. } | Kind::Partition { .. })) => true,
-            (Kind::Mount { .. }, Some(Kind::Mkfs(_))) => true,
-            (Kind::Fstab { .. }, Some(Kind::Mount { .. })) => true,
-            (Kind::Partition { .. }, Some(Kind::Loop { .. })) => true,
-            (Kind::Loop { .. }, _) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (&n.kind, base_kind),
+            (
+                Kind::Mkfs(_),
+                Some(Kind::Loop { .. } | Kind::Partition { .. })
+            ) | (Kind::Mount { .. }, Some(Kind::Mkfs(_)))
+                | (Kind::Fstab { .. }, Some(Kind::Mount { .. }))
+                | (Kind::Partition { .. }, Some(Kind::Loop { .. }))
+                | (Kind::Loop { .. }, _)
+        );
         if !ok {
             return Err(ImageError::Config(format!(
                 "node {} cannot be based on {} (mkfs needs a loop or partition, mount a mkfs, \

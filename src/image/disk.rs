@@ -348,8 +348,16 @@ impl Disk {
                         None::<&str>,
                     )
                     .map_err(|e| {
+                        let hint = if e == nix::errno::Errno::ENODEV {
+                            format!(
+                                " (this kernel cannot mount {fstype}: it is not in \
+                                 /proc/filesystems)"
+                            )
+                        } else {
+                            String::new()
+                        };
                         ImageError::Device(format!(
-                            "mounting {} ({fstype}) on {}: {e}",
+                            "mounting {} ({fstype}) on {}: {e}{hint}",
                             fs.device.display(),
                             path.display()
                         ))
@@ -547,3 +555,7 @@ fn umount_retry(path: &Path) -> Result<(), ImageError> {
         path.display()
     )))
 }
+
+#[cfg(test)]
+#[path = "disk_tests.rs"]
+mod tests;
