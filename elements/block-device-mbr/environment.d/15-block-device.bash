@@ -2,7 +2,7 @@
 case "${ARCH:-}" in
     arm64|aarch64)
         echo "block-device-mbr is not supported on ${ARCH}; use block-device-efi" >&2
-        return 1 2>/dev/null || exit 1
+        exit 1
         ;;
 esac
 export DIB_BLOCK_DEVICE=mbr
