@@ -371,6 +371,9 @@ impl<'a> Executor<'a> {
             self.parent = Some(step.key.clone());
             return Ok(());
         }
+        if runner::interrupted() {
+            return Err(Failure::new(Exit::Interrupted, format!("interrupted before {}", step.label())).into());
+        }
         if self.explain {
             self.explain_miss(&step)?;
         }

@@ -12,15 +12,16 @@
 //! layer format knows nothing of elements; only `cli` knows clap; only `sandbox` mounts and
 //! chroots.
 
+pub mod arch;
 pub mod build;
 pub mod cli;
 pub mod commands;
 pub mod elements;
 pub mod error;
+pub mod image;
 pub mod key;
 pub mod layer;
 pub mod logging;
-pub mod arch;
 pub mod phase;
 pub mod plan;
 pub mod runner;

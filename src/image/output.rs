@@ -1,0 +1,218 @@
+//! Image outputs: `qemu-img convert` of the raw image, `.md5`/`.sha256` checksum files, and
+//! copying a tree into the mounted file systems.
+//!
+//! ```text
+//! raw ──convert(fmt)──► <out>-new ──rename──► <out>       (dib's compress_and_save_image)
+//! <out> ──write_checksums──► <out>.md5, <out>.sha256      (md5sum / sha256sum, in parallel)
+//! tree ──copy_tree──► mounted root                         (cp -a --sparse=always)
+//! ```
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::ImageError;
+use super::partition::one_line;
+
+/// Converts the raw image to `format` at `out` (atomically, through `<out>-new`).
+///
+/// `qcow2` is compressed (`-c`) when `compress`; `vhd` becomes qemu's `vpc` with a fixed
+/// subformat (dib used vhd-util); `raw` is a sparse copy; other qemu-img formats pass through.
+/// `qemu_img_options` is dib's `QEMU_IMG_OPTIONS` (`-o`).
+pub fn convert(
+    raw: &Path,
+    format: &str,
+    out: &Path,
+    compress: bool,
+    qemu_img_options: Option<&str>,
+) -> Result<(), ImageError> {
+    let (qemu_format, extra) = match format {
+        "vhd" => ("vpc", Some("subformat=fixed,force_size")),
+        other => (other, None),
+    };
+    if qemu_format.is_empty() || !qemu_format.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(ImageError::Config(format!(
+            "image type [{format}] is not a qemu-img format"
+        )));
+    }
+    let file_name = out.file_name().ok_or_else(|| {
+        ImageError::Config(format!("output path {} has no file name", out.display()))
+    })?;
+    let mut tmp_name = file_name.to_os_string();
+    tmp_name.push("-new");
+    let tmp = out.with_file_name(tmp_name);
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("convert");
+    if compress && qemu_format == "qcow2" {
+        cmd.arg("-c");
+    }
+    cmd.args(["-f", "raw", "-O", qemu_format]);
+    let options: Vec<&str> = extra.into_iter().chain(qemu_img_options).collect();
+    if !options.is_empty() {
+        cmd.arg("-o").arg(options.join(","));
+    }
+    cmd.arg(raw).arg(&tmp);
+    let shown = format!("qemu-img convert {} -> {}", raw.display(), tmp.display());
+    let result = cmd
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| ImageError::Command {
+            command: shown.clone(),
+            detail: format!("cannot run qemu-img ({e}); install qemu-utils"),
+        })?;
+    if !result.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ImageError::Command {
+            command: shown,
+            detail: one_line(&result.stderr, &result.stdout),
+        });
+    }
+    std::fs::rename(&tmp, out).map_err(|e| {
+        ImageError::io(
+            format!("renaming {} to {}", tmp.display(), out.display()),
+            e,
+        )
+    })
+}
+
+/// Writes `<path>.md5` and `<path>.sha256` in the `md5sum`/`sha256sum` format, naming the file
+/// without its directory so the pair can be moved together.
+pub fn write_checksums(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
+    let mut children = Vec::new();
+    for (tool, ext) in [("md5sum", "md5"), ("sha256sum", "sha256")] {
+        let mut target = name.to_os_string();
+        target.push(".");
+        target.push(ext);
+        let target = dir.join(target);
+        let file = std::fs::File::create(&target)?;
+        let child = Command::new(tool)
+            .arg("--")
+            .arg(name)
+            .current_dir(dir)
+            .stdout(file)
+            .stderr(Stdio::piped())
+            .spawn()?;
+        children.push((tool, target, child));
+    }
+    let mut failure = None;
+    for (tool, target, child) in children {
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&target);
+            failure.get_or_insert(std::io::Error::other(format!(
+                "{tool} {}: {}",
+                path.display(),
+                one_line(&out.stderr, &out.stdout)
+            )));
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Copies the contents of `src` (dot files included) into `dst`, preserving owners, modes,
+/// times, links, xattrs and holes: `cp -a --sparse=always src/. dst/`.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), ImageError> {
+    let out = Command::new("cp")
+        .args(["-a", "--sparse=always", "--no-target-directory"])
+        .arg(src.join("."))
+        .arg(dst)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| ImageError::io("running cp", e))?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            command: format!("cp -a {} {}", src.display(), dst.display()),
+            detail: one_line(&out.stderr, &out.stdout),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn checksums_match_the_tools_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("image.qcow2");
+        std::fs::write(&f, b"hello\n").unwrap();
+        write_checksums(&f).unwrap();
+        let md5 = std::fs::read_to_string(dir.path().join("image.qcow2.md5")).unwrap();
+        assert_eq!(md5, "b1946ac92492d2347c6235b4d2611184  image.qcow2\n");
+        let sha = std::fs::read_to_string(dir.path().join("image.qcow2.sha256")).unwrap();
+        assert_eq!(
+            sha,
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03  image.qcow2\n"
+        );
+        assert!(write_checksums(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn convert_round_trips_through_qcow2() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.raw");
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(4 << 20).unwrap();
+        std::fs::write(dir.path().join("x"), b"x").unwrap();
+        let q = dir.path().join("a.qcow2");
+        convert(&raw, "qcow2", &q, true, Some("compat=1.1")).unwrap();
+        assert!(!dir.path().join("a.qcow2-new").exists());
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&q)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["format"], "qcow2");
+        assert_eq!(v["virtual-size"].as_u64(), Some(4 << 20));
+        let vhd = dir.path().join("a.vhd");
+        convert(&raw, "vhd", &vhd, false, None).unwrap();
+        let e = convert(&raw, "no such", &q, false, None).unwrap_err();
+        assert!(e.is_bad_input());
+        let e = convert(&dir.path().join("missing.raw"), "qcow2", &q, false, None).unwrap_err();
+        assert!(e.to_string().contains("qemu-img convert"), "{e}");
+    }
+
+    #[test]
+    fn copy_tree_keeps_dotfiles_links_modes_and_holes() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join(".hidden"), b"h").unwrap();
+        std::fs::create_dir(src.path().join("d")).unwrap();
+        std::os::unix::fs::symlink("../.hidden", src.path().join("d/link")).unwrap();
+        let sparse = std::fs::File::create(src.path().join("sparse")).unwrap();
+        sparse.set_len(64 << 20).unwrap();
+        std::fs::set_permissions(
+            src.path().join("d"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o750),
+        )
+        .unwrap();
+        copy_tree(src.path(), dst.path()).unwrap();
+        assert_eq!(std::fs::read(dst.path().join(".hidden")).unwrap(), b"h");
+        assert_eq!(
+            std::fs::read_link(dst.path().join("d/link")).unwrap(),
+            Path::new("../.hidden")
+        );
+        let md = std::fs::metadata(dst.path().join("d")).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o750);
+        let sp = std::fs::metadata(dst.path().join("sparse")).unwrap();
+        assert_eq!(sp.len(), 64 << 20);
+        assert!(
+            sp.blocks() < 64,
+            "sparse file was filled: {} blocks",
+            sp.blocks()
+        );
+    }
+}
