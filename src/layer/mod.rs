@@ -21,6 +21,7 @@
 
 mod diff;
 mod pack;
+mod read;
 mod scan;
 mod sys;
 mod unpack;

@@ -25,6 +25,9 @@ use super::{LayerError, SPARSE_CHUNK};
 
 const BUF: usize = 1 << 20;
 
+/// (PAX key, value) pairs.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// How to pack.
 #[derive(Debug, Clone)]
 pub struct PackOptions {
@@ -242,7 +245,7 @@ impl<W: Write> TarWriter<'_, W> {
     }
 
     /// A PAX extended header record set for the next entry.
-    fn pax(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+    fn pax(&mut self, records: &Xattrs) -> io::Result<()> {
         let mut body = Vec::new();
         for (k, v) in records {
             let base = k.len() + v.len() + 3;
@@ -326,7 +329,7 @@ impl<W: Write> TarWriter<'_, W> {
         self.header(&mut h, name, None).map_err(Self::werr)
     }
 
-    fn xattrs(&mut self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LayerError> {
+    fn xattrs(&mut self) -> Result<Xattrs, LayerError> {
         let names = match xattr::list(&self.full) {
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),

@@ -203,7 +203,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
                 return true;
             }
             let rel = rel_of(e.path());
-            !excludes.iter().any(|x| *x == rel)
+            !excludes.contains(&rel)
         });
     let mut entries = Vec::new();
     for item in walker {

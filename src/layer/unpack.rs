@@ -23,6 +23,7 @@ use std::sync::mpsc;
 
 use tar::EntryType;
 
+use super::read::TarReader;
 use super::sys;
 use super::{LayerError, split_parent};
 
@@ -171,16 +172,16 @@ pub fn unpack(
             entries: 0,
             whiteouts: 0,
         };
-        let mut archive = tar::Archive::new(reader);
-        let applied = u.apply_all(&mut archive);
+        let mut tr = TarReader::new(reader);
+        let applied = u.apply_all(&mut tr);
         // Drain what the tar reader did not consume (end blocks, padding) so the hash covers
         // the whole stream; on error, dropping the reader stops the decoder.
         let drained = match applied {
-            Ok(()) => io::copy(&mut archive.into_inner(), &mut io::sink())
+            Ok(()) => io::copy(&mut tr.into_inner(), &mut io::sink())
                 .map(drop)
                 .map_err(|e| LayerError::Corrupt(e.to_string())),
             Err(e) => {
-                drop(archive);
+                drop(tr);
                 Err(e)
             }
         };
@@ -268,6 +269,7 @@ struct Rec {
     link: Option<Vec<u8>>,
     dev: (u32, u32),
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    sparse: Option<(Vec<(u64, u64)>, u64)>,
 }
 
 impl Unpacker<'_> {
@@ -286,40 +288,30 @@ impl Unpacker<'_> {
         }
     }
 
-    fn apply_all<R: Read>(&mut self, archive: &mut tar::Archive<R>) -> Result<(), LayerError> {
+    fn apply_all<R: Read>(&mut self, tr: &mut TarReader<R>) -> Result<(), LayerError> {
         let corrupt = |e: io::Error| LayerError::Corrupt(e.to_string());
-        for entry in archive.entries().map_err(corrupt)? {
-            let mut entry = entry.map_err(corrupt)?;
-            let raw = entry.path_bytes().into_owned();
-            let path = sanitize(&raw).map_err(|r| Self::unsafe_err(&raw, r))?;
-            let h = entry.header();
-            let kind = h.entry_type();
-            let link = entry.link_name_bytes().map(|l| l.into_owned());
-            let dev = (
-                h.device_major().ok().flatten().unwrap_or(0),
-                h.device_minor().ok().flatten().unwrap_or(0),
-            );
-            let mut rec = Rec {
+        while let Some(e) = tr.next_entry().map_err(corrupt)? {
+            let path = sanitize(&e.path).map_err(|r| Self::unsafe_err(&e.path, r))?;
+            let h = &e.header;
+            let rec = Rec {
                 path,
-                kind,
+                kind: e.kind,
                 mode: h.mode().map_err(corrupt)? & 0o7777,
-                uid: h.uid().map_err(corrupt)? as u32,
-                gid: h.gid().map_err(corrupt)? as u32,
-                mtime: h.mtime().map_err(corrupt)? as i64,
-                link,
-                dev,
-                xattrs: Vec::new(),
+                uid: u32::try_from(e.uid)
+                    .map_err(|_| Self::unsafe_err(&e.path, "uid out of range"))?,
+                gid: u32::try_from(e.gid)
+                    .map_err(|_| Self::unsafe_err(&e.path, "gid out of range"))?,
+                mtime: e.mtime,
+                link: e.link,
+                dev: (
+                    h.device_major().ok().flatten().unwrap_or(0),
+                    h.device_minor().ok().flatten().unwrap_or(0),
+                ),
+                xattrs: e.xattrs,
+                sparse: e.sparse,
             };
-            if let Some(exts) = entry.pax_extensions().map_err(corrupt)? {
-                for ext in exts {
-                    let ext = ext.map_err(corrupt)?;
-                    if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                        rec.xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
-                    }
-                }
-            }
             self.entries += 1;
-            self.apply(rec, &mut entry)?;
+            self.apply(rec, tr)?;
         }
         self.finish_dirs()
     }
@@ -369,7 +361,7 @@ impl Unpacker<'_> {
         }
     }
 
-    fn apply(&mut self, rec: Rec, data: &mut impl Read) -> Result<(), LayerError> {
+    fn apply<R: Read>(&mut self, rec: Rec, data: &mut TarReader<R>) -> Result<(), LayerError> {
         let (parent, name) = split_parent(&rec.path);
         let parent = parent.to_vec();
         let name = name.to_vec();
@@ -522,35 +514,39 @@ impl Unpacker<'_> {
         }
     }
 
-    fn regular(
+    fn regular<R: Read>(
         &mut self,
         dir: BorrowedFd<'_>,
         name: &[u8],
         rec: &Rec,
-        data: &mut impl Read,
+        data: &mut TarReader<R>,
     ) -> Result<(), Failure> {
         let mut f: File = self.create(dir, name, || sys::create_file_at(dir, name, 0o600))?;
-        let sparse = rec.kind == EntryType::GNUSparse;
-        let mut len = 0u64;
-        let mut hole = false;
-        loop {
-            let n = match data.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Failure::Layer(LayerError::Corrupt(e.to_string()))),
-            };
-            if sparse && super_is_zero(&self.buf[..n]) {
-                f.seek(SeekFrom::Current(n as i64))?;
-                hole = true;
-            } else {
+        let corrupt = |e: io::Error| Failure::Layer(LayerError::Corrupt(e.to_string()));
+        match &rec.sparse {
+            None => loop {
+                let n = data.read_data(&mut self.buf).map_err(corrupt)?;
+                if n == 0 {
+                    break;
+                }
                 f.write_all(&self.buf[..n])?;
-                hole = false;
+            },
+            Some((segs, real)) => {
+                // Holes are never written: the file stays sparse.
+                for &(off, mut len) in segs {
+                    f.seek(SeekFrom::Start(off))?;
+                    while len > 0 {
+                        let want = (len as usize).min(self.buf.len());
+                        let n = data.read_data(&mut self.buf[..want]).map_err(corrupt)?;
+                        if n == 0 {
+                            return Err(corrupt(io::Error::other("sparse data ends early")));
+                        }
+                        f.write_all(&self.buf[..n])?;
+                        len -= n as u64;
+                    }
+                }
+                f.set_len(*real)?;
             }
-            len += n as u64;
-        }
-        if hole {
-            f.set_len(len)?;
         }
         let fd = f.as_raw_fd();
         self.meta_fd(fd, rec)?;
@@ -734,12 +730,4 @@ impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Self {
         Failure::Io(e)
     }
-}
-
-fn super_is_zero(b: &[u8]) -> bool {
-    let mut chunks = b.chunks_exact(64);
-    let all = chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0);
-    all && chunks.remainder().iter().all(|&x| x == 0)
 }
