@@ -65,7 +65,10 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
     let settings = Settings::resolve(opts, &env, crate::arch::host_arch)?;
     let search = elements::discover::build_search_path(
         &settings.element_dirs,
-        settings.elements_path_env.as_deref().map(std::ffi::OsStr::new),
+        settings
+            .elements_path_env
+            .as_deref()
+            .map(std::ffi::OsStr::new),
         elements::discover::builtin_elements_dir().as_deref(),
     );
     let catalog = elements::discover::Catalog::scan(&search)?;
@@ -79,15 +82,18 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
     )?
     .elements;
     let tree = elements::hooks::HookTree::build(&resolved)?;
-    let element_files = key::element_files_digest(
-        resolved.iter().map(|e| (e.name.as_str(), e.path.as_path())),
-    )
-    .context("cannot read element files")?;
+    let element_files =
+        key::element_files_digest(resolved.iter().map(|e| (e.name.as_str(), e.path.as_path())))
+            .context("cannot read element files")?;
     let mut extra = BTreeMap::new();
     for e in &resolved {
         extra.extend(key::cache_inputs(&e.name, &e.path)?);
     }
-    let image_element = resolved.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(" ");
+    let image_element = resolved
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
     let image_element_yaml = resolved
         .iter()
         .map(|e| format!("{}: {}\n", e.name, e.path.display()))
@@ -132,7 +138,8 @@ impl Prepared {
     /// placeholder paths, then normalised.
     fn key_env(&self, phase: Phase, hooks_dir: &Path) -> Result<BTreeMap<String, String>> {
         let placeholder = BuildPaths::placeholder();
-        let mut base = settings::phase_environment(&self.base_env(&placeholder), phase, &placeholder);
+        let mut base =
+            settings::phase_environment(&self.base_env(&placeholder), phase, &placeholder);
         // environment.d files see the real hook folder (some read files beside themselves).
         base.insert("TMP_HOOKS_PATH".into(), hooks_dir.display().to_string());
         let files = env_files(hooks_dir)?;
@@ -207,20 +214,29 @@ struct Executor<'a> {
 
 impl<'a> Executor<'a> {
     fn is_cached(&self, step: &Step) -> Result<Option<StepRecord>> {
-        let Some(store) = self.store else { return Ok(None) };
+        let Some(store) = self.store else {
+            return Ok(None);
+        };
         if self.forcing {
             return Ok(None);
         }
-        let Some(rec) = store.lookup_step(&step.key)? else { return Ok(None) };
-        if let Some(ttl) = self.prep.settings.cache_ttl {
-            if now() - rec.created > ttl.as_secs() as i64 {
-                tracing::info!("{}: cached step is older than --cache-ttl; running it again", step.label());
-                return Ok(None);
-            }
+        let Some(rec) = store.lookup_step(&step.key)? else {
+            return Ok(None);
+        };
+        if let Some(ttl) = self.prep.settings.cache_ttl
+            && now() - rec.created > ttl.as_secs() as i64
+        {
+            tracing::info!(
+                "{}: cached step is older than --cache-ttl; running it again",
+                step.label()
+            );
+            return Ok(None);
         }
         // A layer whose blob is damaged is dropped and the step runs again.
         for diff in [&rec.layer, &rec.hooks_layer].into_iter().flatten() {
-            let Some(l) = store.layer_for(diff)? else { return Ok(None) };
+            let Some(l) = store.layer_for(diff)? else {
+                return Ok(None);
+            };
             if !store.verify_blob(&l.blob_digest)? {
                 tracing::warn!(
                     "{}: cached layer {} is corrupt; dropping it and running the step again",
@@ -248,7 +264,9 @@ impl<'a> Executor<'a> {
     }
 
     fn explain_miss(&self, step: &Step) -> Result<()> {
-        let Some(store) = self.store else { return Ok(()) };
+        let Some(store) = self.store else {
+            return Ok(());
+        };
         let nearest = store.nearest_step(&step.phase, &step.name, &step.key)?;
         let label = step.label();
         let Some(near) = nearest else {
@@ -270,7 +288,9 @@ impl<'a> Executor<'a> {
 
     /// Applies a cached step's hook-tree layer to the live hook folder right away.
     fn apply_hooks_layer(&self, rec: &StepRecord) -> Result<()> {
-        let (Some(store), Some(diff)) = (self.store, &rec.hooks_layer) else { return Ok(()) };
+        let (Some(store), Some(diff)) = (self.store, &rec.hooks_layer) else {
+            return Ok(());
+        };
         apply_layer(store, diff, &self.paths.hooks_dir)
     }
 
@@ -323,15 +343,15 @@ impl<'a> Executor<'a> {
         for step in steps {
             self.walk_step(step)?;
         }
-        if phase == Phase::Install {
-            if let Some(step) = plan::packages_step(
+        if phase == Phase::Install
+            && let Some(step) = plan::packages_step(
                 &self.prep.key_ctx,
                 &self.prep.settings.packages,
                 &key_env,
                 self.parent.as_deref(),
-            ) {
-                self.walk_step(step)?;
-            }
+            )
+        {
+            self.walk_step(step)?;
         }
         Ok(())
     }
@@ -372,7 +392,11 @@ impl<'a> Executor<'a> {
             return Ok(());
         }
         if runner::interrupted() {
-            return Err(Failure::new(Exit::Interrupted, format!("interrupted before {}", step.label())).into());
+            return Err(Failure::new(
+                Exit::Interrupted,
+                format!("interrupted before {}", step.label()),
+            )
+            .into());
         }
         if self.explain {
             self.explain_miss(&step)?;
@@ -394,18 +418,36 @@ impl<'a> Executor<'a> {
         } else {
             None
         };
-        let before_hooks = if snapshot { Some(scan_excluding_mounts(&self.paths.hooks_dir)?) } else { None };
+        let before_hooks = if snapshot {
+            Some(scan_excluding_mounts(&self.paths.hooks_dir)?)
+        } else {
+            None
+        };
 
         self.execute(step)?;
         self.ran_any = true;
 
         let mut layer_rec = None;
         let mut hooks_rec = None;
-        if let (Some(store), Some(before_root), Some(before_hooks)) = (self.store, before_root, before_hooks) {
+        if let (Some(store), Some(before_root), Some(before_hooks)) =
+            (self.store, before_root, before_hooks)
+        {
             let after_root = self.scan_rootfs()?;
-            layer_rec = store_layer(store, &self.paths.mount_dir, &before_root, &after_root, &self.prep.settings)?;
+            layer_rec = store_layer(
+                store,
+                &self.paths.mount_dir,
+                &before_root,
+                &after_root,
+                &self.prep.settings,
+            )?;
             let after_hooks = scan_excluding_mounts(&self.paths.hooks_dir)?;
-            hooks_rec = store_layer(store, &self.paths.hooks_dir, &before_hooks, &after_hooks, &self.prep.settings)?;
+            hooks_rec = store_layer(
+                store,
+                &self.paths.hooks_dir,
+                &before_hooks,
+                &after_hooks,
+                &self.prep.settings,
+            )?;
             self.rootfs_scan = Some(after_root);
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -424,7 +466,8 @@ impl<'a> Executor<'a> {
                 hits: 0,
                 seconds,
             };
-            let layers: Vec<LayerRecord> = layer_rec.iter().chain(hooks_rec.iter()).cloned().collect();
+            let layers: Vec<LayerRecord> =
+                layer_rec.iter().chain(hooks_rec.iter()).cloned().collect();
             store.record_step(&record, &layers)?;
         }
         self.manifest.push(ManifestStep {
@@ -446,7 +489,10 @@ impl<'a> Executor<'a> {
             Action::Hooks { phase, hooks } => {
                 let env = settings::phase_environment(&base, *phase, &self.paths);
                 let mounts = if phase.in_chroot() {
-                    Some(ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?)
+                    Some(ChrootMounts::mount(
+                        &self.paths.mount_dir,
+                        &self.paths.hooks_dir,
+                    )?)
                 } else {
                     None
                 };
@@ -501,7 +547,13 @@ impl<'a> Executor<'a> {
                 let script = self.paths.mount_dir.join("tmp/strata-extra-packages");
                 fs::create_dir_all(self.paths.mount_dir.join("tmp"))?;
                 let quoted: Vec<String> = pkgs.iter().map(|p| shell_quote(p)).collect();
-                fs::write(&script, format!("#!/bin/sh\nset -eu\nexec install-packages {}\n", quoted.join(" ")))?;
+                fs::write(
+                    &script,
+                    format!(
+                        "#!/bin/sh\nset -eu\nexec install-packages {}\n",
+                        quoted.join(" ")
+                    ),
+                )?;
                 set_mode(&script, 0o755)?;
                 let mounts = ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?;
                 let env = settings::phase_environment(&base, Phase::Install, &self.paths);
@@ -519,7 +571,12 @@ impl<'a> Executor<'a> {
                 fs::remove_file(&script)?;
                 let outcome = outcome?;
                 if !outcome.success {
-                    return Err(hook_failure(Phase::Install, "packages (-p)", "-p", &outcome));
+                    return Err(hook_failure(
+                        Phase::Install,
+                        "packages (-p)",
+                        "-p",
+                        &outcome,
+                    ));
                 }
             }
             Action::FinaliseBase => finalise_base(&self.paths.mount_dir)?,
@@ -529,7 +586,12 @@ impl<'a> Executor<'a> {
 }
 
 /// The one error a failed hook gives: element, phase, hook, status, and its last lines.
-fn hook_failure(phase: Phase, hook: &str, element: &str, outcome: &runner::HookOutcome) -> anyhow::Error {
+fn hook_failure(
+    phase: Phase,
+    hook: &str,
+    element: &str,
+    outcome: &runner::HookOutcome,
+) -> anyhow::Error {
     let status = match (outcome.code, outcome.signal) {
         (Some(c), _) => format!("exit status {c}"),
         (None, Some(s)) => format!("signal {s}"),
@@ -555,16 +617,26 @@ fn explain_lines(before: &KeyInputs, after: &KeyInputs) -> Vec<String> {
     changes
         .iter()
         .map(|c| {
-            let name = c.name.as_deref().map(|n| format!(" {n}")).unwrap_or_default();
+            let name = c
+                .name
+                .as_deref()
+                .map(|n| format!(" {n}"))
+                .unwrap_or_default();
             let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
             if c.input == "parent" {
                 if only_parent {
-                    "an earlier step ran again (parent key changed), so this one runs too".to_string()
+                    "an earlier step ran again (parent key changed), so this one runs too"
+                        .to_string()
                 } else {
                     "parent key changed".to_string()
                 }
             } else {
-                format!("{}{name}: {} → {}", c.input, show(&c.before), show(&c.after))
+                format!(
+                    "{}{name}: {} → {}",
+                    c.input,
+                    show(&c.before),
+                    show(&c.after)
+                )
             }
         })
         .collect()
@@ -621,7 +693,10 @@ fn finalise_base(root: &Path) -> Result<()> {
         for e in walkdir::WalkDir::new(&log).follow_links(false) {
             let e = e?;
             if e.file_type().is_file() {
-                fs::OpenOptions::new().write(true).truncate(true).open(e.path())?;
+                fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(e.path())?;
             }
         }
     }
@@ -634,7 +709,8 @@ fn scan_excluding_mounts(dir: &Path) -> Result<Scan> {
         .filter_map(|m| m.strip_prefix(dir).ok().map(Path::to_path_buf))
         .filter(|p| !p.as_os_str().is_empty())
         .collect();
-    layer::scan(dir, &ScanOptions { exclude }).with_context(|| format!("cannot scan {}", dir.display()))
+    layer::scan(dir, &ScanOptions { exclude })
+        .with_context(|| format!("cannot scan {}", dir.display()))
 }
 
 fn pack_options(settings: &Settings) -> PackOptions {
@@ -646,7 +722,13 @@ fn pack_options(settings: &Settings) -> PackOptions {
 }
 
 /// Packs what changed between two scans of `root` into the store (None if nothing changed).
-fn store_layer(store: &Store, root: &Path, before: &Scan, after: &Scan, settings: &Settings) -> Result<Option<LayerRecord>> {
+fn store_layer(
+    store: &Store,
+    root: &Path,
+    before: &Scan,
+    after: &Scan,
+    settings: &Settings,
+) -> Result<Option<LayerRecord>> {
     let changes = layer::diff(before, after);
     if changes.is_empty() {
         return Ok(None);
@@ -671,7 +753,10 @@ fn apply_layer(store: &Store, diff_id: &str, target: &Path) -> Result<()> {
     // The decoder may stop before EOF; the blob's digest is only checked at its end.
     blob.finish()?;
     if stats.diff_id != diff_id {
-        anyhow::bail!("layer {diff_id} unpacked to different content ({}); the cache is corrupt", stats.diff_id);
+        anyhow::bail!(
+            "layer {diff_id} unpacked to different content ({}); the cache is corrupt",
+            stats.diff_id
+        );
     }
     Ok(())
 }
@@ -691,7 +776,11 @@ pub fn build(args: BuildArgs) -> Result<()> {
     let prep = prepare(&args.options)?;
     let settings = &prep.settings;
     let reporter = Reporter::new(args.logfile.as_deref(), false)?;
-    let store = if settings.no_cache { None } else { Some(Store::open(&settings.cache_dir)?) };
+    let store = if settings.no_cache {
+        None
+    } else {
+        Some(Store::open(&settings.cache_dir)?)
+    };
 
     let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
     fs::create_dir_all(&settings.tmp_dir)
@@ -701,9 +790,15 @@ pub fn build(args: BuildArgs) -> Result<()> {
     for d in [&paths.image_dir, &paths.mount_dir] {
         fs::create_dir_all(d)?;
     }
-    prep.tree.materialize(&paths.hooks_dir).context("cannot write the merged hook tree")?;
-    fs::create_dir_all(&settings.image_cache)
-        .with_context(|| format!("cannot create the image cache {}", settings.image_cache.display()))?;
+    prep.tree
+        .materialize(&paths.hooks_dir)
+        .context("cannot write the merged hook tree")?;
+    fs::create_dir_all(&settings.image_cache).with_context(|| {
+        format!(
+            "cannot create the image cache {}",
+            settings.image_cache.display()
+        )
+    })?;
 
     let mut exec = Executor {
         prep: &prep,
@@ -734,22 +829,31 @@ pub fn build(args: BuildArgs) -> Result<()> {
                 arch: settings.arch.clone(),
                 elements: prep.elements.iter().map(|e| e.name.clone()).collect(),
                 steps: exec.manifest.clone(),
-                outputs: outputs.iter().map(|o| ManifestOutput {
-                    r#type: o.r#type.clone(),
-                    path: o.path.clone(),
-                    blake3: o.blake3.clone(),
-                    cached: o.cached,
-                }).collect(),
+                outputs: outputs
+                    .iter()
+                    .map(|o| ManifestOutput {
+                        r#type: o.r#type.clone(),
+                        path: o.path.clone(),
+                        blake3: o.blake3.clone(),
+                        cached: o.cached,
+                    })
+                    .collect(),
                 seconds: started.elapsed().as_secs_f64(),
             };
             let text = serde_json::to_string_pretty(&manifest)?;
-            write_atomic(Path::new(&format!("{}.strata.json", settings.image_name)), text.as_bytes())?;
+            write_atomic(
+                Path::new(&format!("{}.strata.json", settings.image_name)),
+                text.as_bytes(),
+            )?;
             if args.json {
                 println!("{text}");
             }
             "ok".to_string()
         }
-        Err(e) => format!("failed: {}", format!("{e:#}").lines().next().unwrap_or_default()),
+        Err(e) => format!(
+            "failed: {}",
+            format!("{e:#}").lines().next().unwrap_or_default()
+        ),
     };
     if let Some(store) = &store {
         store.record_build(&crate::store::BuildRecord {
@@ -763,10 +867,16 @@ pub fn build(args: BuildArgs) -> Result<()> {
     }
     let cleanup = build_dir.cleanup();
     let cached = exec.manifest.iter().filter(|s| s.cached).count();
-    exec.timings.push(("total".into(), started.elapsed().as_secs_f64()));
+    exec.timings
+        .push(("total".into(), started.elapsed().as_secs_f64()));
     reporter.finish();
     eprintln!("{}", runner::timing_table("build", &exec.timings));
-    eprintln!("{} steps: {} cached, {} run", exec.manifest.len(), cached, exec.manifest.len() - cached);
+    eprintln!(
+        "{} steps: {} cached, {} run",
+        exec.manifest.len(),
+        cached,
+        exec.manifest.len() - cached
+    );
     result?;
     cleanup?;
     Ok(())
@@ -801,22 +911,30 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             .finalize()
             .to_hex()
             .to_string();
-        if let Some(store) = exec.store {
-            if !exec.ran_any && !exec.forcing {
-                if let Some(o) = store.get_output(&out_key)? {
-                    let started = Instant::now();
-                    let mut blob = store.open_blob(&o.blob_digest)?;
-                    let digest = {
-                        let mut dec = zstd::Decoder::new(&mut blob)?;
-                        write_file_hashed(&path, &mut dec)?
-                    };
-                    blob.finish()?;
-                    store.touch_output(&out_key, now())?;
-                    exec.timings.push((format!("output {t} (cached)"), started.elapsed().as_secs_f64()));
-                    out.push(OutputRecord { r#type: t.clone(), path: path.display().to_string(), blake3: digest, cached: true });
-                    continue;
-                }
-            }
+        if let Some(store) = exec.store
+            && !exec.ran_any
+            && !exec.forcing
+            && let Some(o) = store.get_output(&out_key)?
+        {
+            let started = Instant::now();
+            let mut blob = store.open_blob(&o.blob_digest)?;
+            let digest = {
+                let mut dec = zstd::Decoder::new(&mut blob)?;
+                write_file_hashed(&path, &mut dec)?
+            };
+            blob.finish()?;
+            store.touch_output(&out_key, now())?;
+            exec.timings.push((
+                format!("output {t} (cached)"),
+                started.elapsed().as_secs_f64(),
+            ));
+            out.push(OutputRecord {
+                r#type: t.clone(),
+                path: path.display().to_string(),
+                blake3: digest,
+                cached: true,
+            });
+            continue;
         }
         exec.restore()?;
         let started = Instant::now();
@@ -824,10 +942,23 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             Some(s) => s,
             None => exec.scan_rootfs()?,
         };
-        let digest = write_tar_output(exec.store, &exec.paths.mount_dir, &scan, &path, settings, &out_key)?;
+        let digest = write_tar_output(
+            exec.store,
+            &exec.paths.mount_dir,
+            &scan,
+            &path,
+            settings,
+            &out_key,
+        )?;
         exec.rootfs_scan = Some(scan);
-        exec.timings.push((format!("output {t}"), started.elapsed().as_secs_f64()));
-        out.push(OutputRecord { r#type: t.clone(), path: path.display().to_string(), blake3: digest, cached: false });
+        exec.timings
+            .push((format!("output {t}"), started.elapsed().as_secs_f64()));
+        out.push(OutputRecord {
+            r#type: t.clone(),
+            path: path.display().to_string(),
+            blake3: digest,
+            cached: false,
+        });
     }
     Ok(out)
 }
@@ -865,7 +996,10 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     tempfile::Builder::new()
         .prefix(".strata-out.")
         .tempfile_in(dir)
@@ -875,23 +1009,38 @@ fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = temp_beside(path)?;
     tmp.write_all(bytes)?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 fn write_file_hashed(path: &Path, src: &mut impl io::Read) -> Result<String> {
     let tmp = temp_beside(path)?;
-    let mut w = Hashing { inner: io::BufWriter::with_capacity(1 << 20, tmp), hasher: blake3::Hasher::new() };
+    let mut w = Hashing {
+        inner: io::BufWriter::with_capacity(1 << 20, tmp),
+        hasher: blake3::Hasher::new(),
+    };
     io::copy(src, &mut w)?;
     let digest = w.hasher.finalize().to_hex().to_string();
     let tmp = w.inner.into_inner().map_err(|e| e.into_error())?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(digest)
 }
 
-fn write_tar_output(store: Option<&Store>, root: &Path, scan: &Scan, path: &Path, settings: &Settings, out_key: &str) -> Result<String> {
+fn write_tar_output(
+    store: Option<&Store>,
+    root: &Path,
+    scan: &Scan,
+    path: &Path,
+    settings: &Settings,
+    out_key: &str,
+) -> Result<String> {
     let tmp = temp_beside(path)?;
-    let mut file = Hashing { inner: io::BufWriter::with_capacity(1 << 20, tmp), hasher: blake3::Hasher::new() };
+    let mut file = Hashing {
+        inner: io::BufWriter::with_capacity(1 << 20, tmp),
+        hasher: blake3::Hasher::new(),
+    };
     let changes = Changeset::full(scan);
     let opts = pack_options(settings);
     match store {
@@ -912,21 +1061,25 @@ fn write_tar_output(store: Option<&Store>, root: &Path, scan: &Scan, path: &Path
     }
     let digest = file.hasher.finalize().to_hex().to_string();
     let tmp = file.inner.into_inner().map_err(|e| e.into_error())?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(digest)
 }
 
 /// `strata plan`: every step with its key and whether it is cached, without running anything.
 pub fn plan(args: PlanArgs) -> Result<()> {
     let prep = prepare(&args.options)?;
-    let store = if prep.settings.no_cache || !prep.settings.cache_dir.join("index.sqlite").exists() {
+    let store = if prep.settings.no_cache || !prep.settings.cache_dir.join("index.sqlite").exists()
+    {
         None
     } else {
         Some(Store::open(&prep.settings.cache_dir)?)
     };
     let scratch = tempfile::Builder::new().prefix("strata-plan.").tempdir()?;
     let paths = BuildPaths::under(scratch.path());
-    prep.tree.materialize(&paths.hooks_dir).context("cannot write the merged hook tree")?;
+    prep.tree
+        .materialize(&paths.hooks_dir)
+        .context("cannot write the merged hook tree")?;
     let mut exec = Executor {
         prep: &prep,
         store: store.as_ref(),
@@ -953,7 +1106,12 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             println!("{:<7} {}  {}/{}", state, &v.key[..16], v.phase, v.hook);
         }
         let cached = exec.views.iter().filter(|v| v.cached).count();
-        println!("{} steps: {} cached, {} to run", exec.views.len(), cached, exec.views.len() - cached);
+        println!(
+            "{} steps: {} cached, {} to run",
+            exec.views.len(),
+            cached,
+            exec.views.len() - cached
+        );
     }
     Ok(())
 }

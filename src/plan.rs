@@ -23,7 +23,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Run these hooks of one phase, in order.
-    Hooks { phase: Phase, hooks: Vec<PlannedHook> },
+    Hooks {
+        phase: Phase,
+        hooks: Vec<PlannedHook>,
+    },
     /// `install-packages` of the `-p` list, in the chroot, after install.d.
     Packages(Vec<String>),
     /// dib's end-of-build clean-up of the tree: empty /tmp, truncate /var/log files.
@@ -146,7 +149,13 @@ pub fn phase_steps(
     match ctx.granularity {
         Granularity::Phase => {
             let i = ctx.inputs(parent, phase_name, "*", inputs, key_env, BTreeMap::new());
-            steps.push(step(i, Action::Hooks { phase, hooks: planned }));
+            steps.push(step(
+                i,
+                Action::Hooks {
+                    phase,
+                    hooks: planned,
+                },
+            ));
         }
         Granularity::Hook => {
             let mut parent = parent.map(str::to_string);
@@ -159,7 +168,13 @@ pub fn phase_steps(
                     key_env,
                     BTreeMap::new(),
                 );
-                let s = step(i, Action::Hooks { phase, hooks: vec![hook] });
+                let s = step(
+                    i,
+                    Action::Hooks {
+                        phase,
+                        hooks: vec![hook],
+                    },
+                );
                 parent = Some(s.key.clone());
                 steps.push(s);
             }
@@ -178,14 +193,23 @@ pub fn packages_step(
     if packages.is_empty() {
         return None;
     }
-    let extra = [("packages".to_string(), packages.join(" "))].into_iter().collect();
+    let extra = [("packages".to_string(), packages.join(" "))]
+        .into_iter()
+        .collect();
     let i = ctx.inputs(parent, "core", "packages", Vec::new(), key_env, extra);
     Some(step(i, Action::Packages(packages.to_vec())))
 }
 
 /// strata's end-of-build clean-up step.
 pub fn finalise_base_step(ctx: &KeyContext, parent: Option<&str>) -> Step {
-    let i = ctx.inputs(parent, "core", "finalise-base", Vec::new(), &BTreeMap::new(), BTreeMap::new());
+    let i = ctx.inputs(
+        parent,
+        "core",
+        "finalise-base",
+        Vec::new(),
+        &BTreeMap::new(),
+        BTreeMap::new(),
+    );
     step(i, Action::FinaliseBase)
 }
 
@@ -248,11 +272,18 @@ mod tests {
     }
 
     fn keys(t: &Path, g: Granularity, env: &BTreeMap<String, String>) -> Vec<String> {
-        phase_steps(&ctx(g), Phase::Install, t, env, &|_| Some("el".into()), None)
-            .unwrap()
-            .into_iter()
-            .map(|s| s.key)
-            .collect()
+        phase_steps(
+            &ctx(g),
+            Phase::Install,
+            t,
+            env,
+            &|_| Some("el".into()),
+            None,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|s| s.key)
+        .collect()
     }
 
     #[test]
@@ -292,7 +323,9 @@ mod tests {
     fn env_change_changes_every_key() {
         let t = tree();
         let a = keys(t.path(), Granularity::Hook, &BTreeMap::new());
-        let env = [("DIB_X".to_string(), "1".to_string())].into_iter().collect();
+        let env = [("DIB_X".to_string(), "1".to_string())]
+            .into_iter()
+            .collect();
         let b = keys(t.path(), Granularity::Hook, &env);
         assert!(a.iter().zip(&b).all(|(x, y)| x != y));
     }

@@ -311,7 +311,14 @@ pub fn base_environment(
         ("DIB_DEBUG_TRACE", settings.trace.to_string()),
         ("DIB_ARGS", settings.dib_args()),
         ("DIB_ENV", dib_env),
-        ("DIB_PYTHON_EXEC", settings.user_env.get("DIB_PYTHON_EXEC").cloned().unwrap_or_else(default_python)),
+        (
+            "DIB_PYTHON_EXEC",
+            settings
+                .user_env
+                .get("DIB_PYTHON_EXEC")
+                .cloned()
+                .unwrap_or_else(default_python),
+        ),
         (
             "DIB_NO_TMPFS",
             if settings.use_tmpfs {

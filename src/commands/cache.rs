@@ -14,7 +14,11 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn short(k: &str) -> &str {
@@ -66,8 +70,16 @@ pub fn run(args: CacheArgs) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&u)?);
             } else {
                 println!("blobs      {:>8}  {}", u.blobs, human(u.blob_bytes));
-                println!("  orphaned {:>8}  {}", u.orphan_blobs, human(u.orphan_bytes));
-                println!("layers     {:>8}  {} uncompressed", u.layers, human(u.layer_bytes));
+                println!(
+                    "  orphaned {:>8}  {}",
+                    u.orphan_blobs,
+                    human(u.orphan_bytes)
+                );
+                println!(
+                    "layers     {:>8}  {} uncompressed",
+                    u.layers,
+                    human(u.layer_bytes)
+                );
                 println!("steps      {:>8}", u.steps);
                 println!("outputs    {:>8}", u.outputs);
                 println!("builds     {:>8}", u.builds);

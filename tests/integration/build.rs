@@ -33,7 +33,9 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
     let m = f.build_ok(&[]);
     assert_eq!(m.ran(), ALL_STEPS);
     let tar = f.out("img.tar");
-    let env = f.tar_member(&tar, "./etc/fixture/install-env").expect("install-env in tar");
+    let env = f
+        .tar_member(&tar, "./etc/fixture/install-env")
+        .expect("install-env in tar");
     for want in [
         "HOME=/root",
         "TMPDIR=unset",
@@ -47,16 +49,35 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
         "hooks=ro",
         "hooks-visible=yes",
     ] {
-        assert!(env.lines().any(|l| l == want), "{want:?} not in install-env:\n{env}");
+        assert!(
+            env.lines().any(|l| l == want),
+            "{want:?} not in install-env:\n{env}"
+        );
     }
-    assert_eq!(f.tar_member(&tar, "./etc/fixture/extra-data").unwrap().trim(), "extra-data unset");
-    assert!(f.tar_member(&tar, "./etc/fixture/cleanup").unwrap().starts_with("cleanup /"));
-    assert!(f.tar_member(&tar, "./etc/fixture/post-root").unwrap().contains("unset"));
+    assert_eq!(
+        f.tar_member(&tar, "./etc/fixture/extra-data")
+            .unwrap()
+            .trim(),
+        "extra-data unset"
+    );
+    assert!(
+        f.tar_member(&tar, "./etc/fixture/cleanup")
+            .unwrap()
+            .starts_with("cleanup /")
+    );
+    assert!(
+        f.tar_member(&tar, "./etc/fixture/post-root")
+            .unwrap()
+            .contains("unset")
+    );
     // post-install.d removed a file install.d made.
     assert!(f.tar_member(&tar, "./etc/fixture/middle").is_none());
     // dib's end-of-build clean-up: /tmp emptied, logs truncated, no in_target.d left behind.
     let list = f.tar_list(&tar);
-    assert!(!list.iter().any(|p| p.starts_with("./tmp/scratch-file")), "{list:?}");
+    assert!(
+        !list.iter().any(|p| p.starts_with("./tmp/scratch-file")),
+        "{list:?}"
+    );
     assert!(!list.iter().any(|p| p.contains("in_target.d")), "{list:?}");
     assert_eq!(f.tar_member(&tar, "./var/log/fixture.log").unwrap(), "");
 }
@@ -75,14 +96,24 @@ fn identical_rerun_runs_nothing_and_writes_the_same_tar() {
 fn editing_the_last_install_hook_reruns_it_and_later_steps_only() {
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
-    edit_hook(&f, "fixture-app/install.d/90-last", "#!/bin/bash\necho last-v2 > /etc/fixture/last\n");
+    edit_hook(
+        &f,
+        "fixture-app/install.d/90-last",
+        "#!/bin/bash\necho last-v2 > /etc/fixture/last\n",
+    );
     let second = f.build_ok(&[]);
-    let idx = ALL_STEPS.iter().position(|s| *s == "install.d/90-last").unwrap();
+    let idx = ALL_STEPS
+        .iter()
+        .position(|s| *s == "install.d/90-last")
+        .unwrap();
     assert_eq!(second.cached(), &ALL_STEPS[..idx]);
     assert_eq!(second.ran(), &ALL_STEPS[idx..]);
     assert_eq!(first.keys()[..idx], second.keys()[..idx]);
     let tar = f.out("img.tar");
-    assert_eq!(f.tar_member(&tar, "./etc/fixture/last").unwrap().trim(), "last-v2");
+    assert_eq!(
+        f.tar_member(&tar, "./etc/fixture/last").unwrap().trim(),
+        "last-v2"
+    );
     // Everything restored from the cache is still there.
     assert!(f.tar_member(&tar, "./etc/fixture/install-env").is_some());
     assert!(f.tar_member(&tar, "./bin/busybox").is_some());
@@ -93,13 +124,16 @@ fn editing_an_environment_file_reruns_everything() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
     fs::write(
-        f.elements().join("fixture-app/environment.d/20-fixture-app.bash"),
+        f.elements()
+            .join("fixture-app/environment.d/20-fixture-app.bash"),
         "export FIXTURE_APP=changed-${FIXTURE_GREETING}\n",
     )
     .unwrap();
     let second = f.build_ok(&[]);
     assert_eq!(second.ran(), ALL_STEPS);
-    let env = f.tar_member(&f.out("img.tar"), "./etc/fixture/install-env").unwrap();
+    let env = f
+        .tar_member(&f.out("img.tar"), "./etc/fixture/install-env")
+        .unwrap();
     assert!(env.contains("FIXTURE_APP=changed-hello"), "{env}");
 }
 
@@ -107,10 +141,20 @@ fn editing_an_environment_file_reruns_everything() {
 fn a_dib_variable_is_part_of_the_key() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
-    let out = f.build_cmd(&[]).env("DIB_FIXTURE_GREETING", "bonjour").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = f
+        .build_cmd(&[])
+        .env("DIB_FIXTURE_GREETING", "bonjour")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(f.manifest().ran(), ALL_STEPS);
-    let env = f.tar_member(&f.out("img.tar"), "./etc/fixture/install-env").unwrap();
+    let env = f
+        .tar_member(&f.out("img.tar"), "./etc/fixture/install-env")
+        .unwrap();
     assert!(env.contains("FIXTURE_APP=app-bonjour"), "{env}");
 }
 
@@ -118,11 +162,22 @@ fn a_dib_variable_is_part_of_the_key() {
 fn phase_granularity_caches_one_step_per_phase() {
     let f = BuildFixture::new();
     let m = f.build_ok(&["--granularity", "phase"]);
-    assert!(m.ran().contains(&"install.d/*".to_string()), "{:?}", m.ran());
+    assert!(
+        m.ran().contains(&"install.d/*".to_string()),
+        "{:?}",
+        m.ran()
+    );
     assert_eq!(m.ran().len(), 10, "{:?}", m.ran());
-    edit_hook(&f, "fixture-app/install.d/90-last", "#!/bin/bash\necho v3 > /etc/fixture/last\n");
+    edit_hook(
+        &f,
+        "fixture-app/install.d/90-last",
+        "#!/bin/bash\necho v3 > /etc/fixture/last\n",
+    );
     let m2 = f.build_ok(&["--granularity", "phase"]);
-    assert_eq!(m2.cached(), ["root.d/*", "extra-data.d/*", "pre-install.d/*"]);
+    assert_eq!(
+        m2.cached(),
+        ["root.d/*", "extra-data.d/*", "pre-install.d/*"]
+    );
 }
 
 #[test]
@@ -136,16 +191,29 @@ fn a_failing_hook_names_itself_and_a_fixed_rerun_resumes_there() {
     let out = f.build(&[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default();
     assert!(line.contains("install.d/20-middle"), "{err}");
     assert!(line.contains("fixture-app"), "{err}");
     assert!(line.contains("exit status 7"), "{err}");
-    assert!(err.contains("about to fail") && err.contains("to stderr"), "{err}");
+    assert!(
+        err.contains("about to fail") && err.contains("to stderr"),
+        "{err}"
+    );
     assert!(!f.out("img.tar").exists());
 
-    edit_hook(&f, "fixture-app/install.d/20-middle", "#!/bin/bash\necho fixed > /etc/fixture/middle\n");
+    edit_hook(
+        &f,
+        "fixture-app/install.d/20-middle",
+        "#!/bin/bash\necho fixed > /etc/fixture/middle\n",
+    );
     let m = f.build_ok(&[]);
-    let idx = ALL_STEPS.iter().position(|s| *s == "install.d/20-middle").unwrap();
+    let idx = ALL_STEPS
+        .iter()
+        .position(|s| *s == "install.d/20-middle")
+        .unwrap();
     assert_eq!(m.cached(), &ALL_STEPS[..idx]);
 }
 
@@ -154,7 +222,10 @@ fn rebuild_from_and_no_cache_force_reruns() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
     let m = f.build_ok(&["--rebuild-from", "post-install.d"]);
-    let idx = ALL_STEPS.iter().position(|s| *s == "post-install.d/10-post-install").unwrap();
+    let idx = ALL_STEPS
+        .iter()
+        .position(|s| *s == "post-install.d/10-post-install")
+        .unwrap();
     assert_eq!(m.ran(), &ALL_STEPS[idx..]);
     let m = f.build_ok(&["--no-cache"]);
     assert_eq!(m.ran(), ALL_STEPS);
@@ -169,9 +240,23 @@ fn two_builds_at_once_share_one_cache() {
     assert!(ra.status.success() && rb.status.success());
     f.assert_no_leftovers();
     let m = f.build_ok(&[]);
-    assert!(m.ran().is_empty(), "after two concurrent builds, ran: {:?}", m.ran());
-    let out = strata().arg("cache").arg("verify").arg("--cache-dir").arg(f.cache()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        m.ran().is_empty(),
+        "after two concurrent builds, ran: {:?}",
+        m.ran()
+    );
+    let out = strata()
+        .arg("cache")
+        .arg("verify")
+        .arg("--cache-dir")
+        .arg(f.cache())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -208,14 +293,25 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
         buf
     });
     let seen = reader.join().unwrap();
-    assert!(String::from_utf8_lossy(&seen).contains("holding"), "hold hook never ran");
+    assert!(
+        String::from_utf8_lossy(&seen).contains("holding"),
+        "hold hook never ran"
+    );
     assert!(started.elapsed() < Duration::from_secs(120));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     child.wait().unwrap();
     // The hook, its `sleep 300` and the namespace go with strata.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let survivors = std::process::Command::new("pgrep").arg("-f").arg("sleep 300").output().unwrap();
+        let survivors = std::process::Command::new("pgrep")
+            .arg("-f")
+            .arg("sleep 300")
+            .output()
+            .unwrap();
         if survivors.stdout.is_empty() {
             break;
         }
@@ -223,16 +319,27 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&*f.path().to_string_lossy()), "mounts left: {mounts}");
+    assert!(
+        !mounts.contains(&*f.path().to_string_lossy()),
+        "mounts left: {mounts}"
+    );
     // The killed build's empty folder may stay in TMP_DIR; a rerun resumes at the killed step.
     for e in fs::read_dir(f.path().join("tmp")).unwrap() {
         let p = e.unwrap().path();
-        assert_eq!(fs::read_dir(&p).map(|d| d.count()).unwrap_or(0), 0, "{} not empty", p.display());
+        assert_eq!(
+            fs::read_dir(&p).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{} not empty",
+            p.display()
+        );
         fs::remove_dir(&p).unwrap();
     }
     fs::remove_file(&hold).unwrap();
     let m = f.build_ok(&[]);
-    let idx = ALL_STEPS.iter().position(|s| *s == "post-root.d/10-post-root").unwrap();
+    let idx = ALL_STEPS
+        .iter()
+        .position(|s| *s == "post-root.d/10-post-root")
+        .unwrap();
     assert_eq!(m.cached(), &ALL_STEPS[..idx]);
 }
 
@@ -255,9 +362,16 @@ fn a_flipped_byte_in_a_blob_is_detected_dropped_and_rebuilt() {
     fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
     fs::write(&victim, bytes).unwrap();
     let out = f.build(&[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("corrupt"), "no warning about the corrupt blob:\n{err}");
+    assert!(
+        err.contains("corrupt"),
+        "no warning about the corrupt blob:\n{err}"
+    );
     let second = f.manifest();
     assert_eq!(second.ran()[0], "root.d/10-busybox-rootfs");
     assert_eq!(first.keys(), second.keys());
@@ -270,7 +384,10 @@ fn plan_lists_steps_with_keys_and_cache_state() {
         let mut c = f.build_cmd(&[]);
         // Same options, but `plan --json` instead of `build`.
         let args: Vec<_> = c.get_args().skip(1).map(|a| a.to_owned()).collect();
-        let envs: Vec<_> = c.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+        let envs: Vec<_> = c
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+            .collect();
         c = strata();
         c.arg("plan").arg("--json").args(args);
         for (k, v) in envs {
@@ -280,18 +397,36 @@ fn plan_lists_steps_with_keys_and_cache_state() {
             };
         }
         let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let before = plan(&f);
     let rows = before.as_array().unwrap();
     assert_eq!(rows.len(), ALL_STEPS.len());
-    assert!(rows.iter().all(|r| r["cached"] == false && r["key"].as_str().unwrap().len() == 64));
+    assert!(
+        rows.iter()
+            .all(|r| r["cached"] == false && r["key"].as_str().unwrap().len() == 64)
+    );
     let m = f.build_ok(&[]);
     let after = plan(&f);
-    let keys: Vec<_> = after.as_array().unwrap().iter().map(|r| r["key"].as_str().unwrap().to_string()).collect();
+    let keys: Vec<_> = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(keys, m.keys());
-    assert!(after.as_array().unwrap().iter().all(|r| r["cached"] == true));
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["cached"] == true)
+    );
 }
 
 #[test]
@@ -306,7 +441,9 @@ fn explain_names_the_changed_variable() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.lines().any(|l| l.starts_with("explain root.d/10-busybox-rootfs") && l.contains("DIB_FIXTURE_GREETING")),
+        err.lines()
+            .any(|l| l.starts_with("explain root.d/10-busybox-rootfs")
+                && l.contains("DIB_FIXTURE_GREETING")),
         "{err}"
     );
 }
@@ -317,7 +454,14 @@ fn missing_element_is_one_line_and_status_2() {
     let out = f.build(&["fixture-nope"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
     assert!(err.contains("fixture-nope"), "{err}");
-    assert!(!f.cache().join("blobs").exists() || fs::read_dir(f.cache().join("blobs")).unwrap().count() == 0);
+    assert!(
+        !f.cache().join("blobs").exists()
+            || fs::read_dir(f.cache().join("blobs")).unwrap().count() == 0
+    );
 }

@@ -14,8 +14,18 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn copy_tree(src: &Path, dst: &Path) {
-    let status = Command::new("cp").arg("-a").arg(src).arg(dst).status().unwrap();
-    assert!(status.success(), "cp -a {} {}", src.display(), dst.display());
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(src)
+        .arg(dst)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        src.display(),
+        dst.display()
+    );
 }
 
 /// A build sandbox for one test: elements, cache, TMP_DIR and outputs all under one temp dir.
@@ -25,8 +35,14 @@ pub struct BuildFixture {
 
 impl BuildFixture {
     pub fn new() -> BuildFixture {
-        let dir = tempfile::Builder::new().prefix("strata-it.").tempdir().unwrap();
-        copy_tree(&repo().join("tests/fixtures/build-elements"), &dir.path().join("elements"));
+        let dir = tempfile::Builder::new()
+            .prefix("strata-it.")
+            .tempdir()
+            .unwrap();
+        copy_tree(
+            &repo().join("tests/fixtures/build-elements"),
+            &dir.path().join("elements"),
+        );
         fs::create_dir_all(dir.path().join("tmp")).unwrap();
         fs::create_dir_all(dir.path().join("out")).unwrap();
         BuildFixture { dir }
@@ -68,7 +84,10 @@ impl BuildFixture {
             .arg(self.elements())
             .args(extra)
             .env_remove("ELEMENTS_PATH")
-            .env("STRATA_ELEMENTS_DIR", self.path().join("no-builtin-elements"))
+            .env(
+                "STRATA_ELEMENTS_DIR",
+                self.path().join("no-builtin-elements"),
+            )
             .env("TMP_DIR", self.path().join("tmp"))
             .env("DIB_FIXTURE_DIR", repo().join("tests/fixtures"))
             .env("DIB_IMAGE_CACHE", self.path().join("image-cache"))
@@ -113,14 +132,24 @@ impl BuildFixture {
 
     /// Lists a tar output's members (GNU tar reads it, so the output is a standard tar).
     pub fn tar_member(&self, tar: &Path, member: &str) -> Option<String> {
-        let out = Command::new("tar").arg("-xOf").arg(tar).arg(member).output().unwrap();
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = Command::new("tar")
+            .arg("-xOf")
+            .arg(tar)
+            .arg(member)
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn tar_list(&self, tar: &Path) -> Vec<String> {
         let out = Command::new("tar").arg("-tf").arg(tar).output().unwrap();
         assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -135,7 +164,11 @@ impl Manifest {
             .iter()
             .map(|s| {
                 (
-                    format!("{}/{}", s["phase"].as_str().unwrap(), s["hook"].as_str().unwrap()),
+                    format!(
+                        "{}/{}",
+                        s["phase"].as_str().unwrap(),
+                        s["hook"].as_str().unwrap()
+                    ),
                     s["cached"].as_bool().unwrap(),
                 )
             })
@@ -143,11 +176,19 @@ impl Manifest {
     }
 
     pub fn ran(&self) -> Vec<String> {
-        self.steps().into_iter().filter(|(_, c)| !c).map(|(s, _)| s).collect()
+        self.steps()
+            .into_iter()
+            .filter(|(_, c)| !c)
+            .map(|(s, _)| s)
+            .collect()
     }
 
     pub fn cached(&self) -> Vec<String> {
-        self.steps().into_iter().filter(|(_, c)| *c).map(|(s, _)| s).collect()
+        self.steps()
+            .into_iter()
+            .filter(|(_, c)| *c)
+            .map(|(s, _)| s)
+            .collect()
     }
 
     pub fn keys(&self) -> Vec<String> {
