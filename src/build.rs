@@ -299,6 +299,10 @@ impl<'a> Executor<'a> {
         if self.restored {
             return Ok(());
         }
+        if self.pending.is_empty() {
+            self.restored = true;
+            return Ok(());
+        }
         let store = self.store.context("restoring needs the cache")?;
         let started = Instant::now();
         let n = self.pending.len();
@@ -338,6 +342,14 @@ impl<'a> Executor<'a> {
             &origin,
             self.parent.as_deref(),
         )?;
+        if phase == Phase::Root && steps.is_empty() && !self.dry_run {
+            return Err(Failure::new(
+                Exit::BadInput,
+                "no element has a root.d hook, so nothing creates the image root (is an \
+                 operating-system element such as debian-minimal in the element list?)",
+            )
+            .into());
+        }
         // Steps are keyed in one chain per phase; a hook-tree change by an earlier step of the
         // same phase cannot change this phase's hook list (dib lists a phase's hooks once, too).
         for step in steps {
@@ -852,7 +864,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
         }
         Err(e) => format!(
             "failed: {}",
-            format!("{e:#}").lines().next().unwrap_or_default()
+            crate::error::render(e).lines().next().unwrap_or_default()
         ),
     };
     if let Some(store) = &store {
@@ -917,24 +929,26 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             && let Some(o) = store.get_output(&out_key)?
         {
             let started = Instant::now();
-            let mut blob = store.open_blob(&o.blob_digest)?;
-            let digest = {
-                let mut dec = zstd::Decoder::new(&mut blob)?;
-                write_file_hashed(&path, &mut dec)?
-            };
-            blob.finish()?;
-            store.touch_output(&out_key, now())?;
-            exec.timings.push((
-                format!("output {t} (cached)"),
-                started.elapsed().as_secs_f64(),
-            ));
-            out.push(OutputRecord {
-                r#type: t.clone(),
-                path: path.display().to_string(),
-                blake3: digest,
-                cached: true,
-            });
-            continue;
+            match restore_output(store, &o.blob_digest, &path) {
+                Ok(digest) => {
+                    store.touch_output(&out_key, now())?;
+                    exec.timings.push((
+                        format!("output {t} (cached)"),
+                        started.elapsed().as_secs_f64(),
+                    ));
+                    out.push(OutputRecord {
+                        r#type: t.clone(),
+                        path: path.display().to_string(),
+                        blake3: digest,
+                        cached: true,
+                    });
+                    continue;
+                }
+                Err(e) => tracing::warn!(
+                    "cached {t} output is corrupt ({}); writing it again from the layers",
+                    crate::error::render(&e)
+                ),
+            }
         }
         exec.restore()?;
         let started = Instant::now();
@@ -961,6 +975,20 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
         });
     }
     Ok(out)
+}
+
+/// Writes a cached output blob (zstd) to `path`; on a damaged blob, reads it to the end so the
+/// store sees the digest mismatch and deletes it.
+fn restore_output(store: &Store, digest: &str, path: &Path) -> Result<String> {
+    let mut blob = store.open_blob(digest)?;
+    let written = {
+        let mut dec = zstd::Decoder::new(&mut blob)?;
+        write_file_hashed(path, &mut dec)
+    };
+    let checked = blob.finish();
+    let digest = written?;
+    checked?;
+    Ok(digest)
 }
 
 /// A writer that feeds two writers.

@@ -62,3 +62,41 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
     Exit::BuildFailed as u8
 }
+
+/// The error chain as one message: each cause appended with ": ", unless the text so far already
+/// says it (many errors put their source in their own message).
+pub fn render(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_skips_causes_already_in_the_message() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let err = anyhow::Error::new(io).context("cannot start hook x: No such file");
+        assert_eq!(render(&err), "cannot start hook x: No such file");
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render(&err), "outer: inner");
+    }
+
+    #[test]
+    fn typed_errors_pick_their_exit_status() {
+        let e: anyhow::Error = Failure::bad_input("x").into();
+        assert_eq!(exit_code(&e), 2);
+        assert_eq!(exit_code(&anyhow::anyhow!("plain")), 1);
+    }
+}

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     match strata::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", strata::error::render(&err));
             ExitCode::from(strata::error::exit_code(&err))
         }
     }

@@ -220,7 +220,7 @@ impl Settings {
     pub fn dib_args(&self) -> String {
         let mut args = vec![
             "-o".to_string(),
-            self.image_name.clone(),
+            image_base_name(&self.image_name),
             "-t".into(),
             self.image_types.join(","),
             "-a".into(),
@@ -384,17 +384,28 @@ pub fn phase_environment(
     env
 }
 
-/// The environment as it enters a step key: volatile values replaced by their names.
+/// The environment as it enters a step key: volatile values replaced by their names, and
+/// `IMAGE_NAME` reduced to its file name (`-o` may carry the output folder, which differs
+/// between machines; what hooks derive from it is the name, as dib's manifests do).
 pub fn normalise_for_key(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     env.iter()
         .map(|(k, v)| {
             if VOLATILE.contains(&k.as_str()) {
                 (k.clone(), format!("<{k}>"))
+            } else if k == "IMAGE_NAME" {
+                (k.clone(), image_base_name(v))
             } else {
                 (k.clone(), v.clone())
             }
         })
         .collect()
+}
+
+fn image_base_name(name: &str) -> String {
+    Path::new(name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| name.to_string())
 }
 
 #[cfg(test)]
@@ -501,8 +512,13 @@ mod tests {
 
     #[test]
     fn volatile_values_are_normalised_others_kept() {
-        let n = normalise_for_key(&env(&[("TMP_BUILD_DIR", "/tmp/x1"), ("ARCH", "amd64")]));
+        let n = normalise_for_key(&env(&[
+            ("TMP_BUILD_DIR", "/tmp/x1"),
+            ("ARCH", "amd64"),
+            ("IMAGE_NAME", "/home/ci/job7/out/deb"),
+        ]));
         assert_eq!(n["TMP_BUILD_DIR"], "<TMP_BUILD_DIR>");
         assert_eq!(n["ARCH"], "amd64");
+        assert_eq!(n["IMAGE_NAME"], "deb");
     }
 }

@@ -34,7 +34,7 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
     assert_eq!(m.ran(), ALL_STEPS);
     let tar = f.out("img.tar");
     let env = f
-        .tar_member(&tar, "./etc/fixture/install-env")
+        .tar_member(&tar, "etc/fixture/install-env")
         .expect("install-env in tar");
     for want in [
         "HOME=/root",
@@ -55,31 +55,28 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
         );
     }
     assert_eq!(
-        f.tar_member(&tar, "./etc/fixture/extra-data")
-            .unwrap()
-            .trim(),
+        f.tar_member(&tar, "etc/fixture/extra-data").unwrap().trim(),
         "extra-data unset"
     );
-    assert!(
-        f.tar_member(&tar, "./etc/fixture/cleanup")
-            .unwrap()
-            .starts_with("cleanup /")
+    assert_eq!(
+        f.tar_member(&tar, "etc/fixture/cleanup").unwrap().trim(),
+        "cleanup target-root-set"
     );
     assert!(
-        f.tar_member(&tar, "./etc/fixture/post-root")
+        f.tar_member(&tar, "etc/fixture/post-root")
             .unwrap()
             .contains("unset")
     );
     // post-install.d removed a file install.d made.
-    assert!(f.tar_member(&tar, "./etc/fixture/middle").is_none());
+    assert!(f.tar_member(&tar, "etc/fixture/middle").is_none());
     // dib's end-of-build clean-up: /tmp emptied, logs truncated, no in_target.d left behind.
     let list = f.tar_list(&tar);
     assert!(
-        !list.iter().any(|p| p.starts_with("./tmp/scratch-file")),
+        !list.iter().any(|p| p.starts_with("tmp/scratch-file")),
         "{list:?}"
     );
     assert!(!list.iter().any(|p| p.contains("in_target.d")), "{list:?}");
-    assert_eq!(f.tar_member(&tar, "./var/log/fixture.log").unwrap(), "");
+    assert_eq!(f.tar_member(&tar, "var/log/fixture.log").unwrap(), "");
 }
 
 #[test]
@@ -111,12 +108,12 @@ fn editing_the_last_install_hook_reruns_it_and_later_steps_only() {
     assert_eq!(first.keys()[..idx], second.keys()[..idx]);
     let tar = f.out("img.tar");
     assert_eq!(
-        f.tar_member(&tar, "./etc/fixture/last").unwrap().trim(),
+        f.tar_member(&tar, "etc/fixture/last").unwrap().trim(),
         "last-v2"
     );
     // Everything restored from the cache is still there.
-    assert!(f.tar_member(&tar, "./etc/fixture/install-env").is_some());
-    assert!(f.tar_member(&tar, "./bin/busybox").is_some());
+    assert!(f.tar_member(&tar, "etc/fixture/install-env").is_some());
+    assert!(f.tar_member(&tar, "bin/busybox").is_some());
 }
 
 #[test]
@@ -132,7 +129,7 @@ fn editing_an_environment_file_reruns_everything() {
     let second = f.build_ok(&[]);
     assert_eq!(second.ran(), ALL_STEPS);
     let env = f
-        .tar_member(&f.out("img.tar"), "./etc/fixture/install-env")
+        .tar_member(&f.out("img.tar"), "etc/fixture/install-env")
         .unwrap();
     assert!(env.contains("FIXTURE_APP=changed-hello"), "{env}");
 }
@@ -153,7 +150,7 @@ fn a_dib_variable_is_part_of_the_key() {
     );
     assert_eq!(f.manifest().ran(), ALL_STEPS);
     let env = f
-        .tar_member(&f.out("img.tar"), "./etc/fixture/install-env")
+        .tar_member(&f.out("img.tar"), "etc/fixture/install-env")
         .unwrap();
     assert!(env.contains("FIXTURE_APP=app-bonjour"), "{env}");
 }
@@ -234,8 +231,11 @@ fn rebuild_from_and_no_cache_force_reruns() {
 #[test]
 fn two_builds_at_once_share_one_cache() {
     let f = BuildFixture::new();
-    let a = f.build_cmd_as("a", &[]).spawn().unwrap();
-    let b = f.build_cmd_as("b", &[]).spawn().unwrap();
+    // Same image name (it is part of the keys), different output folders.
+    fs::create_dir_all(f.out("a")).unwrap();
+    fs::create_dir_all(f.out("b")).unwrap();
+    let a = f.build_cmd_as("a/img", &[]).spawn().unwrap();
+    let b = f.build_cmd_as("b/img", &[]).spawn().unwrap();
     let (ra, rb) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(ra.status.success() && rb.status.success());
     f.assert_no_leftovers();
@@ -262,11 +262,10 @@ fn two_builds_at_once_share_one_cache() {
 #[test]
 fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
     let f = BuildFixture::new();
-    let hold = f.path().join("hold");
+    let hold = f.path().join("tmp/hold");
     fs::write(&hold, "").unwrap();
     let mut child = f
         .build_cmd(&[])
-        .env("DIB_FIXTURE_HOLD", &hold)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -324,6 +323,7 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
         "mounts left: {mounts}"
     );
     // The killed build's empty folder may stay in TMP_DIR; a rerun resumes at the killed step.
+    fs::remove_file(&hold).unwrap();
     for e in fs::read_dir(f.path().join("tmp")).unwrap() {
         let p = e.unwrap().path();
         assert_eq!(
@@ -334,7 +334,6 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
         );
         fs::remove_dir(&p).unwrap();
     }
-    fs::remove_file(&hold).unwrap();
     let m = f.build_ok(&[]);
     let idx = ALL_STEPS
         .iter()
@@ -345,36 +344,77 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
 
 #[test]
 fn a_flipped_byte_in_a_blob_is_detected_dropped_and_rebuilt() {
+    // SOURCE_DATE_EPOCH makes the fixture reproducible, so a rebuild must give the same bytes.
+    let sde = [("SOURCE_DATE_EPOCH", "1700000000")];
     let f = BuildFixture::new();
-    let first = f.build_ok(&[]);
-    // Corrupt the largest blob (the root.d layer).
-    let mut blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
+    let first = f.build_ok_with(&[], &sde);
+    // Flip one byte in every blob: the layers and the cached tar output.
+    let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
         .into_iter()
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_file())
-        .map(|e| (e.metadata().unwrap().len(), e.path().to_path_buf()))
+        .map(|e| e.path().to_path_buf())
         .collect();
-    blobs.sort();
-    let (_, victim) = blobs.last().unwrap().clone();
-    let mut bytes = fs::read(&victim).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
-    fs::write(&victim, bytes).unwrap();
-    let out = f.build(&[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(blobs.len() > 3, "{blobs:?}");
+    for victim in blobs {
+        let mut bytes = fs::read(&victim).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&victim, bytes).unwrap();
+    }
+    let out = f.build_cmd(&[]).envs(sde).output().unwrap();
+    f.assert_no_leftovers();
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
     assert!(
         err.contains("corrupt"),
-        "no warning about the corrupt blob:\n{err}"
+        "no warning about the corrupt blobs:\n{err}"
     );
     let second = f.manifest();
     assert_eq!(second.ran()[0], "root.d/10-busybox-rootfs");
     assert_eq!(first.keys(), second.keys());
+    // Rebuilt layers have the same diff ids and the output the same bytes; the cache is whole.
+    assert_eq!(first.diff_ids(), second.diff_ids());
+    assert_eq!(first.output_digest(), second.output_digest());
+    let third = f.build_ok_with(&[], &sde);
+    assert!(third.ran().is_empty(), "{:?}", third.ran());
+    assert_eq!(first.output_digest(), third.output_digest());
+}
+
+#[test]
+fn a_damaged_cached_output_is_written_again_from_the_layers() {
+    let f = BuildFixture::new();
+    let first = f.build_ok(&[]);
+    let outputs = strata()
+        .args(["cache", "ls", "--json", "--cache-dir"])
+        .arg(f.cache())
+        .output()
+        .unwrap();
+    assert!(outputs.status.success());
+    // The output blob is the one no step names: find it as the blob not among the layers.
+    let layers: Vec<String> = walkdir::WalkDir::new(f.cache().join("blobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().to_string_lossy().into_owned())
+        .collect();
+    let db = rusqlite::Connection::open(f.cache().join("index.sqlite")).unwrap();
+    let blob: String = db
+        .query_row("SELECT blob FROM outputs", [], |r| r.get(0))
+        .unwrap();
+    drop(db);
+    let victim = layers.iter().find(|p| p.ends_with(&blob)).unwrap();
+    let mut bytes = fs::read(victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::set_permissions(victim, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(victim, bytes).unwrap();
+    let second = f.build_ok(&[]);
+    assert!(second.ran().is_empty(), "{:?}", second.ran());
+    assert_eq!(first.output_digest(), second.output_digest());
+    let again = f.build_ok(&[]);
+    assert_eq!(first.output_digest(), again.output_digest());
 }
 
 #[test]

@@ -45,6 +45,7 @@ impl BuildFixture {
         );
         fs::create_dir_all(dir.path().join("tmp")).unwrap();
         fs::create_dir_all(dir.path().join("out")).unwrap();
+        fs::create_dir_all(dir.path().join("no-builtin-elements")).unwrap();
         BuildFixture { dir }
     }
 
@@ -105,7 +106,15 @@ impl BuildFixture {
     }
 
     pub fn build_ok(&self, extra: &[&str]) -> Manifest {
-        let out = self.build(extra);
+        self.build_ok_with(extra, &[])
+    }
+
+    /// `build_ok` with extra environment variables.
+    pub fn build_ok_with(&self, extra: &[&str], env: &[(&str, &str)]) -> Manifest {
+        let mut cmd = self.build_cmd(extra);
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        self.assert_no_leftovers();
         assert!(
             out.status.success(),
             "build failed: {}\n{}",
@@ -197,6 +206,15 @@ impl Manifest {
             .unwrap()
             .iter()
             .map(|s| s["key"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn diff_ids(&self) -> Vec<Option<String>> {
+        self.0["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["diff_id"].as_str().map(str::to_string))
             .collect()
     }
 
