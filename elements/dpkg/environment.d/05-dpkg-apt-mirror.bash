@@ -40,7 +40,7 @@ dib_apt_find_mirror() {
             sub(/-(security|updates|backports|proposed)$/, "", base)
             if (want == "debian") return !security && (base in debian)
             if (want == "debian-security") return security && (base in debian)
-            if (want == "ubuntu") return !security && ((base in ubuntu) || (release != "" && base == release))
+            if (want == "ubuntu") return !security && ((base in ubuntu) || (release != "" && base == release && !(base in debian)))
             return 0
         }
         function usable(uri) {
