@@ -15,7 +15,8 @@
 #     is an element here or provided by one;
 #   - no tabs, 4-space indentation in shell code (heredoc bodies and
 #     continuation lines excepted), no `which`;
-#   - no two elements ship the same hook name in the same phase folder;
+#   - no two elements ship the same file name in the same phase folder,
+#     bin/ or environment.d/ (the merged hooks tree would clash);
 #   - package-installs as YAML only (parsed when python3-yaml is present),
 #     pkg-map files valid JSON;
 #   - no URL with a host name (mirrors come from the host or the user).
@@ -172,6 +173,11 @@ for dir in "$elements"/*/; do
     if [ -d "$dir/bin" ]; then
         for tool in "$dir"/bin/*; do
             [ -f "$tool" ] || continue
+            name=$(basename "$tool")
+            if [ -n "${hook_owner[bin/$name]:-}" ]; then
+                fail "bin/$name is shipped by both ${hook_owner[bin/$name]} and $element"
+            fi
+            hook_owner[bin/$name]=$element
             check_script "$tool" tool
         done
     fi
@@ -180,6 +186,10 @@ for dir in "$elements"/*/; do
         for env in "$dir"/environment.d/*; do
             [ -f "$env" ] || continue
             name=$(basename "$env")
+            if [ -n "${hook_owner[environment.d/$name]:-}" ]; then
+                fail "environment.d/$name is shipped by both ${hook_owner[environment.d/$name]} and $element"
+            fi
+            hook_owner[environment.d/$name]=$element
             if [ -x "$env" ]; then
                 fail "$element/environment.d/$name: environment files must not be executable"
             fi
