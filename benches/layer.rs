@@ -1,7 +1,8 @@
 //! Layer pack/unpack benchmarks: a generated tree (5,000 files of mixed sizes in 100 dirs) and,
 //! when `STRATA_BENCH_ROOTFS=/path` is set, a real rootfs.
 //!
-//! `cargo bench --bench layer`. The end-to-end comparison with GNU tar + zstd is
+//! `cargo bench --bench layer`; unpack targets go under `STRATA_BENCH_TMP` (default: the system
+//! temp dir; `/dev/shm` measures tmpfs, which is where strata restores when memory allows). The end-to-end comparison with GNU tar + zstd is
 //! `benches/pack_vs_tar.sh`.
 
 use std::hint::black_box;
@@ -96,7 +97,11 @@ impl Drop for Target {
 }
 
 fn benches(c: &mut Criterion) {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = match std::env::var_os("STRATA_BENCH_TMP") {
+        Some(dir) => tempfile::tempdir_in(dir),
+        None => tempfile::tempdir(),
+    }
+    .expect("tempdir");
     let tree = tmp.path().join("tree");
     generate(&tree);
     bench_tree(c, "generated-5k", &tree, tmp.path());

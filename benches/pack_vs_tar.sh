@@ -8,7 +8,8 @@
 # unpack: zstd -dc x | tar -x (--xattrs --xattrs-include='*' --numeric-owner -p)
 #         vs  layer_tool unpack y DIR
 # Unpacks go to a directory next to the archives (WORK, default a temp dir under /tmp; set
-# WORK=/dev/shm/... to measure tmpfs). Prints each run, then medians and strata/tar ratios.
+# WORK=/dev/shm/... to measure tmpfs). Every timed command starts after a `sync`, so neither
+# side pays for the other's writeback. Prints each run, then medians and strata/tar ratios.
 set -euo pipefail
 
 ROOTFS=${1:?usage: $0 ROOTFS [RUNS]}
@@ -26,23 +27,20 @@ now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 declare -a TP SP TU SU
+# Runs a command after a sync and prints its wall time in seconds.
+timed() { sync; local t0; t0=$(now); "$@"; echo "$(now) - $t0" | bc; }
+pack_tar() { tar --sort=name --numeric-owner --xattrs -cf - -C "$ROOTFS" . | zstd -q -T0 -3 > "$WORK/tar.zst"; }
+pack_strata() { "$TOOL" pack "$ROOTFS" > "$WORK/strata.zst" 2>/dev/null; }
+unpack_tar() { zstd -q -dc "$WORK/tar.zst" | tar --xattrs --xattrs-include='*' --numeric-owner -p -xf - -C "$WORK/u-tar"; }
+unpack_strata() { "$TOOL" unpack "$WORK/strata.zst" "$WORK/u-strata" 2>/dev/null; }
+
 for i in $(seq 1 "$RUNS"); do
-    sync
-    t0=$(now)
-    tar --sort=name --numeric-owner --xattrs -cf - -C "$ROOTFS" . | zstd -q -T0 -3 > "$WORK/tar.zst"
-    t1=$(now)
-    "$TOOL" pack "$ROOTFS" > "$WORK/strata.zst" 2>/dev/null
-    t2=$(now)
+    TP+=("$(timed pack_tar)")
+    SP+=("$(timed pack_strata)")
     rm -rf "$WORK/u-tar" "$WORK/u-strata"
     mkdir "$WORK/u-tar" "$WORK/u-strata"
-    sync
-    t3=$(now)
-    zstd -q -dc "$WORK/tar.zst" | tar --xattrs --xattrs-include='*' --numeric-owner -p -xf - -C "$WORK/u-tar"
-    t4=$(now)
-    "$TOOL" unpack "$WORK/strata.zst" "$WORK/u-strata" 2>/dev/null
-    t5=$(now)
-    TP+=("$(echo "$t1 - $t0" | bc)"); SP+=("$(echo "$t2 - $t1" | bc)")
-    TU+=("$(echo "$t4 - $t3" | bc)"); SU+=("$(echo "$t5 - $t4" | bc)")
+    TU+=("$(timed unpack_tar)")
+    SU+=("$(timed unpack_strata)")
     printf 'run %d: pack tar+zstd %.3fs strata %.3fs | unpack zstd+tar %.3fs strata %.3fs\n' \
         "$i" "${TP[-1]}" "${SP[-1]}" "${TU[-1]}" "${SU[-1]}"
 done

@@ -7,7 +7,8 @@
 //! ```
 //! The layer info (diff id, sizes) goes to stderr.
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -19,14 +20,16 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let root = Path::new(dir);
             let s = layer::scan(root, &ScanOptions::default())?;
             let changes = layer::Changeset::full(&s);
-            let out = std::io::stdout().lock();
+            // Raw stdout (not Rust's line-buffered handle), with a big buffer.
+            let fd = std::io::stdout().as_fd().try_clone_to_owned()?;
+            let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
             let opts = PackOptions::default();
             let info = if cmd == "pack" {
-                layer::pack(root, &changes, out, &opts)?
+                layer::pack(root, &changes, &mut out, &opts)?
             } else {
-                layer::write_tar(root, &changes, out, &opts)?
+                layer::write_tar(root, &changes, &mut out, &opts)?
             };
-            std::io::stdout().flush()?;
+            out.flush()?;
             eprintln!(
                 "diff_id {} tar_size {} entries {}",
                 info.diff_id, info.tar_size, info.entries

@@ -141,6 +141,10 @@ fn decode(
 }
 
 /// Unpacks a zstd-compressed layer onto `target` (an existing directory), applying whiteouts.
+///
+/// Decompression and hashing run on a second thread (hence `Send`), overlapping the file writes
+/// the way `zstd -dc | tar -x` overlaps two processes. On any error the target is left partly
+/// written and must be discarded; nothing outside it has been touched.
 pub fn unpack(
     blob: impl Read + Send,
     target: &Path,
