@@ -1023,15 +1023,19 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// A temp file beside `path`, so the final rename is atomic.
 fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(".strata-out.")
         .tempfile_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    // Outputs are ordinary files (tempfile creates them 0600).
+    set_mode(tmp.path(), 0o644)?;
+    Ok(tmp)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

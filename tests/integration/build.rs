@@ -33,6 +33,10 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
     let m = f.build_ok(&[]);
     assert_eq!(m.ran(), ALL_STEPS);
     let tar = f.out("img.tar");
+    for out in [&tar, &f.out("img.strata.json")] {
+        let mode = fs::metadata(out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{} has mode {mode:o}", out.display());
+    }
     let env = f
         .tar_member(&tar, "etc/fixture/install-env")
         .expect("install-env in tar");
