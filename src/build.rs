@@ -923,6 +923,23 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             .finalize()
             .to_hex()
             .to_string();
+        let started = Instant::now();
+        if !exec.ran_any
+            && !exec.forcing
+            && let Some(digest) = unchanged_output(&settings.image_name, t, &last, &path)
+        {
+            out.push(OutputRecord {
+                r#type: t.clone(),
+                path: path.display().to_string(),
+                blake3: digest,
+                cached: true,
+            });
+            exec.timings.push((
+                format!("output {t} (unchanged)"),
+                started.elapsed().as_secs_f64(),
+            ));
+            continue;
+        }
         if let Some(store) = exec.store
             && !exec.ran_any
             && !exec.forcing
@@ -975,6 +992,27 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
         });
     }
     Ok(out)
+}
+
+/// The digest of `path` if the previous manifest says it was written from the same final step
+/// and the file still hashes to what that manifest recorded; then it need not be written again.
+fn unchanged_output(image_name: &str, kind: &str, last_key: &str, path: &Path) -> Option<String> {
+    let text = fs::read_to_string(format!("{image_name}.strata.json")).ok()?;
+    let prev: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let prev_last = prev["steps"].as_array()?.last()?["key"].as_str()?;
+    if prev_last != last_key {
+        return None;
+    }
+    let recorded = prev["outputs"]
+        .as_array()?
+        .iter()
+        .find(|o| o["type"] == kind)?["blake3"]
+        .as_str()?
+        .to_string();
+    let mut file = fs::File::open(path).ok()?;
+    let mut hasher = blake3::Hasher::new();
+    io::copy(&mut file, &mut hasher).ok()?;
+    (hasher.finalize().to_hex().as_str() == recorded).then_some(recorded)
 }
 
 /// Writes a cached output blob (zstd) to `path`; on a damaged blob, reads it to the end so the

@@ -94,6 +94,31 @@ fn identical_rerun_runs_nothing_and_writes_the_same_tar() {
 }
 
 #[test]
+fn a_deleted_or_altered_output_is_written_again_on_a_no_op_rerun() {
+    let f = BuildFixture::new();
+    let first = f.build_ok(&[]);
+    let tar = f.out("img.tar");
+    fs::remove_file(&tar).unwrap();
+    let second = f.build_ok(&[]);
+    assert!(second.ran().is_empty());
+    assert_eq!(first.output_digest(), second.output_digest());
+    assert_eq!(
+        blake3::hash(&fs::read(&tar).unwrap()).to_hex().as_str(),
+        first.output_digest()
+    );
+    // Same size, one byte different: found by the hash, rewritten from the cache.
+    let mut bytes = fs::read(&tar).unwrap();
+    bytes[1000] ^= 1;
+    fs::write(&tar, bytes).unwrap();
+    let third = f.build_ok(&[]);
+    assert!(third.ran().is_empty());
+    assert_eq!(
+        blake3::hash(&fs::read(&tar).unwrap()).to_hex().as_str(),
+        first.output_digest()
+    );
+}
+
+#[test]
 fn editing_the_last_install_hook_reruns_it_and_later_steps_only() {
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
