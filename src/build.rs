@@ -58,6 +58,8 @@ struct Prepared {
     image_element: String,
     image_element_yaml: String,
     elements_path: String,
+    /// Image paths (relative) that get a host cache folder bound on them during every step.
+    cache_mounts: Vec<PathBuf>,
 }
 
 fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
@@ -86,8 +88,14 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
         key::element_files_digest(resolved.iter().map(|e| (e.name.as_str(), e.path.as_path())))
             .context("cannot read element files")?;
     let mut extra = BTreeMap::new();
+    let mut cache_mounts = Vec::new();
     for e in &resolved {
         extra.extend(key::cache_inputs(&e.name, &e.path)?);
+        for m in read_cache_mounts(e)? {
+            if !cache_mounts.contains(&m) {
+                cache_mounts.push(m);
+            }
+        }
     }
     let image_element = resolved
         .iter()
@@ -118,7 +126,55 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
         image_element,
         image_element_yaml,
         elements_path,
+        cache_mounts,
     })
+}
+
+/// An element's `cache-mounts` file (a strata extension, like BuildKit's cache mounts): one
+/// absolute image path per line (`#` comments, blank lines ignored). During every step strata
+/// binds a host folder under DIB_IMAGE_CACHE there, so what hooks download is kept between
+/// builds and never enters the step layers.
+fn read_cache_mounts(e: &Element) -> Result<Vec<PathBuf>> {
+    let file = e.path.join("cache-mounts");
+    let text = match fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => {
+            return Err(Failure::bad_input(format!(
+                "element {}: cannot read {}: {err}",
+                e.name,
+                file.display()
+            ))
+            .into());
+        }
+    };
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let p = Path::new(line);
+        let ok = p.is_absolute()
+            && p.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            })
+            && p.components().count() > 1;
+        if !ok {
+            return Err(Failure::bad_input(format!(
+                "element {}: {} line {}: '{line}' is not an absolute path below / without '..'",
+                e.name,
+                file.display(),
+                n + 1
+            ))
+            .into());
+        }
+        out.push(p.strip_prefix("/").unwrap_or(p).to_path_buf());
+    }
+    Ok(out)
 }
 
 impl Prepared {
@@ -210,9 +266,36 @@ struct Executor<'a> {
     views: Vec<StepView>,
     timings: Vec<(String, f64)>,
     ran_any: bool,
+    /// DISTRO_NAME as the current phase's environment.d sets it (names the cache-mount folders).
+    distro: String,
 }
 
 impl<'a> Executor<'a> {
+    /// Binds every cache mount whose image folder exists, each under an exclusive lock on its
+    /// host folder (held until the returned files drop), so concurrent builds sharing an image
+    /// cache take turns instead of tripping over apt's own locks.
+    fn bind_cache_mounts(&self, mounts: &mut ChrootMounts) -> Result<Vec<fs::File>> {
+        let mut locks = Vec::new();
+        let base = self
+            .prep
+            .settings
+            .image_cache
+            .join("strata-cache-mounts")
+            .join(format!("{}-{}", self.distro, self.prep.settings.arch));
+        for rel in &self.prep.cache_mounts {
+            let name = rel.to_string_lossy().replace('/', "_");
+            let source = base.join(&name);
+            fs::create_dir_all(&base)?;
+            let lock = fs::File::create(base.join(format!("{name}.lock")))?;
+            lock.lock()
+                .with_context(|| format!("cannot lock the cache folder {}", source.display()))?;
+            if mounts.bind_cache(rel, &source)? {
+                locks.push(lock);
+            }
+        }
+        Ok(locks)
+    }
+
     fn is_cached(&self, step: &Step) -> Result<Option<StepRecord>> {
         let Some(store) = self.store else {
             return Ok(None);
@@ -332,6 +415,11 @@ impl<'a> Executor<'a> {
 
     fn walk_phase(&mut self, phase: Phase) -> Result<()> {
         let key_env = self.prep.key_env(phase, &self.paths.hooks_dir)?;
+        self.distro = key_env
+            .get("DISTRO_NAME")
+            .filter(|d| !d.is_empty() && !d.contains('/'))
+            .cloned()
+            .unwrap_or_else(|| "any".into());
         let tree = &self.prep.tree;
         let origin = |rel: &Path| tree.origin(rel).map(str::to_string);
         let steps = plan::phase_steps(
@@ -500,14 +588,12 @@ impl<'a> Executor<'a> {
         match &step.action {
             Action::Hooks { phase, hooks } => {
                 let env = settings::phase_environment(&base, *phase, &self.paths);
-                let mounts = if phase.in_chroot() {
-                    Some(ChrootMounts::mount(
-                        &self.paths.mount_dir,
-                        &self.paths.hooks_dir,
-                    )?)
+                let mut mounts = if phase.in_chroot() {
+                    ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?
                 } else {
-                    None
+                    ChrootMounts::none(&self.paths.mount_dir)
                 };
+                let cache_locks = self.bind_cache_mounts(&mut mounts)?;
                 let files = env_files(&self.paths.hooks_dir)?;
                 let mut rows = Vec::new();
                 let mut result = Ok(());
@@ -544,9 +630,8 @@ impl<'a> Executor<'a> {
                         break;
                     }
                 }
-                if let Some(m) = mounts {
-                    m.unmount()?;
-                }
+                mounts.unmount()?;
+                drop(cache_locks);
                 if self.prep.settings.granularity == Granularity::Phase || hooks.len() > 1 {
                     reporter.println(&runner::timing_table(phase.dir_name(), &rows));
                 }
@@ -567,7 +652,8 @@ impl<'a> Executor<'a> {
                     ),
                 )?;
                 set_mode(&script, 0o755)?;
-                let mounts = ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?;
+                let mut mounts = ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?;
+                let cache_locks = self.bind_cache_mounts(&mut mounts)?;
                 let env = settings::phase_environment(&base, Phase::Install, &self.paths);
                 let run = HookRun {
                     phase: Phase::Install,
@@ -580,6 +666,7 @@ impl<'a> Executor<'a> {
                 };
                 let outcome = runner::run_hook(&run, reporter);
                 mounts.unmount()?;
+                drop(cache_locks);
                 fs::remove_file(&script)?;
                 let outcome = outcome?;
                 if !outcome.success {
@@ -661,6 +748,23 @@ fn shell_quote(s: &str) -> String {
 fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// What dib's core writes into the hook tree after root.d (so root.d does not see it): the
+/// default install type, unless an element ships that file itself.
+fn write_install_type_env(hooks_dir: &Path) -> Result<()> {
+    let dir = hooks_dir.join("environment.d");
+    let file = dir.join("11-dib-install-type.bash");
+    if file.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    fs::create_dir_all(&dir)?;
+    fs::write(
+        &file,
+        "export DIB_DEFAULT_INSTALLTYPE=${DIB_DEFAULT_INSTALLTYPE:-\"source\"}\n",
+    )
+    .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(())
 }
 
 /// dib fails a build whose root.d left nothing but `lost+found`/`tmp` in the tree.
@@ -828,6 +932,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
         views: Vec::new(),
         timings: Vec::new(),
         ran_any: false,
+        distro: "any".into(),
     };
     // Nothing is restored until the first miss; from then on the tree is live and cached steps
     // (possible after a --cache-ttl rerun) are applied as they come.
@@ -897,6 +1002,9 @@ pub fn build(args: BuildArgs) -> Result<()> {
 fn walk_all(exec: &mut Executor) -> Result<()> {
     for phase in Phase::ALL {
         exec.walk_phase(phase)?;
+        if phase == Phase::Root {
+            write_install_type_env(&exec.paths.hooks_dir)?;
+        }
     }
     let step = plan::finalise_base_step(&exec.prep.key_ctx, exec.parent.as_deref());
     exec.walk_step(step)
@@ -1166,6 +1274,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         views: Vec::new(),
         timings: Vec::new(),
         ran_any: false,
+        distro: "any".into(),
     };
     walk_all(&mut exec)?;
     if args.json {

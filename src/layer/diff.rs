@@ -2,7 +2,8 @@
 //!
 //! A merge join over both sorted scans:
 //! * only after, or changed ([`Meta::changed`]) → written;
-//! * only before → one whiteout for the topmost deleted path (its children are covered);
+//! * only before → one whiteout for the topmost deleted path (its children are covered),
+//!   unless `after` excluded that path (a mount point hides it: unseen is not deleted);
 //! * a type change (dir ↔ file …) → just written: the unpacker replaces what is there;
 //! * a directory whose inode changed (removed and recreated) → written as *opaque*, with its
 //!   whole new subtree, so nothing of the old contents survives.
@@ -154,7 +155,8 @@ pub fn diff(before: &Scan, after: &Scan) -> Changeset {
         match ord {
             std::cmp::Ordering::Less => {
                 let (bp, _) = &b[i];
-                if !under(bp, &covered) {
+                // Hidden by a mount in `after` (a hook's bind mount): unseen, not deleted.
+                if !under(bp, &covered) && !after.hides(bp) {
                     out.push(Change {
                         path: bp.clone(),
                         kind: ChangeKind::Whiteout,

@@ -116,6 +116,9 @@ impl Meta {
 pub struct Scan {
     root: PathBuf,
     entries: Vec<(Vec<u8>, Meta)>,
+    /// The excluded paths (mount points): what is at or below them was not seen, so a diff
+    /// must not read their absence as a deletion.
+    excluded: Vec<Vec<u8>>,
 }
 
 impl Scan {
@@ -154,6 +157,13 @@ impl Scan {
 
     pub(crate) fn entries(&self) -> &[(Vec<u8>, Meta)] {
         &self.entries
+    }
+
+    /// True if `rel` is at or below a path this scan excluded.
+    pub(crate) fn hides(&self, rel: &[u8]) -> bool {
+        self.excluded
+            .iter()
+            .any(|x| rel == x.as_slice() || super::is_below(rel, x))
     }
 }
 
@@ -253,6 +263,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
     Ok(Scan {
         root: root.to_path_buf(),
         entries,
+        excluded: excludes,
     })
 }
 

@@ -950,3 +950,38 @@ proptest! {
         assert_same_tree(&src, &dst);
     }
 }
+
+#[test]
+fn a_path_hidden_by_an_exclude_is_not_whited_out() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    fs::create_dir_all(root.join("var/cache/apt/archives")).unwrap();
+    fs::write(root.join("var/cache/apt/archives/lock"), "").unwrap();
+    fs::write(root.join("etc"), "x").unwrap();
+    let before = scan(root, &ScanOptions { exclude: vec![] }).unwrap();
+    // A hook bind-mounts something on archives: the scan skips it, the diff must not delete it.
+    let after = scan(
+        root,
+        &ScanOptions {
+            exclude: vec![PathBuf::from("var/cache/apt/archives")],
+        },
+    )
+    .unwrap();
+    let changes = diff(&before, &after);
+    assert!(
+        changes.is_empty(),
+        "{:?}",
+        changes.iter().collect::<Vec<_>>()
+    );
+    // A real deletion next to it is still a whiteout.
+    fs::remove_file(root.join("etc")).unwrap();
+    let after = scan(
+        root,
+        &ScanOptions {
+            exclude: vec![PathBuf::from("var/cache/apt/archives")],
+        },
+    )
+    .unwrap();
+    let changes = diff(&before, &after);
+    assert_eq!(changes.deleted().count(), 1);
+}

@@ -193,6 +193,51 @@ impl ChrootMounts {
         self.undo()
     }
 
+    /// A session with no mounts yet, for host steps that only get cache mounts.
+    pub fn none(root: &Path) -> ChrootMounts {
+        ChrootMounts {
+            root: root.to_path_buf(),
+            mounted: Vec::new(),
+            created: Vec::new(),
+            touched: Vec::new(),
+            resolv_aside: false,
+            resolv_copy: None,
+            done: false,
+        }
+    }
+
+    /// Binds the host folder `source` on `root/<rel>` (a cache mount: what hooks write there is
+    /// kept on the host between builds and never enters the image's layers), but only if
+    /// `root/<rel>` already is a real directory reached through real directories; otherwise it
+    /// does nothing and returns false. `source` is created if missing.
+    pub fn bind_cache(&mut self, rel: &Path, source: &Path) -> Result<bool, SandboxError> {
+        let mut cur = self.root.clone();
+        for comp in rel.components() {
+            let Component::Normal(name) = comp else {
+                continue;
+            };
+            cur.push(name);
+            match fs::symlink_metadata(&cur) {
+                Ok(meta) if meta.is_dir() => {}
+                _ => return Ok(false),
+            }
+        }
+        if cur == self.root {
+            return Ok(false);
+        }
+        fs::create_dir_all(source)
+            .map_err(|e| SandboxError::io("create the cache folder", source, e))?;
+        self.mount_one(
+            "a cache folder",
+            Some(source),
+            &cur,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+        Ok(true)
+    }
+
     /// `root/<rel>` with every existing component checked to be a real directory; missing
     /// ones are created (and remembered).
     fn ensure_dir(&mut self, rel: &str, mode: u32) -> Result<PathBuf, SandboxError> {

@@ -84,6 +84,31 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
 }
 
 #[test]
+fn cache_mounts_keep_downloads_on_the_host_and_out_of_the_image() {
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let list = f.tar_list(&f.out("img.tar"));
+    assert!(
+        list.iter().any(|p| p == "var/cache/fixture-downloads/"),
+        "{list:?}"
+    );
+    assert!(!list.iter().any(|p| p.contains("pkg.deb")), "{list:?}");
+    let kept = f
+        .path()
+        .join("image-cache/strata-cache-mounts/fixture-")
+        .to_string_lossy()
+        .into_owned();
+    let found: Vec<_> = walkdir::WalkDir::new(f.path().join("image-cache"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "pkg.deb")
+        .map(|e| e.path().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].starts_with(&kept), "{found:?}");
+}
+
+#[test]
 fn identical_rerun_runs_nothing_and_writes_the_same_tar() {
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
