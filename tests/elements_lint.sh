@@ -117,6 +117,15 @@ check_script() {
 }
 
 declare -A known=()
+# Two elements that provide the same virtual name can never be in one build (dib refuses), so
+# the same file name in both is not a clash.
+alternatives() {
+    local a="$1" b="$2"
+    [ -f "$elements/$a/element-provides" ] && [ -f "$elements/$b/element-provides" ] || return 1
+    [ -n "$(LC_ALL=C comm -12 <(LC_ALL=C sort "$elements/$a/element-provides") \
+        <(LC_ALL=C sort "$elements/$b/element-provides"))" ]
+}
+
 for dir in "$elements"/*/; do
     known[$(basename "$dir")]=1
 done
@@ -162,7 +171,7 @@ for dir in "$elements"/*/; do
             if ! [[ $name =~ ^[0-9A-Za-z_-]+$ ]]; then
                 fail "$element/$phase/$name: the phase runner skips names with characters other than [0-9A-Za-z_-]"
             fi
-            if [ -n "${hook_owner[$phase/$name]:-}" ]; then
+            if [ -n "${hook_owner[$phase/$name]:-}" ] && ! alternatives "${hook_owner[$phase/$name]}" "$element"; then
                 fail "$phase/$name is shipped by both ${hook_owner[$phase/$name]} and $element"
             fi
             hook_owner[$phase/$name]=$element
@@ -174,7 +183,7 @@ for dir in "$elements"/*/; do
         for tool in "$dir"/bin/*; do
             [ -f "$tool" ] || continue
             name=$(basename "$tool")
-            if [ -n "${hook_owner[bin/$name]:-}" ]; then
+            if [ -n "${hook_owner[bin/$name]:-}" ] && ! alternatives "${hook_owner[bin/$name]}" "$element"; then
                 fail "bin/$name is shipped by both ${hook_owner[bin/$name]} and $element"
             fi
             hook_owner[bin/$name]=$element
@@ -186,7 +195,7 @@ for dir in "$elements"/*/; do
         for env in "$dir"/environment.d/*; do
             [ -f "$env" ] || continue
             name=$(basename "$env")
-            if [ -n "${hook_owner[environment.d/$name]:-}" ]; then
+            if [ -n "${hook_owner[environment.d/$name]:-}" ] && ! alternatives "${hook_owner[environment.d/$name]}" "$element"; then
                 fail "environment.d/$name is shipped by both ${hook_owner[environment.d/$name]} and $element"
             fi
             hook_owner[environment.d/$name]=$element
