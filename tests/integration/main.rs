@@ -1,6 +1,7 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
 
 mod build;
+mod debian;
 mod dib_helpers;
 mod elements;
 mod harness;
