@@ -591,7 +591,7 @@ impl<'a> Executor<'a> {
                 let mut mounts = if phase.in_chroot() {
                     ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?
                 } else {
-                    ChrootMounts::none(&self.paths.mount_dir)
+                    ChrootMounts::host(&self.paths.mount_dir)?
                 };
                 let cache_locks = self.bind_cache_mounts(&mut mounts)?;
                 let files = env_files(&self.paths.hooks_dir)?;

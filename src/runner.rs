@@ -129,6 +129,9 @@ impl Reporter {
             ProgressBar::hidden()
         };
         install_interrupt_handlers();
+        if tty {
+            crate::logging::set_progress_bar(Some(bar.clone()));
+        }
         Ok(Reporter {
             bar,
             tty,
@@ -184,12 +187,13 @@ impl Reporter {
     /// Clears the spinner.
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+        crate::logging::set_progress_bar(None);
     }
 }
 
 impl Drop for Reporter {
     fn drop(&mut self) {
-        self.bar.finish_and_clear();
+        self.finish();
     }
 }
 

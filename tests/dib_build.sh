@@ -24,6 +24,7 @@ if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
 fi
 [ -n "$mirror" ] || { echo "dib_build: no Debian mirror in the host's apt sources; set DIB_DISTRIBUTION_MIRROR" >&2; exit 1; }
 
+mkdir -p "$work/none"
 cd "$work"
 # dib defaults to DIB_RELEASE=stable with updates and security suites; pin the release and
 # use the one mirror the host has.

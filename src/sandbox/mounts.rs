@@ -193,7 +193,21 @@ impl ChrootMounts {
         self.undo()
     }
 
-    /// A session with no mounts yet, for host steps that only get cache mounts.
+    /// The session of a host step: no proc/dev/sys, but once the image has an `/etc`, the
+    /// host's resolv.conf in place, as chroot steps get it (host hooks such as a base install
+    /// often chroot themselves and need name resolution; the image's own file stays untouched).
+    pub fn host(root: &Path) -> Result<ChrootMounts, SandboxError> {
+        let mut m = ChrootMounts::none(root);
+        if fs::symlink_metadata(root.join("etc")).is_ok_and(|e| e.is_dir()) {
+            m.mount_resolv_conf()?;
+            for t in &mut m.touched {
+                t.after = mtime_of(&t.path);
+            }
+        }
+        Ok(m)
+    }
+
+    /// A session with no mounts yet.
     pub fn none(root: &Path) -> ChrootMounts {
         ChrootMounts {
             root: root.to_path_buf(),

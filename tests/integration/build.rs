@@ -62,6 +62,10 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
         f.tar_member(&tar, "etc/fixture/extra-data").unwrap().trim(),
         "extra-data unset"
     );
+    if fs::metadata("/etc/resolv.conf").is_ok() {
+        let pf = f.tar_member(&tar, "etc/fixture/pre-finalise").unwrap();
+        assert!(pf.contains("host-resolv=yes"), "{pf}");
+    }
     assert_eq!(
         f.tar_member(&tar, "etc/fixture/cleanup").unwrap().trim(),
         "cleanup target-root-set"
