@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Host variables that reach hooks unchanged (besides every `DIB_*` variable).
-const PASSTHROUGH: &[&str] = &[
+/// Proxy settings: passed to hooks, kept out of keys (how packages are fetched, not what).
+const PROXIES: &[&str] = &[
     "http_proxy",
     "https_proxy",
     "no_proxy",
@@ -23,16 +23,17 @@ const PASSTHROUGH: &[&str] = &[
     "HTTPS_PROXY",
     "NO_PROXY",
     "FTP_PROXY",
-    "SOURCE_DATE_EPOCH",
-    "FS_TYPE",
-    "TERM",
 ];
+
+/// Host variables, besides every `DIB_*` one and [`PROXIES`], that reach hooks unchanged.
+const PASSTHROUGH: &[&str] = &["SOURCE_DATE_EPOCH", "FS_TYPE", "TERM"];
 
 /// The exported bash function `get_image_element_array`, as bash passes functions on.
 pub const IMAGE_ELEMENT_FN: &str = "BASH_FUNC_get_image_element_array%%";
 
-/// Variables whose value differs between machines or runs without changing what a step produces.
-/// They reach hooks with their real value but enter step keys as a placeholder.
+/// Variables whose value differs between machines or runs without changing what a step produces
+/// (besides [`PROXIES`]). They reach hooks with their real value but enter step keys as a
+/// placeholder.
 pub const VOLATILE: &[&str] = &[
     "TMP_BUILD_DIR",
     "TMP_IMAGE_DIR",
@@ -49,15 +50,12 @@ pub const VOLATILE: &[&str] = &[
     "DIB_DEBUG_TRACE",
     "DIB_PYTHON_EXEC",
     "TERM",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "ftp_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "FTP_PROXY",
 ];
+
+/// True for a variable whose value enters keys as a placeholder.
+fn is_volatile(name: &str) -> bool {
+    VOLATILE.contains(&name) || PROXIES.contains(&name)
+}
 
 /// Where `--rebuild-from` starts forcing reruns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +157,11 @@ impl Settings {
             .unwrap_or_else(|| Path::new(&home).join(".cache/image-create"));
         let mut user_env: BTreeMap<String, String> = env
             .iter()
-            .filter(|(k, _)| k.starts_with("DIB_") || PASSTHROUGH.contains(&k.as_str()))
+            .filter(|(k, _)| {
+                k.starts_with("DIB_")
+                    || PASSTHROUGH.contains(&k.as_str())
+                    || PROXIES.contains(&k.as_str())
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if let Some(t) = &opts.install_type {
@@ -390,7 +392,7 @@ pub fn phase_environment(
 pub fn normalise_for_key(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     env.iter()
         .map(|(k, v)| {
-            if VOLATILE.contains(&k.as_str()) {
+            if is_volatile(k) {
                 (k.clone(), format!("<{k}>"))
             } else if k == "IMAGE_NAME" {
                 (k.clone(), image_base_name(v))

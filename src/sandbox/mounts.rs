@@ -90,15 +90,7 @@ impl ChrootMounts {
                 reason: "the chroot root is not a directory".into(),
             });
         }
-        let mut m = ChrootMounts {
-            root: root.to_path_buf(),
-            mounted: Vec::new(),
-            created: Vec::new(),
-            touched: Vec::new(),
-            resolv_aside: false,
-            resolv_copy: None,
-            done: false,
-        };
+        let mut m = ChrootMounts::none(root);
         // On any error below, `m` is dropped and Drop undoes what was done.
         let noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
