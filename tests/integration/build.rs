@@ -563,3 +563,118 @@ fn missing_element_is_one_line_and_status_2() {
             || fs::read_dir(f.cache().join("blobs")).unwrap().count() == 0
     );
 }
+
+#[test]
+fn cache_ttl_treats_older_steps_as_misses() {
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let fresh = f.build_ok(&["--cache-ttl", "1h"]);
+    assert!(fresh.ran().is_empty(), "{:?}", fresh.ran());
+    std::thread::sleep(Duration::from_millis(2100));
+    let stale = f.build_ok(&["--cache-ttl", "1s"]);
+    assert_eq!(stale.ran(), ALL_STEPS);
+}
+
+#[test]
+fn a_cache_inputs_host_file_is_part_of_the_key() {
+    let f = BuildFixture::new();
+    let host_file = f.path().join("host-input.conf");
+    fs::write(&host_file, "v1").unwrap();
+    fs::write(
+        f.elements().join("fixture-app/cache-inputs"),
+        format!("# read by extra-data.d\n{}\n", host_file.display()),
+    )
+    .unwrap();
+    f.build_ok(&[]);
+    assert!(f.build_ok(&[]).ran().is_empty());
+    fs::write(&host_file, "v2").unwrap();
+    assert_eq!(f.build_ok(&[]).ran(), ALL_STEPS);
+}
+
+#[test]
+fn cache_commands_list_size_explain_remove_and_collect() {
+    let f = BuildFixture::new();
+    let first = f.build_ok(&[]);
+    let cache = |args: &[&str]| {
+        let out = strata()
+            .arg("cache")
+            .args(args)
+            .arg("--cache-dir")
+            .arg(f.cache())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cache {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ls: serde_json::Value = serde_json::from_str(&cache(&["ls", "--json"])).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), ALL_STEPS.len());
+    let du: serde_json::Value = serde_json::from_str(&cache(&["du", "--json"])).unwrap();
+    assert!(du["blob_bytes"].as_u64().unwrap() > 0);
+
+    // Explain the install.d/90-last step after an edit: it names the hook that changed.
+    edit_hook(
+        &f,
+        "fixture-app/install.d/90-last",
+        "#!/bin/bash\necho v9 > /etc/fixture/last\n",
+    );
+    let second = f.build_ok(&[]);
+    let idx = ALL_STEPS
+        .iter()
+        .position(|s| *s == "install.d/90-last")
+        .unwrap();
+    let key = &second.keys()[idx];
+    let explain: serde_json::Value =
+        serde_json::from_str(&cache(&["explain", &key[..12], "--json"])).unwrap();
+    assert_eq!(explain["key"], key.as_str());
+    let changes = explain["changes"].as_array().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["input"] == "hook" && c["name"] == "90-last"),
+        "{explain}"
+    );
+
+    // rm takes a step and its descendants; the next build reruns from there.
+    cache(&["rm", &first.keys()[idx]]);
+    cache(&["rm", key]);
+    let third = f.build_ok(&[]);
+    assert_eq!(third.ran(), &ALL_STEPS[idx..]);
+
+    // gc to a tiny size keeps the cache consistent (verify is clean) and a rebuild works.
+    cache(&["gc", "--max-size", "1K"]);
+    let verify = cache(&["verify"]);
+    assert!(verify.contains("0 corrupt, 0 missing"), "{verify}");
+    f.build_ok(&[]);
+}
+
+#[test]
+fn bad_cache_arguments_are_one_line_errors() {
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    for args in [
+        &["gc", "--max-size", "lots"][..],
+        &["rm", "zz"],
+        &["explain", "0000"],
+    ] {
+        let out = strata()
+            .arg("cache")
+            .args(args)
+            .arg("--cache-dir")
+            .arg(f.cache())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "cache {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "cache {args:?}: {err}");
+    }
+    let out = strata()
+        .args(["cache", "ls", "--cache-dir"])
+        .arg(f.path().join("nope"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
