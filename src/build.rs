@@ -15,6 +15,7 @@
 //! `strata plan` walks the same loop without running anything.
 
 use crate::cli::{BuildArgs, Granularity, PlanArgs};
+use crate::disk;
 use crate::elements::{self, Element};
 use crate::error::{Exit, Failure};
 use crate::key::{self, KeyInputs};
@@ -36,7 +37,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// Where the chroot sees the merged hook tree.
 const IN_TARGET: &str = "/tmp/in_target.d";
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -58,6 +59,7 @@ struct Prepared {
     image_element: String,
     image_element_yaml: String,
     elements_path: String,
+    disk: disk::DiskOptions,
 }
 
 fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
@@ -118,6 +120,7 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
         image_element,
         image_element_yaml,
         elements_path,
+        disk: disk::DiskOptions::from_cli(opts),
     })
 }
 
@@ -598,7 +601,7 @@ impl<'a> Executor<'a> {
 }
 
 /// The one error a failed hook gives: element, phase, hook, status, and its last lines.
-fn hook_failure(
+pub(crate) fn hook_failure(
     phase: Phase,
     hook: &str,
     element: &str,
@@ -658,7 +661,7 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
@@ -685,7 +688,7 @@ fn check_root_deployed(root: &Path) -> Result<()> {
 }
 
 /// dib's finalise_base clean-up: empty /tmp and truncate every file under /var/log.
-fn finalise_base(root: &Path) -> Result<()> {
+pub(crate) fn finalise_base(root: &Path) -> Result<()> {
     let tmp = root.join("tmp");
     if tmp.is_dir() && !tmp.is_symlink() {
         if !sandbox::mount_points_under(&tmp)?.is_empty() {
@@ -895,6 +898,13 @@ pub fn build(args: BuildArgs) -> Result<()> {
 }
 
 fn walk_all(exec: &mut Executor) -> Result<()> {
+    if disk::wants_disk(&exec.prep.settings.image_types) {
+        // The rest (block-device.d .. cleanup.d and the clean-up) is the disk output step.
+        for phase in Phase::ALL.into_iter().filter(|p| *p <= Phase::PostRoot) {
+            exec.walk_phase(phase)?;
+        }
+        return Ok(());
+    }
     for phase in Phase::ALL {
         exec.walk_phase(phase)?;
     }
@@ -912,6 +922,9 @@ struct OutputRecord {
 /// Writes every requested output. A tar output is cached by the last step's key.
 fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     let settings = &exec.prep.settings;
+    if disk::wants_disk(&settings.image_types) {
+        return disk_outputs(exec);
+    }
     let mut out = Vec::new();
     for t in &settings.image_types {
         let path = PathBuf::from(format!("{}.{t}", settings.image_name));
@@ -994,6 +1007,148 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     Ok(out)
 }
 
+/// The hooks of the disk step's phases (listed from the live hook folder) and the key chained
+/// over them (one link per phase, covering its hooks and environment) from the last step's.
+fn disk_phase_hooks(exec: &Executor) -> Result<(Vec<(Phase, Vec<plan::PlannedHook>)>, String)> {
+    let prep = exec.prep;
+    let ctx = KeyContext {
+        granularity: Granularity::Phase,
+        ..prep.key_ctx.clone()
+    };
+    let origin = |rel: &Path| prep.tree.origin(rel).map(str::to_string);
+    let mut parent = exec.parent.clone().unwrap_or_default();
+    let mut hooks = Vec::new();
+    for phase in disk::PHASES {
+        let key_env = prep.key_env(phase, &exec.paths.hooks_dir)?;
+        let steps = plan::phase_steps(
+            &ctx,
+            phase,
+            &exec.paths.hooks_dir,
+            &key_env,
+            &origin,
+            Some(&parent),
+        )?;
+        for step in steps {
+            parent = step.key.clone();
+            if let Action::Hooks { hooks: h, .. } = step.action {
+                hooks.push((phase, h));
+            }
+        }
+    }
+    Ok((hooks, parent))
+}
+
+/// The disk output step's key, its phases' hooks, and the block-device config it uses.
+fn disk_step_key(
+    exec: &Executor,
+) -> Result<(
+    String,
+    Vec<(Phase, Vec<plan::PlannedHook>)>,
+    disk::ConfigSource,
+)> {
+    let prep = exec.prep;
+    let settings = &prep.settings;
+    let (hooks, parent) = disk_phase_hooks(exec)?;
+    let config = disk::select_config(&settings.user_env, &prep.elements, &settings.arch)?;
+    let key = disk::output_key(&parent, &settings.image_types, &prep.disk, &config);
+    Ok((key, hooks, config))
+}
+
+/// The disk output step (see `crate::disk`): block-device.d to cleanup.d on a real disk, then
+/// every requested output, cached whole under one key.
+fn disk_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
+    let prep = exec.prep;
+    let settings = &prep.settings;
+    let started = Instant::now();
+    let (key, hooks, config) = disk_step_key(exec)?;
+    let rebuild = settings
+        .rebuild_from
+        .as_ref()
+        .is_some_and(|r| r.phase >= Phase::BlockDevice);
+    let mut found = None;
+    if !exec.ran_any && !exec.forcing && !rebuild {
+        let unchanged: Option<Vec<disk::Output>> = settings
+            .image_types
+            .iter()
+            .map(|t| {
+                let path = disk::output_path(&settings.image_name, t);
+                unchanged_output(&settings.image_name, t, &key, &path).map(|blake3| disk::Output {
+                    r#type: t.clone(),
+                    path,
+                    blake3,
+                    cached: true,
+                })
+            })
+            .collect();
+        if let Some(outputs) = unchanged {
+            disk::checksum_unchanged(&outputs, settings, &prep.disk);
+            exec.timings.push((
+                "output disk (unchanged)".into(),
+                started.elapsed().as_secs_f64(),
+            ));
+            found = Some(outputs);
+        } else if let Some(store) = exec.store
+            && let Some(outputs) = disk::restore_cached(store, &key, settings, &prep.disk, now())?
+        {
+            exec.timings.push((
+                "output disk (cached)".into(),
+                started.elapsed().as_secs_f64(),
+            ));
+            found = Some(outputs);
+        }
+    }
+    let cached = found.is_some();
+    let outputs = match found {
+        Some(o) => o,
+        None => {
+            if runner::interrupted() {
+                return Err(
+                    Failure::new(Exit::Interrupted, "interrupted before output/disk").into(),
+                );
+            }
+            exec.restore()?;
+            let reporter = exec.reporter.context("running needs a reporter")?;
+            let job = disk::Job {
+                settings,
+                options: &prep.disk,
+                paths: &exec.paths,
+                image_element: &prep.image_element,
+                base_env: prep.base_env(&exec.paths),
+                hooks,
+                config: &config,
+                key: &key,
+                store: exec.store,
+                reporter,
+            };
+            let produced = disk::run(&job)?;
+            exec.rootfs_scan = None;
+            exec.timings.extend(produced.timings);
+            produced.outputs
+        }
+    };
+    exec.manifest.push(ManifestStep {
+        phase: "output".into(),
+        hook: "disk".into(),
+        key,
+        diff_id: None,
+        cached,
+        seconds: if cached {
+            0.0
+        } else {
+            started.elapsed().as_secs_f64()
+        },
+    });
+    Ok(outputs
+        .into_iter()
+        .map(|o| OutputRecord {
+            r#type: o.r#type,
+            path: o.path.display().to_string(),
+            blake3: o.blake3,
+            cached: o.cached,
+        })
+        .collect())
+}
+
 /// The digest of `path` if the previous manifest says it was written from the same final step
 /// and the file still hashes to what that manifest recorded; then it need not be written again.
 fn unchanged_output(image_name: &str, kind: &str, last_key: &str, path: &Path) -> Option<String> {
@@ -1062,7 +1217,7 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 /// A temp file beside `path`, so the final rename is atomic.
-fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -1098,7 +1253,7 @@ fn write_file_hashed(path: &Path, src: &mut impl io::Read) -> Result<String> {
     Ok(digest)
 }
 
-fn write_tar_output(
+pub(crate) fn write_tar_output(
     store: Option<&Store>,
     root: &Path,
     scan: &Scan,
@@ -1168,6 +1323,26 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         ran_any: false,
     };
     walk_all(&mut exec)?;
+    if disk::wants_disk(&prep.settings.image_types) {
+        let (key, _, _) = disk_step_key(&exec)?;
+        let cached = match &store {
+            Some(s) => {
+                let mut all = true;
+                for t in &prep.settings.image_types {
+                    all &= s.get_output(&disk::type_key(&key, t))?.is_some();
+                }
+                all
+            }
+            None => false,
+        };
+        exec.views.push(StepView {
+            phase: "output".into(),
+            hook: "disk".into(),
+            key,
+            cached,
+            elements: Vec::new(),
+        });
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&exec.views)?);
     } else {
