@@ -2,6 +2,7 @@
 
 mod build;
 mod dib_helpers;
+mod disk;
 mod elements;
 mod harness;
 mod sandbox;
