@@ -1009,7 +1009,7 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
 
 /// The hooks of the disk step's phases (listed from the live hook folder) and the key chained
 /// over them (one link per phase, covering its hooks and environment) from the last step's.
-fn disk_phase_hooks(exec: &Executor) -> Result<(Vec<(Phase, Vec<plan::PlannedHook>)>, String)> {
+fn disk_phase_hooks(exec: &Executor) -> Result<(disk::PhaseHooks, String)> {
     let prep = exec.prep;
     let ctx = KeyContext {
         granularity: Granularity::Phase,
@@ -1038,20 +1038,20 @@ fn disk_phase_hooks(exec: &Executor) -> Result<(Vec<(Phase, Vec<plan::PlannedHoo
     Ok((hooks, parent))
 }
 
-/// The disk output step's key, its phases' hooks, and the block-device config it uses.
-fn disk_step_key(
-    exec: &Executor,
-) -> Result<(
-    String,
-    Vec<(Phase, Vec<plan::PlannedHook>)>,
-    disk::ConfigSource,
-)> {
+/// The disk output step as keyed: its key, its phases' hooks, the block-device config it uses.
+struct DiskStep {
+    key: String,
+    hooks: disk::PhaseHooks,
+    config: disk::ConfigSource,
+}
+
+fn disk_step(exec: &Executor) -> Result<DiskStep> {
     let prep = exec.prep;
     let settings = &prep.settings;
     let (hooks, parent) = disk_phase_hooks(exec)?;
     let config = disk::select_config(&settings.user_env, &prep.elements, &settings.arch)?;
     let key = disk::output_key(&parent, &settings.image_types, &prep.disk, &config);
-    Ok((key, hooks, config))
+    Ok(DiskStep { key, hooks, config })
 }
 
 /// The disk output step (see `crate::disk`): block-device.d to cleanup.d on a real disk, then
@@ -1060,7 +1060,7 @@ fn disk_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     let prep = exec.prep;
     let settings = &prep.settings;
     let started = Instant::now();
-    let (key, hooks, config) = disk_step_key(exec)?;
+    let DiskStep { key, hooks, config } = disk_step(exec)?;
     let rebuild = settings
         .rebuild_from
         .as_ref()
@@ -1324,7 +1324,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     };
     walk_all(&mut exec)?;
     if disk::wants_disk(&prep.settings.image_types) {
-        let (key, _, _) = disk_step_key(&exec)?;
+        let key = disk_step(&exec)?.key;
         let cached = match &store {
             Some(s) => {
                 let mut all = true;

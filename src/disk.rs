@@ -64,6 +64,9 @@ pub const PHASES: [Phase; 4] = [
     Phase::Cleanup,
 ];
 
+/// The hooks of each phase of the step, in order.
+pub type PhaseHooks = Vec<(Phase, Vec<PlannedHook>)>;
+
 /// Where the chroot sees the merged hook tree.
 const IN_TARGET: &str = "/tmp/in_target.d";
 
@@ -236,7 +239,7 @@ pub struct Job<'a> {
     /// The hook environment before environment.d (`settings::base_environment`).
     pub base_env: BTreeMap<String, String>,
     /// The hooks of each of [`PHASES`], as listed from the live hook folder.
-    pub hooks: Vec<(Phase, Vec<PlannedHook>)>,
+    pub hooks: PhaseHooks,
     pub config: &'a ConfigSource,
     pub key: &'a str,
     pub store: Option<&'a Store>,
@@ -871,7 +874,7 @@ mod tests {
         assert!(s.origin.contains("element b"), "{}", s.origin);
         let s = select_config(&none, &[a.clone(), c.clone(), b.clone()], "amd64").unwrap();
         assert_eq!(s.text, "# c/block-device-amd64.yaml\n");
-        let s = select_config(&none, &[c.clone()], "arm64").unwrap();
+        let s = select_config(&none, std::slice::from_ref(&c), "arm64").unwrap();
         assert_eq!(s.text, "# c/block-device-default.yaml\n");
         let s = select_config(&none, std::slice::from_ref(&a), "amd64").unwrap();
         assert_eq!(s.text, image::default_config());
@@ -881,7 +884,7 @@ mod tests {
             "DIB_BLOCK_DEVICE_CONFIG".to_string(),
             "- local_loop: {}\n".into(),
         );
-        let s = select_config(&env, &[b.clone()], "amd64").unwrap();
+        let s = select_config(&env, std::slice::from_ref(&b), "amd64").unwrap();
         assert_eq!(s.text, "- local_loop: {}\n");
         let file = dir.path().join("cfg.yaml");
         fs::write(&file, "from file\n").unwrap();
@@ -890,7 +893,9 @@ mod tests {
             format!("file://{}", file.display()),
         );
         assert_eq!(
-            select_config(&env, &[b.clone()], "amd64").unwrap().text,
+            select_config(&env, std::slice::from_ref(&b), "amd64")
+                .unwrap()
+                .text,
             "from file\n"
         );
         env.insert(

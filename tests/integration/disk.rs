@@ -450,7 +450,7 @@ fn sigkill_during_the_disk_step_leaves_no_loop_device_and_no_mount() {
     );
     assert_eq!(
         loops_backed_by(ino, &majmin),
-        [device.clone()],
+        std::slice::from_ref(&device),
         "the held disk is not attached where the hook says"
     );
     nix::sys::signal::kill(
@@ -599,4 +599,41 @@ fn vm_debian_minimal_boots_to_a_login_prompt() {
         "kernel command line lacks the serial console"
     );
     drop(qemu);
+}
+
+#[test]
+fn disk_image_create_defaults_to_a_qcow2_image_like_dib() {
+    let f = BuildFixture::new();
+    let out = crate::harness::strata()
+        .args(["disk-image-create", "-n", "-o"])
+        .arg(f.out("img"))
+        .arg("--cache-dir")
+        .arg(f.cache())
+        .arg("--element-path")
+        .arg(f.elements())
+        .arg("--element-path")
+        .arg(shipped_elements())
+        .args(["fixture-disk", "block-device-mbr"])
+        .env_remove("ELEMENTS_PATH")
+        .env("STRATA_ELEMENTS_DIR", f.path().join("no-builtin-elements"))
+        .env("TMP_DIR", f.path().join("tmp"))
+        .env("DIB_FIXTURE_DIR", repo().join("tests/fixtures"))
+        .env("DIB_IMAGE_CACHE", f.path().join("image-cache"))
+        .output()
+        .unwrap();
+    f.assert_no_leftovers();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = f.manifest();
+    let types: Vec<String> = outputs(&m).into_iter().map(|o| o.0).collect();
+    assert_eq!(types, ["qcow2"]);
+    run_ok(
+        "qemu-img",
+        &["check", &f.out("img.qcow2").display().to_string()],
+    );
+    assert!(!f.out("img.tar").exists());
+    assert!(loops_under(f.path()).is_empty());
 }
