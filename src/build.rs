@@ -12,6 +12,10 @@
 //! final tree ──► outputs (cached by the last key) ──► NAME.strata.json manifest
 //! ```
 //!
+//! With a disk output (`-t qcow2,raw,vhd`) the walk stops after post-root.d: block-device.d to
+//! cleanup.d and the clean-up run on the real disk as one output step (`output/disk`, see
+//! `crate::disk`), keyed over those phases' hooks, the block-device config and the options.
+//!
 //! `strata plan` walks the same loop without running anything.
 
 use crate::cli::{BuildArgs, Granularity, PlanArgs};
