@@ -352,7 +352,8 @@ pub fn run(job: &Job) -> Result<Produced> {
             // mke2fs refuses a journal larger than half the file system, which dib's formula
             // gives for trees under ~40 MB; strata grows such tiny images instead of failing.
             if fs_type == "ext4" {
-                size.max((journal_mb * 3) << 20)
+                let esp = if efi { 525 << 20 } else { 0 };
+                size.max(((journal_mb * 3) << 20) + esp)
             } else {
                 size
             }

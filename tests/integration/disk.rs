@@ -347,6 +347,34 @@ fn gpt_layout_with_root_label_and_checksums() {
     assert!(loops_under(f.path()).is_empty());
 }
 
+/// block-device-efi needs vfat mounted for /boot/efi. On a kernel without vfat (as on the
+/// machine this was written on) the build must fail with one plain line and leave nothing.
+#[test]
+fn efi_layout_builds_or_fails_plainly_when_the_kernel_lacks_vfat() {
+    let f = BuildFixture::new();
+    let el = shipped_elements();
+    let out = f.build(&disk_args(&el, "block-device-efi", &[]));
+    assert!(loops_under(f.path()).is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let table = partitions(&f.out("img.raw"));
+        assert_eq!(table["label"], "gpt");
+        let parts = table["partitions"].as_array().unwrap();
+        assert_eq!(parts.len(), 3, "{table}");
+        assert_eq!(parts[0]["name"], "ESP");
+        let start = parts[0]["start"].as_u64().unwrap();
+        assert_eq!(probe(&f.out("img.raw"), start).1, "vfat");
+    } else {
+        let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(error.len(), 1, "{stderr}");
+        assert!(
+            error[0].contains("this kernel cannot mount vfat"),
+            "{stderr}"
+        );
+        assert!(!f.out("img.raw").exists());
+    }
+}
+
 #[test]
 fn a_failing_hook_in_the_disk_step_gives_the_hook_error_and_leaves_no_loop_device() {
     let f = BuildFixture::new();
