@@ -12,9 +12,14 @@
 //! final tree ──► outputs (cached by the last key) ──► NAME.strata.json manifest
 //! ```
 //!
+//! With a disk output (`-t qcow2,raw,vhd`) the walk stops after post-root.d: block-device.d to
+//! cleanup.d and the clean-up run on the real disk as one output step (`output/disk`, see
+//! `crate::disk`), keyed over those phases' hooks, the block-device config and the options.
+//!
 //! `strata plan` walks the same loop without running anything.
 
 use crate::cli::{BuildArgs, Granularity, PlanArgs};
+use crate::disk;
 use crate::elements::{self, Element};
 use crate::error::{Exit, Failure};
 use crate::key::{self, KeyInputs};
@@ -36,7 +41,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// Where the chroot sees the merged hook tree.
 const IN_TARGET: &str = "/tmp/in_target.d";
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -60,6 +65,7 @@ struct Prepared {
     elements_path: String,
     /// Image paths (relative) that get a host cache folder bound on them during every step.
     cache_mounts: Vec<PathBuf>,
+    disk: disk::DiskOptions,
 }
 
 fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
@@ -127,6 +133,7 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
         image_element_yaml,
         elements_path,
         cache_mounts,
+        disk: disk::DiskOptions::from_cli(opts),
     })
 }
 
@@ -271,6 +278,34 @@ struct Executor<'a> {
 }
 
 impl<'a> Executor<'a> {
+    fn new(
+        prep: &'a Prepared,
+        store: Option<&'a Store>,
+        paths: BuildPaths,
+        dry_run: bool,
+        explain: bool,
+        reporter: Option<&'a Reporter>,
+    ) -> Executor<'a> {
+        Executor {
+            prep,
+            store,
+            paths,
+            dry_run,
+            explain,
+            reporter,
+            parent: None,
+            forcing: false,
+            pending: Vec::new(),
+            restored: false,
+            rootfs_scan: None,
+            manifest: Vec::new(),
+            views: Vec::new(),
+            timings: Vec::new(),
+            ran_any: false,
+            distro: "any".into(),
+        }
+    }
+
     /// Binds every cache mount whose image folder exists, each under an exclusive lock on its
     /// host folder (held until the returned files drop), so concurrent builds sharing an image
     /// cache take turns instead of tripping over apt's own locks.
@@ -588,54 +623,9 @@ impl<'a> Executor<'a> {
         match &step.action {
             Action::Hooks { phase, hooks } => {
                 let env = settings::phase_environment(&base, *phase, &self.paths);
-                let mut mounts = if phase.in_chroot() {
-                    ChrootMounts::mount(&self.paths.mount_dir, &self.paths.hooks_dir)?
-                } else {
-                    ChrootMounts::host(&self.paths.mount_dir)?
-                };
-                let cache_locks = self.bind_cache_mounts(&mut mounts)?;
-                let files = env_files(&self.paths.hooks_dir)?;
-                let mut rows = Vec::new();
-                let mut result = Ok(());
-                for hook in hooks {
-                    let run = if phase.in_chroot() {
-                        HookRun {
-                            phase: *phase,
-                            hook: &hook.name,
-                            element: &hook.element,
-                            script: Path::new(IN_TARGET).join(phase.dir_name()).join(&hook.name),
-                            env_files: files
-                                .iter()
-                                .filter_map(|f| f.file_name())
-                                .map(|n| Path::new(IN_TARGET).join("environment.d").join(n))
-                                .collect(),
-                            env: env.clone(),
-                            chroot: Some(self.paths.mount_dir.clone()),
-                        }
-                    } else {
-                        HookRun {
-                            phase: *phase,
-                            hook: &hook.name,
-                            element: &hook.element,
-                            script: hook.path.clone(),
-                            env_files: files.clone(),
-                            env: env.clone(),
-                            chroot: None,
-                        }
-                    };
-                    let outcome = runner::run_hook(&run, reporter)?;
-                    rows.push((hook.name.clone(), outcome.seconds));
-                    if !outcome.success {
-                        result = Err(hook_failure(*phase, &hook.name, &hook.element, &outcome));
-                        break;
-                    }
-                }
-                mounts.unmount()?;
-                drop(cache_locks);
-                if self.prep.settings.granularity == Granularity::Phase || hooks.len() > 1 {
-                    reporter.println(&runner::timing_table(phase.dir_name(), &rows));
-                }
-                result?;
+                run_phase_hooks(*phase, hooks, &self.paths, &env, reporter, &|m| {
+                    self.bind_cache_mounts(m)
+                })?;
                 if *phase == Phase::Root {
                     check_root_deployed(&self.paths.mount_dir)?;
                 }
@@ -684,8 +674,92 @@ impl<'a> Executor<'a> {
     }
 }
 
+/// Holds what a step's cache mounts lock (released when dropped).
+pub(crate) type CacheLocks = Vec<fs::File>;
+
+/// Runs one phase's hooks in order inside the phase's mounts (chroot: proc, dev, sys, the hook
+/// tree, resolv.conf; host: resolv.conf) plus whatever `cache_mounts` binds, and prints the
+/// phase's timing table. The first failure ends it with the one-line hook error; an interrupt
+/// stops it before the next hook. Returns each hook's outcome, in order.
+pub(crate) fn run_phase_hooks(
+    phase: Phase,
+    hooks: &[plan::PlannedHook],
+    paths: &BuildPaths,
+    env: &BTreeMap<String, String>,
+    reporter: &Reporter,
+    cache_mounts: &dyn Fn(&mut ChrootMounts) -> Result<CacheLocks>,
+) -> Result<Vec<runner::HookOutcome>> {
+    if hooks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut mounts = if phase.in_chroot() {
+        ChrootMounts::mount(&paths.mount_dir, &paths.hooks_dir)?
+    } else {
+        ChrootMounts::host(&paths.mount_dir)?
+    };
+    let cache_locks = cache_mounts(&mut mounts)?;
+    let files = env_files(&paths.hooks_dir)?;
+    let in_target_files: Vec<PathBuf> = files
+        .iter()
+        .filter_map(|f| f.file_name())
+        .map(|n| Path::new(IN_TARGET).join("environment.d").join(n))
+        .collect();
+    let mut rows = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut result = Ok(());
+    for hook in hooks {
+        if runner::interrupted() {
+            let what = format!("interrupted before {phase}/{}", hook.name);
+            result = Err(Failure::new(Exit::Interrupted, what).into());
+            break;
+        }
+        let (script, env_files, chroot) = if phase.in_chroot() {
+            (
+                Path::new(IN_TARGET).join(phase.dir_name()).join(&hook.name),
+                in_target_files.clone(),
+                Some(paths.mount_dir.clone()),
+            )
+        } else {
+            (hook.path.clone(), files.clone(), None)
+        };
+        let run = HookRun {
+            phase,
+            hook: &hook.name,
+            element: &hook.element,
+            script,
+            env_files,
+            env: env.clone(),
+            chroot,
+        };
+        let outcome = match runner::run_hook(&run, reporter) {
+            Ok(o) => o,
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        };
+        rows.push((hook.name.clone(), outcome.seconds));
+        let failed = !outcome.success;
+        if failed {
+            result = Err(hook_failure(phase, &hook.name, &hook.element, &outcome));
+        }
+        outcomes.push(outcome);
+        if failed {
+            break;
+        }
+    }
+    let unmounted = mounts.unmount();
+    drop(cache_locks);
+    if hooks.len() > 1 {
+        reporter.println(&runner::timing_table(phase.dir_name(), &rows));
+    }
+    result?;
+    unmounted?;
+    Ok(outcomes)
+}
+
 /// The one error a failed hook gives: element, phase, hook, status, and its last lines.
-fn hook_failure(
+pub(crate) fn hook_failure(
     phase: Phase,
     hook: &str,
     element: &str,
@@ -745,7 +819,7 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
@@ -789,7 +863,7 @@ fn check_root_deployed(root: &Path) -> Result<()> {
 }
 
 /// dib's finalise_base clean-up: empty /tmp and truncate every file under /var/log.
-fn finalise_base(root: &Path) -> Result<()> {
+pub(crate) fn finalise_base(root: &Path) -> Result<()> {
     let tmp = root.join("tmp");
     if tmp.is_dir() && !tmp.is_symlink() {
         if !sandbox::mount_points_under(&tmp)?.is_empty() {
@@ -916,24 +990,14 @@ pub fn build(args: BuildArgs) -> Result<()> {
         )
     })?;
 
-    let mut exec = Executor {
-        prep: &prep,
-        store: store.as_ref(),
-        paths: paths.clone(),
-        dry_run: false,
-        explain: args.explain,
-        reporter: Some(&reporter),
-        parent: None,
-        forcing: false,
-        pending: Vec::new(),
-        restored: false,
-        rootfs_scan: None,
-        manifest: Vec::new(),
-        views: Vec::new(),
-        timings: Vec::new(),
-        ran_any: false,
-        distro: "any".into(),
-    };
+    let mut exec = Executor::new(
+        &prep,
+        store.as_ref(),
+        paths.clone(),
+        false,
+        args.explain,
+        Some(&reporter),
+    );
     // Nothing is restored until the first miss; from then on the tree is live and cached steps
     // (possible after a --cache-ttl rerun) are applied as they come.
     let result = walk_all(&mut exec).and_then(|()| write_outputs(&mut exec));
@@ -1000,6 +1064,13 @@ pub fn build(args: BuildArgs) -> Result<()> {
 }
 
 fn walk_all(exec: &mut Executor) -> Result<()> {
+    if disk::wants_disk(&exec.prep.settings.image_types) {
+        // The rest (block-device.d .. cleanup.d and the clean-up) is the disk output step.
+        for phase in Phase::ALL.into_iter().filter(|p| *p <= Phase::PostRoot) {
+            exec.walk_phase(phase)?;
+        }
+        return Ok(());
+    }
     for phase in Phase::ALL {
         exec.walk_phase(phase)?;
         if phase == Phase::Root {
@@ -1020,6 +1091,9 @@ struct OutputRecord {
 /// Writes every requested output. A tar output is cached by the last step's key.
 fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     let settings = &exec.prep.settings;
+    if disk::wants_disk(&settings.image_types) {
+        return disk_outputs(exec);
+    }
     let mut out = Vec::new();
     for t in &settings.image_types {
         let path = PathBuf::from(format!("{}.{t}", settings.image_name));
@@ -1102,6 +1176,148 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     Ok(out)
 }
 
+/// The hooks of the disk step's phases (listed from the live hook folder) and the key chained
+/// over them (one link per phase, covering its hooks and environment) from the last step's.
+fn disk_phase_hooks(exec: &Executor) -> Result<(disk::PhaseHooks, String)> {
+    let prep = exec.prep;
+    let ctx = KeyContext {
+        granularity: Granularity::Phase,
+        ..prep.key_ctx.clone()
+    };
+    let origin = |rel: &Path| prep.tree.origin(rel).map(str::to_string);
+    let mut parent = exec.parent.clone().unwrap_or_default();
+    let mut hooks = Vec::new();
+    for phase in disk::PHASES {
+        let key_env = prep.key_env(phase, &exec.paths.hooks_dir)?;
+        let steps = plan::phase_steps(
+            &ctx,
+            phase,
+            &exec.paths.hooks_dir,
+            &key_env,
+            &origin,
+            Some(&parent),
+        )?;
+        for step in steps {
+            parent = step.key.clone();
+            if let Action::Hooks { hooks: h, .. } = step.action {
+                hooks.push((phase, h));
+            }
+        }
+    }
+    Ok((hooks, parent))
+}
+
+/// The disk output step as keyed: its key, its phases' hooks, the block-device config it uses.
+struct DiskStep {
+    key: String,
+    hooks: disk::PhaseHooks,
+    config: disk::ConfigSource,
+}
+
+fn disk_step(exec: &Executor) -> Result<DiskStep> {
+    let prep = exec.prep;
+    let settings = &prep.settings;
+    let (hooks, parent) = disk_phase_hooks(exec)?;
+    let config = disk::select_config(&settings.user_env, &prep.elements, &settings.arch)?;
+    let key = disk::output_key(&parent, &settings.image_types, &prep.disk, &config);
+    Ok(DiskStep { key, hooks, config })
+}
+
+/// The disk output step (see `crate::disk`): block-device.d to cleanup.d on a real disk, then
+/// every requested output, cached whole under one key.
+fn disk_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
+    let prep = exec.prep;
+    let settings = &prep.settings;
+    let started = Instant::now();
+    let DiskStep { key, hooks, config } = disk_step(exec)?;
+    let rebuild = settings
+        .rebuild_from
+        .as_ref()
+        .is_some_and(|r| r.phase >= Phase::BlockDevice);
+    let mut found = None;
+    if !exec.ran_any && !exec.forcing && !rebuild {
+        let unchanged: Option<Vec<disk::Output>> = settings
+            .image_types
+            .iter()
+            .map(|t| {
+                let path = disk::output_path(&settings.image_name, t);
+                unchanged_output(&settings.image_name, t, &key, &path).map(|blake3| disk::Output {
+                    r#type: t.clone(),
+                    path,
+                    blake3,
+                    cached: true,
+                })
+            })
+            .collect();
+        if let Some(outputs) = unchanged {
+            disk::checksum_unchanged(&outputs, settings, &prep.disk);
+            exec.timings.push((
+                "output disk (unchanged)".into(),
+                started.elapsed().as_secs_f64(),
+            ));
+            found = Some(outputs);
+        } else if let Some(store) = exec.store
+            && let Some(outputs) = disk::restore_cached(store, &key, settings, &prep.disk, now())?
+        {
+            exec.timings.push((
+                "output disk (cached)".into(),
+                started.elapsed().as_secs_f64(),
+            ));
+            found = Some(outputs);
+        }
+    }
+    let cached = found.is_some();
+    let outputs = match found {
+        Some(o) => o,
+        None => {
+            if runner::interrupted() {
+                return Err(
+                    Failure::new(Exit::Interrupted, "interrupted before output/disk").into(),
+                );
+            }
+            exec.restore()?;
+            let reporter = exec.reporter.context("running needs a reporter")?;
+            let job = disk::Job {
+                settings,
+                options: &prep.disk,
+                paths: &exec.paths,
+                image_element: &prep.image_element,
+                base_env: prep.base_env(&exec.paths),
+                hooks,
+                config: &config,
+                key: &key,
+                store: exec.store,
+                reporter,
+            };
+            let produced = disk::run(&job)?;
+            exec.rootfs_scan = None;
+            exec.timings.extend(produced.timings);
+            produced.outputs
+        }
+    };
+    exec.manifest.push(ManifestStep {
+        phase: "output".into(),
+        hook: "disk".into(),
+        key,
+        diff_id: None,
+        cached,
+        seconds: if cached {
+            0.0
+        } else {
+            started.elapsed().as_secs_f64()
+        },
+    });
+    Ok(outputs
+        .into_iter()
+        .map(|o| OutputRecord {
+            r#type: o.r#type,
+            path: o.path.display().to_string(),
+            blake3: o.blake3,
+            cached: o.cached,
+        })
+        .collect())
+}
+
 /// The digest of `path` if the previous manifest says it was written from the same final step
 /// and the file still hashes to what that manifest recorded; then it need not be written again.
 fn unchanged_output(image_name: &str, kind: &str, last_key: &str, path: &Path) -> Option<String> {
@@ -1170,7 +1386,7 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 /// A temp file beside `path`, so the final rename is atomic.
-fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -1206,7 +1422,7 @@ fn write_file_hashed(path: &Path, src: &mut impl io::Read) -> Result<String> {
     Ok(digest)
 }
 
-fn write_tar_output(
+pub(crate) fn write_tar_output(
     store: Option<&Store>,
     root: &Path,
     scan: &Scan,
@@ -1258,25 +1474,28 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     prep.tree
         .materialize(&paths.hooks_dir)
         .context("cannot write the merged hook tree")?;
-    let mut exec = Executor {
-        prep: &prep,
-        store: store.as_ref(),
-        paths,
-        dry_run: true,
-        explain: false,
-        reporter: None,
-        parent: None,
-        forcing: false,
-        pending: Vec::new(),
-        restored: false,
-        rootfs_scan: None,
-        manifest: Vec::new(),
-        views: Vec::new(),
-        timings: Vec::new(),
-        ran_any: false,
-        distro: "any".into(),
-    };
+    let mut exec = Executor::new(&prep, store.as_ref(), paths, true, false, None);
     walk_all(&mut exec)?;
+    if disk::wants_disk(&prep.settings.image_types) {
+        let key = disk_step(&exec)?.key;
+        let cached = match &store {
+            Some(s) => {
+                let mut all = true;
+                for t in &prep.settings.image_types {
+                    all &= s.get_output(&disk::type_key(&key, t))?.is_some();
+                }
+                all
+            }
+            None => false,
+        };
+        exec.views.push(StepView {
+            phase: "output".into(),
+            hook: "disk".into(),
+            key,
+            cached,
+            elements: Vec::new(),
+        });
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&exec.views)?);
     } else {

@@ -16,6 +16,7 @@ pub mod arch;
 pub mod build;
 pub mod cli;
 pub mod commands;
+pub mod disk;
 pub mod elements;
 pub mod error;
 pub mod image;

@@ -40,7 +40,8 @@ ELEMENTS_PATH=$elements \
 
 fail=0
 check() { if ! "$@"; then echo "dib_build: check failed: $*" >&2; fail=1; fi; }
-has() { tar -tf dibdeb.tar | grep -qx "$1"; }
+listing=$(tar -tf dibdeb.tar)
+has() { grep -qx -- "$1" <<< "$listing"; }
 check has etc/debian_version
 check has boot/
 status=$(tar -xOf dibdeb.tar var/lib/dpkg/status)

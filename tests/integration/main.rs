@@ -3,6 +3,7 @@
 mod build;
 mod debian;
 mod dib_helpers;
+mod disk;
 mod elements;
 mod harness;
 mod sandbox;
