@@ -9,7 +9,7 @@
 //!                          from that folder); the rootfs layer waits
 //!                  no  ──► restore the remembered rootfs layers once; run in the sandbox;
 //!                          scan ─ diff ─ pack ─► blob store + index
-//! final tree ──► outputs (cached by the last key) ──► NAME.strata.json manifest
+//! final tree ──► outputs (`crate::output`, cached by the last key) ──► NAME.strata.json manifest
 //! ```
 //!
 //! With a disk output (`-t qcow2,raw,vhd`) the walk stops after post-root.d: block-device.d to
@@ -23,7 +23,8 @@ use crate::disk;
 use crate::elements::{self, Element};
 use crate::error::{Exit, Failure};
 use crate::key::{self, KeyInputs};
-use crate::layer::{self, Changeset, PackOptions, Scan, ScanOptions, UnpackOptions};
+use crate::layer::{self, PackOptions, Scan, ScanOptions, UnpackOptions};
+use crate::output;
 use crate::phase::Phase;
 use crate::plan::{self, Action, KeyContext, Step, StepView};
 use crate::runner::{self, HookRun, Reporter};
@@ -903,7 +904,7 @@ fn scan_excluding_mounts(dir: &Path) -> Result<Scan> {
         .with_context(|| format!("cannot scan {}", dir.display()))
 }
 
-fn pack_options(settings: &Settings) -> PackOptions {
+pub(crate) fn pack_options(settings: &Settings) -> PackOptions {
     PackOptions {
         source_date_epoch: settings.source_date_epoch,
         level: 3,
@@ -965,6 +966,11 @@ pub fn build(args: BuildArgs) -> Result<()> {
     sandbox::enter_private_namespace()?;
     let prep = prepare(&args.options)?;
     let settings = &prep.settings;
+    output::check_tools(
+        &settings.image_types,
+        std::env::var_os("PATH").as_deref(),
+        settings.source_date_epoch,
+    )?;
     let reporter = Reporter::new(args.logfile.as_deref(), false)?;
     let store = if settings.no_cache {
         None
@@ -1088,16 +1094,19 @@ struct OutputRecord {
     cached: bool,
 }
 
-/// Writes every requested output. A tar output is cached by the last step's key.
+/// Writes every requested output. Tree outputs are cached by the last step's key and type;
+/// those neither unchanged on disk nor in the store are written in one go from the final tree.
 fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     let settings = &exec.prep.settings;
     if disk::wants_disk(&settings.image_types) {
         return disk_outputs(exec);
     }
+    let last = exec.parent.clone().unwrap_or_default();
+    let reuse = !exec.ran_any && !exec.forcing;
     let mut out = Vec::new();
+    let mut missing: Vec<(String, String)> = Vec::new();
     for t in &settings.image_types {
-        let path = PathBuf::from(format!("{}.{t}", settings.image_name));
-        let last = exec.parent.clone().unwrap_or_default();
+        let path = output::path(&settings.image_name, t);
         let out_key = blake3::Hasher::new_derive_key("strata 2026-11 output key v1")
             .update(last.as_bytes())
             .update(b"\0")
@@ -1106,16 +1115,14 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             .to_hex()
             .to_string();
         let started = Instant::now();
-        if !exec.ran_any
-            && !exec.forcing
-            && let Some(digest) = unchanged_output(&settings.image_name, t, &last, &path)
-        {
-            out.push(OutputRecord {
-                r#type: t.clone(),
-                path: path.display().to_string(),
-                blake3: digest,
-                cached: true,
-            });
+        let record = |blake3: String| OutputRecord {
+            r#type: t.clone(),
+            path: path.display().to_string(),
+            blake3,
+            cached: true,
+        };
+        if reuse && let Some(digest) = unchanged_output(&settings.image_name, t, &last, &path) {
+            out.push(record(digest));
             exec.timings.push((
                 format!("output {t} (unchanged)"),
                 started.elapsed().as_secs_f64(),
@@ -1123,24 +1130,17 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             continue;
         }
         if let Some(store) = exec.store
-            && !exec.ran_any
-            && !exec.forcing
+            && reuse
             && let Some(o) = store.get_output(&out_key)?
         {
-            let started = Instant::now();
-            match restore_output(store, &o.blob_digest, &path) {
+            match output::restore(store, &o.blob_digest, &path) {
                 Ok(digest) => {
                     store.touch_output(&out_key, now())?;
                     exec.timings.push((
                         format!("output {t} (cached)"),
                         started.elapsed().as_secs_f64(),
                     ));
-                    out.push(OutputRecord {
-                        r#type: t.clone(),
-                        path: path.display().to_string(),
-                        blake3: digest,
-                        cached: true,
-                    });
+                    out.push(record(digest));
                     continue;
                 }
                 Err(e) => tracing::warn!(
@@ -1149,30 +1149,36 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
                 ),
             }
         }
+        missing.push((t.clone(), out_key));
+    }
+    if !missing.is_empty() {
         exec.restore()?;
-        let started = Instant::now();
+        let types: Vec<&str> = missing.iter().map(|m| m.0.as_str()).collect();
         let scan = match exec.rootfs_scan.take() {
-            Some(s) => s,
-            None => exec.scan_rootfs()?,
+            Some(s) => Some(s),
+            None if output::needs_scan(&types) => Some(exec.scan_rootfs()?),
+            None => None,
         };
-        let digest = write_tar_output(
+        let written = output::write(
             exec.store,
             &exec.paths.mount_dir,
-            &scan,
-            &path,
-            settings,
-            &out_key,
-        )?;
-        exec.rootfs_scan = Some(scan);
-        exec.timings
-            .push((format!("output {t}"), started.elapsed().as_secs_f64()));
-        out.push(OutputRecord {
-            r#type: t.clone(),
-            path: path.display().to_string(),
-            blake3: digest,
+            scan.as_ref(),
+            &missing,
+            &settings.image_name,
+            &pack_options(settings),
+        );
+        exec.rootfs_scan = scan;
+        let (written, timings) = written?;
+        exec.timings.extend(timings);
+        out.extend(written.into_iter().map(|w| OutputRecord {
+            r#type: w.r#type,
+            path: w.path.display().to_string(),
+            blake3: w.blake3,
             cached: false,
-        });
+        }));
     }
+    // In the order the user asked for them.
+    out.sort_by_key(|o| settings.image_types.iter().position(|t| *t == o.r#type));
     Ok(out)
 }
 
@@ -1240,7 +1246,7 @@ fn disk_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
             .image_types
             .iter()
             .map(|t| {
-                let path = disk::output_path(&settings.image_name, t);
+                let path = output::path(&settings.image_name, t);
                 unchanged_output(&settings.image_name, t, &key, &path).map(|blake3| disk::Output {
                     r#type: t.clone(),
                     path,
@@ -1339,52 +1345,6 @@ fn unchanged_output(image_name: &str, kind: &str, last_key: &str, path: &Path) -
     (hasher.finalize().to_hex().as_str() == recorded).then_some(recorded)
 }
 
-/// Writes a cached output blob (zstd) to `path`; on a damaged blob, reads it to the end so the
-/// store sees the digest mismatch and deletes it.
-fn restore_output(store: &Store, digest: &str, path: &Path) -> Result<String> {
-    let mut blob = store.open_blob(digest)?;
-    let written = {
-        let mut dec = zstd::Decoder::new(&mut blob)?;
-        write_file_hashed(path, &mut dec)
-    };
-    let checked = blob.finish();
-    let digest = written?;
-    checked?;
-    Ok(digest)
-}
-
-/// A writer that feeds two writers.
-struct Tee<A, B>(A, B);
-
-impl<A: Write, B: Write> Write for Tee<A, B> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_all(buf)?;
-        self.1.write_all(buf)?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()?;
-        self.1.flush()
-    }
-}
-
-/// A writer that hashes what passes through it.
-struct Hashing<W> {
-    inner: W,
-    hasher: blake3::Hasher,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// A temp file beside `path`, so the final rename is atomic.
 pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = path
@@ -1406,58 +1366,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.persist(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
-}
-
-fn write_file_hashed(path: &Path, src: &mut impl io::Read) -> Result<String> {
-    let tmp = temp_beside(path)?;
-    let mut w = Hashing {
-        inner: io::BufWriter::with_capacity(1 << 20, tmp),
-        hasher: blake3::Hasher::new(),
-    };
-    io::copy(src, &mut w)?;
-    let digest = w.hasher.finalize().to_hex().to_string();
-    let tmp = w.inner.into_inner().map_err(|e| e.into_error())?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(digest)
-}
-
-pub(crate) fn write_tar_output(
-    store: Option<&Store>,
-    root: &Path,
-    scan: &Scan,
-    path: &Path,
-    settings: &Settings,
-    out_key: &str,
-) -> Result<String> {
-    let tmp = temp_beside(path)?;
-    let mut file = Hashing {
-        inner: io::BufWriter::with_capacity(1 << 20, tmp),
-        hasher: blake3::Hasher::new(),
-    };
-    let changes = Changeset::full(scan);
-    let opts = pack_options(settings);
-    match store {
-        Some(store) => {
-            let mut blob = store.blob_writer()?;
-            {
-                let mut enc = zstd::Encoder::new(&mut blob, opts.level)?;
-                enc.multithread(opts.workers)?;
-                layer::write_tar(root, &changes, Tee(&mut file, &mut enc), &opts)?;
-                enc.finish()?;
-            }
-            let (digest, size) = blob.finish()?;
-            store.put_output(out_key, &digest, size, now())?;
-        }
-        None => {
-            layer::write_tar(root, &changes, &mut file, &opts)?;
-        }
-    }
-    let digest = file.hasher.finalize().to_hex().to_string();
-    let tmp = file.inner.into_inner().map_err(|e| e.into_error())?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(digest)
 }
 
 /// `strata plan`: every step with its key and whether it is cached, without running anything.

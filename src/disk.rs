@@ -1,6 +1,7 @@
 //! The disk-image output step: everything dib does after post-root.d (block-device.d, the disk,
 //! pre-finalise.d, finalise.d in the image, cleanup.d, the clean-up) as ONE cached output step
-//! that writes `qcow2` / `raw` / `vhd` (and `tar`, taken from the finished disk) outputs.
+//! that writes `qcow2` / `raw` / `vhd` (and `tar` / `tgz` / `squashfs`, taken from the finished
+//! disk) outputs.
 //!
 //! ```text
 //! build.rs: steps up to post-root.d (cached rootfs layers) ─► output_key(...)
@@ -16,7 +17,7 @@
 //!     pre-finalise.d   host;  finalise.d chroot (ChrootMounts on mnt);  cleanup.d host
 //!                      (TARGET_ROOT=mnt); finalise_base(mnt)  — with DIB_ROOT_LABEL,
 //!                      DIB_ROOT_FSTYPE, DIB_BOOT_LABEL, DIB_MOUNTPOINTS, IMAGE_BLOCK_DEVICE(S)
-//!     tar              from the mounted tree (if asked for)
+//!     tar tgz squashfs from the mounted tree (if asked for; `crate::output::write`)
 //!     Disk::unmount    fstrim, umount, detach ─► image0.raw
 //!     convert          qcow2 (-c unless -u) / vhd via qemu-img; raw last, copied sparse
 //!     each output      hashed and stored as a zstd blob under its type key
@@ -212,9 +213,9 @@ pub fn type_key(output_key: &str, t: &str) -> String {
         .to_string()
 }
 
-/// The file an output type is written to (`NAME.<type>`).
+/// The file an output type is written to (`NAME.<type>`; see [`crate::output::path`]).
 pub fn output_path(image_name: &str, t: &str) -> PathBuf {
-    PathBuf::from(format!("{image_name}.{t}"))
+    crate::output::path(image_name, t)
 }
 
 /// One output the step wrote or restored.
@@ -418,25 +419,39 @@ pub fn run(job: &Job) -> Result<Produced> {
     crate::build::finalise_base(disk.root_mount())?;
 
     let mut outputs = Vec::new();
-    if settings.image_types.iter().any(|t| t == "tar") {
-        let path = output_path(&settings.image_name, "tar");
-        let scan = layer::scan(disk.root_mount(), &ScanOptions::default())
-            .with_context(|| format!("cannot scan {}", disk.root_mount().display()))?;
-        let digest = crate::build::write_tar_output(
+    let tree: Vec<(String, String)> = settings
+        .image_types
+        .iter()
+        .filter(|t| crate::output::is_tree_type(t))
+        .map(|t| (t.clone(), type_key(job.key, t)))
+        .collect();
+    if !tree.is_empty() {
+        let root = disk.root_mount();
+        let types: Vec<&str> = tree.iter().map(|t| t.0.as_str()).collect();
+        let scan = if crate::output::needs_scan(&types) {
+            Some(
+                layer::scan(root, &ScanOptions::default())
+                    .with_context(|| format!("cannot scan {}", root.display()))?,
+            )
+        } else {
+            None
+        };
+        let (written, laps) = crate::output::write(
             job.store,
-            disk.root_mount(),
-            &scan,
-            &path,
-            settings,
-            &type_key(job.key, "tar"),
+            root,
+            scan.as_ref(),
+            &tree,
+            &settings.image_name,
+            &crate::build::pack_options(settings),
         )?;
-        outputs.push(Output {
-            r#type: "tar".into(),
-            path,
-            blake3: digest,
+        outputs.extend(written.into_iter().map(|w| Output {
+            r#type: w.r#type,
+            path: w.path,
+            blake3: w.blake3,
             cached: false,
-        });
-        lap("output tar", &mut phase_timer, &mut timings);
+        }));
+        timings.extend(laps);
+        phase_timer = Instant::now();
     }
 
     let raw = disk.unmount()?;

@@ -23,6 +23,7 @@ pub mod image;
 pub mod key;
 pub mod layer;
 pub mod logging;
+pub mod output;
 pub mod phase;
 pub mod plan;
 pub mod runner;

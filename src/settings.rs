@@ -110,7 +110,7 @@ pub struct Settings {
 }
 
 /// Output types `strata build -t` accepts today.
-pub const OUTPUT_TYPES: &[&str] = &["tar", "qcow2", "raw", "vhd"];
+pub const OUTPUT_TYPES: &[&str] = &["tar", "tgz", "squashfs", "qcow2", "raw", "vhd"];
 
 impl Settings {
     /// Resolves options against an environment (the process's, or a test's).

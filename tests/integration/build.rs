@@ -1,9 +1,11 @@
 //! `strata build` on the busybox fixture: every phase for real, the hook contract, caching,
 //! reruns, failures, concurrency and kills.
 
-use crate::harness::{BuildFixture, strata};
+use crate::harness::{BuildFixture, Manifest, strata};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ALL_STEPS: &[&str] = &[
@@ -677,4 +679,207 @@ fn bad_cache_arguments_are_one_line_errors() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+fn blake3_file(p: &Path) -> String {
+    blake3::hash(&fs::read(p).unwrap()).to_hex().to_string()
+}
+
+/// (type, file name, blake3, cached) of each output in the manifest.
+fn outputs_of(m: &Manifest) -> Vec<(String, String, String, bool)> {
+    m.0["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let path = Path::new(o["path"].as_str().unwrap());
+            (
+                o["type"].as_str().unwrap().to_string(),
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                o["blake3"].as_str().unwrap().to_string(),
+                o["cached"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `gzip -dc FILE` (the host's gzip reads strata's tgz).
+fn gunzip(p: &Path) -> Vec<u8> {
+    let out = Command::new("gzip").arg("-dc").arg(p).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `unsquashfs -l FILE`: the paths in the squashfs, relative to its root.
+fn unsquash_list(p: &Path) -> Vec<String> {
+    let out = Command::new("unsquashfs")
+        .arg("-l")
+        .arg(p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("squashfs-root/"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `unsquashfs -cat FILE MEMBER`.
+fn unsquash_cat(p: &Path, member: &str) -> String {
+    let out = Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(p)
+        .arg(member)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn tar_tgz_and_squashfs_agree_and_are_kept_or_restored_on_a_no_op_rerun() {
+    let f = BuildFixture::new();
+    // The harness asks for tar; these add to it.
+    let args = ["-t", "tgz,squashfs"];
+    let m = f.build_ok(&args);
+    assert_eq!(m.ran(), ALL_STEPS);
+    let (tar, tgz, squash) = (f.out("img.tar"), f.out("img.tgz"), f.out("img.squash"));
+    let outs = outputs_of(&m);
+    let names: Vec<(&str, &str)> = outs.iter().map(|o| (o.0.as_str(), o.1.as_str())).collect();
+    assert_eq!(
+        names,
+        [
+            ("tar", "img.tar"),
+            ("tgz", "img.tgz"),
+            ("squashfs", "img.squash")
+        ]
+    );
+    for (o, p) in outs.iter().zip([&tar, &tgz, &squash]) {
+        assert_eq!(blake3_file(p), o.2, "{}", o.0);
+        assert!(!o.3);
+        assert_eq!(fs::metadata(p).unwrap().permissions().mode() & 0o777, 0o644);
+    }
+    // The tgz is the tar, byte for byte, gzipped.
+    assert!(
+        gunzip(&tgz) == fs::read(&tar).unwrap(),
+        "gzip -dc img.tgz differs from img.tar"
+    );
+    // The squashfs holds the same tree.
+    let list = unsquash_list(&squash);
+    for p in [
+        "etc/fixture/install-env",
+        "bin/busybox",
+        "etc/fixture/cleanup",
+    ] {
+        assert!(list.iter().any(|l| l == p), "{p} not in {list:?}");
+    }
+    assert!(!list.iter().any(|l| l.contains("in_target.d")), "{list:?}");
+    assert_eq!(
+        unsquash_cat(&squash, "etc/fixture/install-env"),
+        f.tar_member(&tar, "etc/fixture/install-env").unwrap()
+    );
+
+    // A no-op rerun runs no step and leaves all three as they are.
+    let again = f.build_ok(&args);
+    assert!(again.ran().is_empty(), "{:?}", again.ran());
+    let mut want = outs.clone();
+    want.iter_mut().for_each(|o| o.3 = true);
+    assert_eq!(outputs_of(&again), want);
+    for (o, p) in outs.iter().zip([&tar, &tgz, &squash]) {
+        assert_eq!(blake3_file(p), o.2, "{}", o.0);
+    }
+
+    // Deleted, the squashfs and the tgz come back identical from the store.
+    fs::remove_file(&squash).unwrap();
+    fs::remove_file(&tgz).unwrap();
+    let restored = f.build_ok(&args);
+    assert!(restored.ran().is_empty(), "{:?}", restored.ran());
+    assert_eq!(outputs_of(&restored), want);
+    for (o, p) in outs.iter().zip([&tar, &tgz, &squash]) {
+        assert_eq!(blake3_file(p), o.2, "{}", o.0);
+    }
+}
+
+#[test]
+fn with_source_date_epoch_two_cold_builds_write_identical_tgz_and_squashfs() {
+    let f = BuildFixture::new();
+    let (tgz, squash) = (f.out("img.tgz"), f.out("img.squash"));
+    let mut digests = Vec::new();
+    for round in 0..2 {
+        if round == 1 {
+            // Cold again: no cache, no outputs, no manifest; and a later clock.
+            std::thread::sleep(Duration::from_millis(1100));
+            fs::remove_dir_all(f.cache()).unwrap();
+            for p in [&tgz, &squash, &f.out("img.strata.json")] {
+                fs::remove_file(p).unwrap();
+            }
+        }
+        let out = f
+            .build_cmd_typed("img", "tgz,squashfs", &[])
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .output()
+            .unwrap();
+        f.assert_no_leftovers();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let m = f.manifest();
+        assert_eq!(m.ran(), ALL_STEPS);
+        // Without tar among the types, only the tgz is written.
+        assert!(!f.out("img.tar").exists());
+        let list = unsquash_list(&squash);
+        assert!(
+            list.iter().any(|l| l == "etc/fixture/install-env"),
+            "{list:?}"
+        );
+        digests.push((blake3_file(&tgz), blake3_file(&squash)));
+    }
+    assert_eq!(
+        digests[0].0, digests[1].0,
+        "tgz differs between cold builds"
+    );
+    assert_eq!(
+        digests[0].1, digests[1].1,
+        "squashfs differs between cold builds"
+    );
+}
+
+#[test]
+fn squashfs_without_mksquashfs_fails_in_one_line_before_any_hook_runs() {
+    let f = BuildFixture::new();
+    let empty = f.path().join("empty-path");
+    fs::create_dir_all(&empty).unwrap();
+    let out = f
+        .build_cmd_typed("img", "tar,squashfs", &[])
+        .env("PATH", &empty)
+        .output()
+        .unwrap();
+    f.assert_no_leftovers();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("mksquashfs") && lines[0].contains("squashfs-tools"),
+        "{err}"
+    );
+    // Nothing ran: no cache, no manifest, no output.
+    assert!(!f.cache().join("index.sqlite").exists());
+    assert!(!f.out("img.strata.json").exists());
+    assert!(!f.out("img.tar").exists());
 }

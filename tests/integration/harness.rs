@@ -72,11 +72,16 @@ impl BuildFixture {
 
     /// Like `build_cmd`, writing `out/NAME.tar` and `out/NAME.strata.json`.
     pub fn build_cmd_as(&self, name: &str, extra: &[&str]) -> Command {
+        self.build_cmd_typed(name, "tar", extra)
+    }
+
+    /// Like `build_cmd_as` with the output types `types` (`-t`) instead of `tar`.
+    pub fn build_cmd_typed(&self, name: &str, types: &str, extra: &[&str]) -> Command {
         let mut c = strata();
         c.arg("build")
             .arg("-n")
             .arg("-t")
-            .arg("tar")
+            .arg(types)
             .arg("-o")
             .arg(self.out(name))
             .arg("--cache-dir")
