@@ -665,3 +665,74 @@ fn disk_image_create_defaults_to_a_qcow2_image_like_dib() {
     assert!(!f.out("img.tar").exists());
     assert!(loops_under(f.path()).is_empty());
 }
+
+#[test]
+fn tgz_and_squashfs_come_from_the_finished_disk_beside_the_qcow2() {
+    let f = BuildFixture::new();
+    let el = shipped_elements();
+    // The harness adds tar.
+    let args = [
+        "-t",
+        "qcow2,tgz,squashfs",
+        "--element-path",
+        &el,
+        "fixture-disk",
+        "block-device-mbr",
+    ];
+    let m = f.build_ok(&args);
+    assert_eq!(m.ran(), FIXTURE_STEPS);
+    assert!(loops_under(f.path()).is_empty());
+    let types: Vec<String> = outputs(&m).into_iter().map(|o| o.0).collect();
+    assert_eq!(types, ["tar", "qcow2", "tgz", "squashfs"]);
+    let (tar, qcow2, tgz, squash) = (
+        f.out("img.tar"),
+        f.out("img.qcow2"),
+        f.out("img.tgz"),
+        f.out("img.squash"),
+    );
+    let paths = [&tar, &qcow2, &tgz, &squash];
+    for (o, p) in outputs(&m).iter().zip(paths) {
+        assert_eq!(blake3_of(p), o.1, "{}", o.0);
+    }
+    run_ok("qemu-img", &["check", &qcow2.display().to_string()]);
+
+    // The tgz is the tar gzipped; both were taken from the disk (its fstab is in them).
+    let gz = Command::new("gzip").arg("-dc").arg(&tgz).output().unwrap();
+    assert!(gz.status.success());
+    assert!(
+        gz.stdout == fs::read(&tar).unwrap(),
+        "gzip -dc img.tgz != img.tar"
+    );
+    let fstab = "LABEL=cloudimg-rootfs / ext4 defaults 0 1\n";
+    assert_eq!(f.tar_member(&tar, "etc/fstab").as_deref(), Some(fstab));
+    let squash_s = squash.display().to_string();
+    assert_eq!(
+        run_ok("unsquashfs", &["-cat", &squash_s, "etc/fstab"]),
+        fstab
+    );
+    assert_eq!(
+        run_ok("unsquashfs", &["-cat", &squash_s, "etc/fixture/finalise"]),
+        "finalise\n"
+    );
+    let listing = run_ok("unsquashfs", &["-l", &squash_s]);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l == "squashfs-root/etc/fixture/install-env"),
+        "{listing}"
+    );
+    assert!(!listing.contains("scratch-file"), "{listing}");
+
+    // A no-op rerun runs nothing; deleted tree outputs come back identical from the store.
+    let digests: Vec<String> = paths.iter().map(|p| blake3_of(p)).collect();
+    let again = f.build_ok(&args);
+    assert!(again.ran().is_empty(), "{:?}", again.ran());
+    assert!(outputs(&again).iter().all(|o| o.2));
+    fs::remove_file(&tgz).unwrap();
+    fs::remove_file(&squash).unwrap();
+    let restored = f.build_ok(&args);
+    assert!(restored.ran().is_empty(), "{:?}", restored.ran());
+    let now: Vec<String> = paths.iter().map(|p| blake3_of(p)).collect();
+    assert_eq!(now, digests);
+    assert!(loops_under(f.path()).is_empty());
+}
