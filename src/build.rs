@@ -251,11 +251,6 @@ struct Manifest {
     seconds: f64,
 }
 
-/// A cached step whose rootfs layer has not been applied yet.
-struct Pending {
-    record: StepRecord,
-}
-
 /// The walk over all steps, shared by `build` (runs misses) and `plan` (only looks).
 struct Executor<'a> {
     prep: &'a Prepared,
@@ -266,7 +261,8 @@ struct Executor<'a> {
     reporter: Option<&'a Reporter>,
     parent: Option<String>,
     forcing: bool,
-    pending: Vec<Pending>,
+    /// Cached steps whose rootfs layers are not applied yet (restore is lazy).
+    pending: Vec<StepRecord>,
     /// True once the rootfs in `paths.mount_dir` reflects every step so far.
     restored: bool,
     rootfs_scan: Option<Scan>,
@@ -425,12 +421,12 @@ impl<'a> Executor<'a> {
         let store = self.store.context("restoring needs the cache")?;
         let started = Instant::now();
         let n = self.pending.len();
-        for p in self.pending.drain(..) {
-            if let Some(diff) = &p.record.layer {
+        for rec in self.pending.drain(..) {
+            if let Some(diff) = &rec.layer {
                 apply_layer(store, diff, &self.paths.mount_dir).with_context(|| {
                     format!(
                         "cannot restore the cached result of {}/{}; run `strata cache verify`",
-                        p.record.phase, p.record.hook
+                        rec.phase, rec.hook
                     )
                 })?;
             }
@@ -515,7 +511,7 @@ impl<'a> Executor<'a> {
                 seconds: 0.0,
             });
             self.parent = Some(step.key.clone());
-            self.pending.push(Pending { record: rec });
+            self.pending.push(rec);
             if self.restored {
                 // The tree is live already: apply this layer now to keep it current.
                 self.restored = false;
