@@ -90,12 +90,12 @@ pub struct BuildOptions {
     #[arg(short = 'o', value_name = "NAME", default_value = "image")]
     pub image_name: String,
 
-    /// Output types, comma separated.
+    /// Output types, comma separated: qcow2 (default, as dib), raw, vhd, tar, tgz, squashfs.
     #[arg(
         short = 't',
         value_name = "TYPES",
         value_delimiter = ',',
-        default_value = "tar"
+        default_value = "qcow2"
     )]
     pub image_types: Vec<String>,
 

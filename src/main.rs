@@ -15,16 +15,6 @@ fn arguments() -> Vec<std::ffi::OsString> {
         args.insert(1, "build".into());
     } else if args.get(1).is_some_and(|a| a == "disk-image-create") {
         args[1] = "build".into();
-    } else {
-        return args;
-    }
-    // dib's default output is a qcow2 disk image (`strata build` defaults to tar).
-    let gives_type = args[2..].iter().any(|a| {
-        let a = a.to_string_lossy();
-        a.starts_with("-t") || (a.starts_with('-') && !a.starts_with("--") && a.contains('t'))
-    });
-    if !gives_type {
-        args.splice(2..2, ["-t".into(), "qcow2".into()]);
     }
     args
 }
