@@ -224,10 +224,10 @@ impl<W: Write> TarWriter<'_, W> {
         Ok(())
     }
 
-    /// A GNU `././@LongLink` record (`L` for a long name, `K` for a long link target).
-    fn long_record(&mut self, kind: u8, data: &[u8]) -> io::Result<()> {
+    /// A metadata record that applies to the next entry: a fixed pseudo-name, root-owned,
+    /// mtime 0, `body` as its data.
+    fn meta_record(&mut self, name: &[u8], kind: EntryType, body: &[u8]) -> io::Result<()> {
         let mut h = Header::new_gnu();
-        let name = b"././@LongLink";
         if let Some(g) = h.as_gnu_mut() {
             g.name[..name.len()].copy_from_slice(name);
         }
@@ -235,13 +235,21 @@ impl<W: Write> TarWriter<'_, W> {
         h.set_uid(0);
         h.set_gid(0);
         h.set_mtime(0);
-        h.set_size(data.len() as u64 + 1);
-        h.set_entry_type(EntryType::new(kind));
+        h.set_size(body.len() as u64);
+        h.set_entry_type(kind);
         h.set_cksum();
         self.w.write_all(h.as_bytes())?;
-        self.w.write_all(data)?;
-        self.w.write_all(&[0])?;
-        self.pad(data.len() as u64 + 1)
+        self.w.write_all(body)?;
+        self.pad(body.len() as u64)
+    }
+
+    /// A GNU `././@LongLink` record (`L` for a long name, `K` for a long link target); the
+    /// data carries a terminating NUL.
+    fn long_record(&mut self, kind: u8, data: &[u8]) -> io::Result<()> {
+        let mut body = Vec::with_capacity(data.len() + 1);
+        body.extend_from_slice(data);
+        body.push(0);
+        self.meta_record(b"././@LongLink", EntryType::new(kind), &body)
     }
 
     /// A PAX extended header record set for the next entry.
@@ -260,21 +268,7 @@ impl<W: Write> TarWriter<'_, W> {
             body.extend_from_slice(v);
             body.push(b'\n');
         }
-        let mut h = Header::new_gnu();
-        let name = b"././@PaxHeader";
-        if let Some(g) = h.as_gnu_mut() {
-            g.name[..name.len()].copy_from_slice(name);
-        }
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(body.len() as u64);
-        h.set_entry_type(EntryType::XHeader);
-        h.set_cksum();
-        self.w.write_all(h.as_bytes())?;
-        self.w.write_all(&body)?;
-        self.pad(body.len() as u64)
+        self.meta_record(b"././@PaxHeader", EntryType::XHeader, &body)
     }
 
     /// Sets name (and link name), emitting long-name records first when needed, then writes
