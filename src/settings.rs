@@ -26,7 +26,7 @@ const PROXIES: &[&str] = &[
 ];
 
 /// Host variables, besides every `DIB_*` one and [`PROXIES`], that reach hooks unchanged.
-const PASSTHROUGH: &[&str] = &["SOURCE_DATE_EPOCH", "FS_TYPE", "TERM"];
+const PASSTHROUGH: &[&str] = &["SOURCE_DATE_EPOCH", "FS_TYPE", "IMAGE_TYPE", "TERM"];
 
 /// The exported bash function `get_image_element_array`, as bash passes functions on.
 pub const IMAGE_ELEMENT_FN: &str = "BASH_FUNC_get_image_element_array%%";
@@ -47,6 +47,9 @@ pub const VOLATILE: &[&str] = &[
     "IMAGE_ELEMENT_YAML",
     IMAGE_ELEMENT_FN,
     "DIB_ENV",
+    // What matters in the command line (elements, -a, -p, -o's name) is keyed on its own; the
+    // rest (-t, cache options) must not rebuild the tree. Only dib's manifests record it.
+    "DIB_ARGS",
     "DIB_DEBUG_TRACE",
     "DIB_PYTHON_EXEC",
     "TERM",
@@ -292,8 +295,13 @@ pub fn base_environment(
         ("ARCH", settings.arch.clone()),
         ("IMAGE_NAME", settings.image_name.clone()),
         (
+            // dib's img-defaults sets IMAGE_TYPE=qcow2 and -t never changes it.
             "IMAGE_TYPE",
-            settings.image_types.first().cloned().unwrap_or_default(),
+            settings
+                .user_env
+                .get("IMAGE_TYPE")
+                .cloned()
+                .unwrap_or_else(|| "qcow2".into()),
         ),
         ("ELEMENTS_PATH", elements_path.into()),
         ("IMAGE_ELEMENT", image_element.into()),

@@ -12,6 +12,7 @@ const ALL_STEPS: &[&str] = &[
     "root.d/10-busybox-rootfs",
     "extra-data.d/10-extra-data",
     "pre-install.d/10-pre-install",
+    "pre-install.d/20-install-bin",
     "install.d/10-record-env",
     "install.d/20-middle",
     "install.d/90-last",
@@ -882,4 +883,41 @@ fn squashfs_without_mksquashfs_fails_in_one_line_before_any_hook_runs() {
     assert!(!f.cache().join("index.sqlite").exists());
     assert!(!f.out("img.strata.json").exists());
     assert!(!f.out("img.tar").exists());
+}
+
+#[test]
+fn packages_offline_and_trace_options_reach_the_hooks() {
+    let f = BuildFixture::new();
+    let m = f.build_ok(&["-p", "vim,curl", "-p", "jq", "--offline"]);
+    // The -p step runs right after install.d, in the chroot, through install-packages.
+    let ran = m.ran();
+    let at = ran
+        .iter()
+        .position(|s| s == "core/packages")
+        .expect("a core/packages step");
+    assert_eq!(ran[at - 1], "install.d/90-last");
+    assert_eq!(ran[at + 1], "post-install.d/10-post-install");
+    let tar = f.out("img.tar");
+    assert_eq!(
+        f.tar_member(&tar, "etc/fixture/packages").unwrap().trim(),
+        "installed: vim curl jq"
+    );
+    let env = f.tar_member(&tar, "etc/fixture/install-env").unwrap();
+    assert!(env.lines().any(|l| l == "DIB_OFFLINE=1"), "{env}");
+    // Another package list is another key for that step (and the ones after), not before.
+    let m2 = f.build_ok(&["-p", "vim", "--offline"]);
+    assert_eq!(m2.ran()[0], "core/packages");
+    // The output type is not part of any step key: another -t reuses every step.
+    let other_type = f.build_ok(&["-p", "vim", "--offline", "-t", "tgz"]);
+    assert!(other_type.ran().is_empty(), "{:?}", other_type.ran());
+    // -x traces hooks (DIB_DEBUG_TRACE), and tracing does not change any key.
+    let out = f.build_cmd(&["-x", "--no-cache"]).output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().any(|l| l.starts_with("[install.d/90-last] + ")),
+        "no trace lines:\n{err}"
+    );
+    let traced = f.manifest();
+    assert_eq!(traced.keys(), f.build_ok(&[]).keys());
 }
