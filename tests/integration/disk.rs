@@ -14,6 +14,7 @@ const FIXTURE_STEPS: &[&str] = &[
     "root.d/10-busybox-rootfs",
     "extra-data.d/10-extra-data",
     "pre-install.d/10-pre-install",
+    "pre-install.d/20-install-bin",
     "install.d/10-record-env",
     "install.d/20-middle",
     "install.d/90-last",
