@@ -24,6 +24,14 @@ const ALL_STEPS: &[&str] = &[
     "core/finalise-base",
 ];
 
+/// Where a step stands in `ALL_STEPS`.
+fn step_index(label: &str) -> usize {
+    ALL_STEPS
+        .iter()
+        .position(|s| *s == label)
+        .unwrap_or_else(|| panic!("{label} is not a fixture step"))
+}
+
 fn edit_hook(f: &BuildFixture, rel: &str, body: &str) {
     let p = f.elements().join(rel);
     fs::write(&p, body).unwrap();
@@ -160,10 +168,7 @@ fn editing_the_last_install_hook_reruns_it_and_later_steps_only() {
         "#!/bin/bash\necho last-v2 > /etc/fixture/last\n",
     );
     let second = f.build_ok(&[]);
-    let idx = ALL_STEPS
-        .iter()
-        .position(|s| *s == "install.d/90-last")
-        .unwrap();
+    let idx = step_index("install.d/90-last");
     assert_eq!(second.cached(), &ALL_STEPS[..idx]);
     assert_eq!(second.ran(), &ALL_STEPS[idx..]);
     assert_eq!(first.keys()[..idx], second.keys()[..idx]);
@@ -268,10 +273,7 @@ fn a_failing_hook_names_itself_and_a_fixed_rerun_resumes_there() {
         "#!/bin/bash\necho fixed > /etc/fixture/middle\n",
     );
     let m = f.build_ok(&[]);
-    let idx = ALL_STEPS
-        .iter()
-        .position(|s| *s == "install.d/20-middle")
-        .unwrap();
+    let idx = step_index("install.d/20-middle");
     assert_eq!(m.cached(), &ALL_STEPS[..idx]);
 }
 
@@ -280,10 +282,7 @@ fn rebuild_from_and_no_cache_force_reruns() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
     let m = f.build_ok(&["--rebuild-from", "post-install.d"]);
-    let idx = ALL_STEPS
-        .iter()
-        .position(|s| *s == "post-install.d/10-post-install")
-        .unwrap();
+    let idx = step_index("post-install.d/10-post-install");
     assert_eq!(m.ran(), &ALL_STEPS[idx..]);
     let m = f.build_ok(&["--no-cache"]);
     assert_eq!(m.ran(), ALL_STEPS);
@@ -364,42 +363,10 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
     )
     .unwrap();
     child.wait().unwrap();
-    // The hook, its `sleep 300` and the namespace go with strata.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let survivors = std::process::Command::new("pgrep")
-            .arg("-f")
-            .arg("sleep 300")
-            .output()
-            .unwrap();
-        if survivors.stdout.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "processes survived the kill");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&*f.path().to_string_lossy()),
-        "mounts left: {mounts}"
-    );
-    // The killed build's empty folder may stay in TMP_DIR; a rerun resumes at the killed step.
-    fs::remove_file(&hold).unwrap();
-    for e in fs::read_dir(f.path().join("tmp")).unwrap() {
-        let p = e.unwrap().path();
-        assert_eq!(
-            fs::read_dir(&p).map(|d| d.count()).unwrap_or(0),
-            0,
-            "{} not empty",
-            p.display()
-        );
-        fs::remove_dir(&p).unwrap();
-    }
+    // The hook, its `sleep 300` and the namespace go with strata; a rerun resumes there.
+    f.assert_killed_build_left_nothing("sleep 300", &hold);
     let m = f.build_ok(&[]);
-    let idx = ALL_STEPS
-        .iter()
-        .position(|s| *s == "post-root.d/10-post-root")
-        .unwrap();
+    let idx = step_index("post-root.d/10-post-root");
     assert_eq!(m.cached(), &ALL_STEPS[..idx]);
 }
 
@@ -625,10 +592,7 @@ fn cache_commands_list_size_explain_remove_and_collect() {
         "#!/bin/bash\necho v9 > /etc/fixture/last\n",
     );
     let second = f.build_ok(&[]);
-    let idx = ALL_STEPS
-        .iter()
-        .position(|s| *s == "install.d/90-last")
-        .unwrap();
+    let idx = step_index("install.d/90-last");
     let key = &second.keys()[idx];
     let explain: serde_json::Value =
         serde_json::from_str(&cache(&["explain", &key[..12], "--json"])).unwrap();

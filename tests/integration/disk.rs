@@ -498,36 +498,8 @@ fn sigkill_during_the_disk_step_leaves_no_loop_device_and_no_mount() {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("{device} detached {:?} after SIGKILL", killed.elapsed());
-    // The hook and what it started die with strata.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let survivors = Command::new("pgrep")
-            .args(["-f", "sleep 299"])
-            .output()
-            .unwrap();
-        if survivors.stdout.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "processes survived the kill");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mounts.contains(&*f.path().to_string_lossy()),
-        "mounts left: {mounts}"
-    );
-    // The killed build's folder may remain in TMP_DIR, empty; a rerun resumes at the disk step.
-    fs::remove_file(&hold).unwrap();
-    for e in fs::read_dir(f.path().join("tmp")).unwrap() {
-        let p = e.unwrap().path();
-        assert_eq!(
-            fs::read_dir(&p).map(|d| d.count()).unwrap_or(0),
-            0,
-            "{} not empty",
-            p.display()
-        );
-        fs::remove_dir(&p).unwrap();
-    }
+    // The hook and what it started die with strata; a rerun resumes at the disk step.
+    f.assert_killed_build_left_nothing("sleep 299", &hold);
     let m = f.build_ok(&disk_args(&el, "block-device-mbr", &[]));
     assert_eq!(m.ran(), ["output/disk"]);
 }

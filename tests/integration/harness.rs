@@ -144,6 +144,40 @@ impl BuildFixture {
         assert!(tmp.is_empty(), "build folders left in TMP_DIR: {tmp:?}");
     }
 
+    /// After strata was SIGKILLed mid-build: within 10 s no process whose command line matches
+    /// `survivor` (something a hook started) is left, nothing is mounted under this fixture,
+    /// and the killed build left at most empty folders in TMP_DIR (removed here, with `hold`,
+    /// the file that kept the hook waiting), so a rerun can start.
+    pub fn assert_killed_build_left_nothing(&self, survivor: &str, hold: &Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = Command::new("pgrep")
+                .args(["-f", survivor])
+                .output()
+                .unwrap();
+            if left.stdout.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "processes survived the kill"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains(&*self.path().to_string_lossy()),
+            "mounts left: {mounts}"
+        );
+        fs::remove_file(hold).unwrap();
+        for e in fs::read_dir(self.path().join("tmp")).unwrap() {
+            let p = e.unwrap().path();
+            let n = fs::read_dir(&p).map(|d| d.count()).unwrap_or(0);
+            assert_eq!(n, 0, "{} not empty", p.display());
+            fs::remove_dir(&p).unwrap();
+        }
+    }
+
     /// Lists a tar output's members (GNU tar reads it, so the output is a standard tar).
     pub fn tar_member(&self, tar: &Path, member: &str) -> Option<String> {
         let out = Command::new("tar")
