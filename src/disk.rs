@@ -40,6 +40,7 @@ use crate::elements::Element;
 use crate::error::{Exit, Failure};
 use crate::image::{self, Params};
 use crate::layer::{self, ScanOptions};
+use crate::output;
 use crate::phase::Phase;
 use crate::plan::PlannedHook;
 use crate::runner::{self, Reporter};
@@ -49,8 +50,6 @@ use crate::store::Store;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -470,7 +469,7 @@ pub fn run(job: &Job) -> Result<Produced> {
         let digest = if t == "raw" {
             let mut src = fs::File::open(&raw)
                 .with_context(|| format!("cannot open the raw image {}", raw.display()))?;
-            emit(job.store, &tkey, &mut src, Some(&path))?
+            output::keep(job.store, &tkey, &mut src, Some(&path))?
         } else {
             image::convert(
                 &raw,
@@ -482,7 +481,7 @@ pub fn run(job: &Job) -> Result<Produced> {
             crate::build::set_mode(&path, 0o644)?;
             let mut src =
                 fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            emit(job.store, &tkey, &mut src, None)?
+            output::keep(job.store, &tkey, &mut src, None)?
         };
         outputs.push(Output {
             r#type: t.clone(),
@@ -529,7 +528,7 @@ pub fn restore_cached(
     let mut outputs = Vec::new();
     for (t, rec) in found {
         let path = output_path(&settings.image_name, &t);
-        let digest = match restore_blob(store, &rec.blob_digest, &path) {
+        let digest = match output::restore(store, &rec.blob_digest, &path) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(
@@ -629,148 +628,6 @@ fn run_phase<'h>(
             Ok(Vec::new())
         })?;
     Ok(hooks.iter().zip(outcomes).collect())
-}
-
-/// Reads `src` once: hashes it, stores it zstd-compressed as a blob under `tkey` (with a
-/// store), and writes it sparse to `copy_to` (when given). Returns the blake3 of the content.
-fn emit(
-    store: Option<&Store>,
-    tkey: &str,
-    src: &mut impl Read,
-    copy_to: Option<&Path>,
-) -> Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    let mut sparse = match copy_to {
-        Some(p) => Some((SparseFile::create(p)?, p)),
-        None => None,
-    };
-    let mut blob = match store {
-        Some(s) => Some(s.blob_writer()?),
-        None => None,
-    };
-    {
-        let mut enc = match blob.as_mut() {
-            Some(b) => {
-                let mut e = zstd::Encoder::new(b, 3)?;
-                e.multithread(2)?;
-                Some(e)
-            }
-            None => None,
-        };
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = read_full(src, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            let chunk = &buf[..n];
-            hasher.update(chunk);
-            if let Some(e) = enc.as_mut() {
-                e.write_all(chunk)?;
-            }
-            if let Some((f, _)) = sparse.as_mut() {
-                f.write(chunk)?;
-            }
-        }
-        if let Some(e) = enc {
-            e.finish()?;
-        }
-    }
-    if let Some((f, p)) = sparse {
-        f.persist(p)?;
-    }
-    if let (Some(store), Some(blob)) = (store, blob) {
-        let (digest, size) = blob.finish()?;
-        store.put_output(tkey, &digest, size, crate::build::now())?;
-    }
-    Ok(hasher.finalize().to_hex().to_string())
-}
-
-/// Writes a cached output blob (zstd) to `path`, sparse; on a damaged blob, reads it to the
-/// end so the store sees the digest mismatch and deletes it.
-fn restore_blob(store: &Store, digest: &str, path: &Path) -> Result<String> {
-    let mut blob = store.open_blob(digest)?;
-    let written = (|| -> Result<String> {
-        let mut dec = zstd::Decoder::new(&mut blob)?;
-        let mut out = SparseFile::create(path)?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = read_full(&mut dec, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write(&buf[..n])?;
-        }
-        out.persist(path)?;
-        Ok(hasher.finalize().to_hex().to_string())
-    })();
-    let checked = blob.finish();
-    let digest = written?;
-    checked?;
-    Ok(digest)
-}
-
-fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match src.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-/// A temp file beside its destination that skips all-zero 4 KiB blocks (leaving holes), and is
-/// renamed into place by `persist`.
-struct SparseFile {
-    tmp: tempfile::NamedTempFile,
-    pos: u64,
-}
-
-impl SparseFile {
-    const BLOCK: usize = 4096;
-
-    fn create(dest: &Path) -> Result<SparseFile> {
-        let tmp = crate::build::temp_beside(dest)?;
-        Ok(SparseFile { tmp, pos: 0 })
-    }
-
-    fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        let file = self.tmp.as_file();
-        let mut start = None;
-        for (i, block) in chunk.chunks(Self::BLOCK).enumerate() {
-            let zero = block.iter().all(|&b| b == 0);
-            match (zero, start) {
-                (false, None) => start = Some(i * Self::BLOCK),
-                (true, Some(s)) => {
-                    file.write_all_at(&chunk[s..i * Self::BLOCK], self.pos + s as u64)?;
-                    start = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(s) = start {
-            file.write_all_at(&chunk[s..], self.pos + s as u64)?;
-        }
-        self.pos += chunk.len() as u64;
-        Ok(())
-    }
-
-    fn persist(self, dest: &Path) -> Result<()> {
-        self.tmp
-            .as_file()
-            .set_len(self.pos)
-            .with_context(|| format!("cannot size {}", dest.display()))?;
-        self.tmp
-            .persist(dest)
-            .with_context(|| format!("cannot write {}", dest.display()))?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -910,7 +767,7 @@ mod tests {
         let last = data.len() - 1;
         data[last] = 9;
         let dest = dir.path().join("out.raw");
-        let digest = emit(None, "k", &mut &data[..], Some(&dest)).unwrap();
+        let digest = output::keep(None, "k", &mut &data[..], Some(&dest)).unwrap();
         assert_eq!(digest, blake3::hash(&data).to_hex().to_string());
         assert_eq!(fs::read(&dest).unwrap(), data);
         let md = fs::metadata(&dest).unwrap();
@@ -923,7 +780,7 @@ mod tests {
         // A file ending in a hole still has its full length.
         let zeros = vec![0u8; 3 << 20];
         let dest2 = dir.path().join("zeros.raw");
-        emit(None, "k", &mut &zeros[..], Some(&dest2)).unwrap();
+        output::keep(None, "k", &mut &zeros[..], Some(&dest2)).unwrap();
         assert_eq!(fs::metadata(&dest2).unwrap().len(), 3 << 20);
     }
 
@@ -934,11 +791,11 @@ mod tests {
         let mut data = vec![0u8; 4 << 20];
         data[123] = 42;
         data[3 << 20] = 1;
-        let digest = emit(Some(&store), "out-key", &mut &data[..], None).unwrap();
+        let digest = output::keep(Some(&store), "out-key", &mut &data[..], None).unwrap();
         let rec = store.get_output("out-key").unwrap().unwrap();
         let dest = dir.path().join("back.raw");
         assert_eq!(
-            restore_blob(&store, &rec.blob_digest, &dest).unwrap(),
+            output::restore(&store, &rec.blob_digest, &dest).unwrap(),
             digest
         );
         assert_eq!(fs::read(&dest).unwrap(), data);

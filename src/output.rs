@@ -25,7 +25,8 @@ use crate::store::{BlobWriter, Store};
 use anyhow::{Context, Result};
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -239,47 +240,102 @@ fn write_squashfs(
 /// Hashes the file at `p` and, with a store, keeps it as a zstd blob under `key`.
 fn store_file(store: Option<&Store>, key: &str, p: &Path) -> Result<String> {
     let mut src = fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
-    let mut blob = match store {
-        Some(s) => Some(zstd::Encoder::new(s.blob_writer()?, 3)?),
-        None => None,
-    };
-    let mut hasher = Hashing {
-        inner: io::sink(),
-        hasher: blake3::Hasher::new(),
-    };
-    match blob.as_mut() {
-        Some(enc) => io::copy(&mut src, &mut Tee(&mut hasher, enc))?,
-        None => io::copy(&mut src, &mut hasher)?,
-    };
-    if let (Some(store), Some(enc)) = (store, blob) {
-        let (digest, size) = enc.finish()?.finish()?;
-        store.put_output(key, &digest, size, crate::build::now())?;
-    }
-    Ok(hasher.hasher.finalize().to_hex().to_string())
+    keep(store, key, &mut src, None)
 }
 
-/// Writes a cached output blob (zstd) to `path`; on a damaged blob, reads it to the end so the
-/// store sees the digest mismatch and deletes it. Returns the blake3 of what was written.
+/// Reads `src` once: hashes it, keeps it zstd-compressed as an output blob under `key` (with a
+/// store), and writes it sparse to `copy_to` (when given). Returns the blake3 of the content.
+pub fn keep(
+    store: Option<&Store>,
+    key: &str,
+    src: &mut impl Read,
+    copy_to: Option<&Path>,
+) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    let mut sparse = match copy_to {
+        Some(p) => Some((SparseFile::create(p)?, p)),
+        None => None,
+    };
+    let mut blob = match store {
+        Some(s) => Some(s.blob_writer()?),
+        None => None,
+    };
+    {
+        let mut enc = match blob.as_mut() {
+            Some(b) => {
+                let mut e = zstd::Encoder::new(b, 3)?;
+                e.multithread(2)?;
+                Some(e)
+            }
+            None => None,
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = read_full(src, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            hasher.update(chunk);
+            if let Some(e) = enc.as_mut() {
+                e.write_all(chunk)?;
+            }
+            if let Some((f, _)) = sparse.as_mut() {
+                f.write(chunk)?;
+            }
+        }
+        if let Some(e) = enc {
+            e.finish()?;
+        }
+    }
+    if let Some((f, p)) = sparse {
+        f.persist(p)?;
+    }
+    if let (Some(store), Some(blob)) = (store, blob) {
+        let (digest, size) = blob.finish()?;
+        store.put_output(key, &digest, size, crate::build::now())?;
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Writes a cached output blob (zstd) to `path`, sparse; on a damaged blob, reads it to the
+/// end so the store sees the digest mismatch and deletes it. Returns the blake3 of what was
+/// written.
 pub fn restore(store: &Store, digest: &str, path: &Path) -> Result<String> {
     let mut blob = store.open_blob(digest)?;
     let written = (|| -> Result<String> {
         let mut dec = zstd::Decoder::new(&mut blob)?;
-        let tmp = crate::build::temp_beside(path)?;
-        let mut w = Hashing {
-            inner: BufWriter::with_capacity(1 << 20, tmp),
-            hasher: blake3::Hasher::new(),
-        };
-        io::copy(&mut dec, &mut w)?;
-        let digest = w.hasher.finalize().to_hex().to_string();
-        let tmp = w.inner.into_inner().map_err(|e| e.into_error())?;
-        tmp.persist(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(digest)
+        let mut out = SparseFile::create(path)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = read_full(&mut dec, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write(&buf[..n])?;
+        }
+        out.persist(path)?;
+        Ok(hasher.finalize().to_hex().to_string())
     })();
     let checked = blob.finish();
     let digest = written?;
     checked?;
     Ok(digest)
+}
+
+fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// The tar stream's destinations: the tar file and/or the gzip encoder of the tgz file.
@@ -382,18 +438,51 @@ impl Write for FileSink {
     }
 }
 
-/// A writer that feeds two writers.
-struct Tee<A, B>(A, B);
+/// A temp file beside its destination that skips all-zero 4 KiB blocks (leaving holes), and is
+/// renamed into place by `persist`.
+struct SparseFile {
+    tmp: tempfile::NamedTempFile,
+    pos: u64,
+}
 
-impl<A: Write, B: Write> Write for Tee<A, B> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_all(buf)?;
-        self.1.write_all(buf)?;
-        Ok(buf.len())
+impl SparseFile {
+    const BLOCK: usize = 4096;
+
+    fn create(dest: &Path) -> Result<SparseFile> {
+        let tmp = crate::build::temp_beside(dest)?;
+        Ok(SparseFile { tmp, pos: 0 })
     }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()?;
-        self.1.flush()
+
+    fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        let file = self.tmp.as_file();
+        let mut start = None;
+        for (i, block) in chunk.chunks(Self::BLOCK).enumerate() {
+            let zero = block.iter().all(|&b| b == 0);
+            match (zero, start) {
+                (false, None) => start = Some(i * Self::BLOCK),
+                (true, Some(s)) => {
+                    file.write_all_at(&chunk[s..i * Self::BLOCK], self.pos + s as u64)?;
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            file.write_all_at(&chunk[s..], self.pos + s as u64)?;
+        }
+        self.pos += chunk.len() as u64;
+        Ok(())
+    }
+
+    fn persist(self, dest: &Path) -> Result<()> {
+        self.tmp
+            .as_file()
+            .set_len(self.pos)
+            .with_context(|| format!("cannot size {}", dest.display()))?;
+        self.tmp
+            .persist(dest)
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+        Ok(())
     }
 }
 
