@@ -1,32 +1,26 @@
 //! `strata build` on the busybox fixture: every phase for real, the hook contract, caching,
 //! reruns, failures, concurrency and kills.
 
-use crate::harness::{BuildFixture, Manifest, strata};
+use crate::harness::{BuildFixture, Manifest, steps_then, strata};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const ALL_STEPS: &[&str] = &[
-    "root.d/10-busybox-rootfs",
-    "extra-data.d/10-extra-data",
-    "pre-install.d/10-pre-install",
-    "pre-install.d/20-install-bin",
-    "install.d/10-record-env",
-    "install.d/20-middle",
-    "install.d/90-last",
-    "post-install.d/10-post-install",
-    "post-root.d/10-post-root",
-    "pre-finalise.d/10-pre-finalise",
-    "finalise.d/10-finalise",
-    "cleanup.d/10-cleanup",
-    "core/finalise-base",
-];
+/// Every step of a tree build of the fixture, in run order.
+fn all_steps() -> Vec<&'static str> {
+    steps_then(&[
+        "pre-finalise.d/10-pre-finalise",
+        "finalise.d/10-finalise",
+        "cleanup.d/10-cleanup",
+        "core/finalise-base",
+    ])
+}
 
-/// Where a step stands in `ALL_STEPS`.
+/// Where a step stands in `all_steps()`.
 fn step_index(label: &str) -> usize {
-    ALL_STEPS
+    all_steps()
         .iter()
         .position(|s| *s == label)
         .unwrap_or_else(|| panic!("{label} is not a fixture step"))
@@ -42,7 +36,7 @@ fn edit_hook(f: &BuildFixture, rel: &str, body: &str) {
 fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
     let f = BuildFixture::new();
     let m = f.build_ok(&[]);
-    assert_eq!(m.ran(), ALL_STEPS);
+    assert_eq!(m.ran(), all_steps());
     let tar = f.out("img.tar");
     for out in [&tar, &f.out("img.strata.json")] {
         let mode = fs::metadata(out).unwrap().permissions().mode() & 0o777;
@@ -169,8 +163,8 @@ fn editing_the_last_install_hook_reruns_it_and_later_steps_only() {
     );
     let second = f.build_ok(&[]);
     let idx = step_index("install.d/90-last");
-    assert_eq!(second.cached(), &ALL_STEPS[..idx]);
-    assert_eq!(second.ran(), &ALL_STEPS[idx..]);
+    assert_eq!(second.cached(), &all_steps()[..idx]);
+    assert_eq!(second.ran(), &all_steps()[idx..]);
     assert_eq!(first.keys()[..idx], second.keys()[..idx]);
     let tar = f.out("img.tar");
     assert_eq!(
@@ -193,7 +187,7 @@ fn editing_an_environment_file_reruns_everything() {
     )
     .unwrap();
     let second = f.build_ok(&[]);
-    assert_eq!(second.ran(), ALL_STEPS);
+    assert_eq!(second.ran(), all_steps());
     let env = f
         .tar_member(&f.out("img.tar"), "etc/fixture/install-env")
         .unwrap();
@@ -214,7 +208,7 @@ fn a_dib_variable_is_part_of_the_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(f.manifest().ran(), ALL_STEPS);
+    assert_eq!(f.manifest().ran(), all_steps());
     let env = f
         .tar_member(&f.out("img.tar"), "etc/fixture/install-env")
         .unwrap();
@@ -274,7 +268,7 @@ fn a_failing_hook_names_itself_and_a_fixed_rerun_resumes_there() {
     );
     let m = f.build_ok(&[]);
     let idx = step_index("install.d/20-middle");
-    assert_eq!(m.cached(), &ALL_STEPS[..idx]);
+    assert_eq!(m.cached(), &all_steps()[..idx]);
 }
 
 #[test]
@@ -283,9 +277,9 @@ fn rebuild_from_and_no_cache_force_reruns() {
     f.build_ok(&[]);
     let m = f.build_ok(&["--rebuild-from", "post-install.d"]);
     let idx = step_index("post-install.d/10-post-install");
-    assert_eq!(m.ran(), &ALL_STEPS[idx..]);
+    assert_eq!(m.ran(), &all_steps()[idx..]);
     let m = f.build_ok(&["--no-cache"]);
-    assert_eq!(m.ran(), ALL_STEPS);
+    assert_eq!(m.ran(), all_steps());
 }
 
 #[test]
@@ -367,7 +361,7 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
     f.assert_killed_build_left_nothing("sleep 300", &hold);
     let m = f.build_ok(&[]);
     let idx = step_index("post-root.d/10-post-root");
-    assert_eq!(m.cached(), &ALL_STEPS[..idx]);
+    assert_eq!(m.cached(), &all_steps()[..idx]);
 }
 
 #[test]
@@ -474,7 +468,7 @@ fn plan_lists_steps_with_keys_and_cache_state() {
     };
     let before = plan(&f);
     let rows = before.as_array().unwrap();
-    assert_eq!(rows.len(), ALL_STEPS.len());
+    assert_eq!(rows.len(), all_steps().len());
     assert!(
         rows.iter()
             .all(|r| r["cached"] == false && r["key"].as_str().unwrap().len() == 64)
@@ -542,7 +536,7 @@ fn cache_ttl_treats_older_steps_as_misses() {
     assert!(fresh.ran().is_empty(), "{:?}", fresh.ran());
     std::thread::sleep(Duration::from_millis(2100));
     let stale = f.build_ok(&["--cache-ttl", "1s"]);
-    assert_eq!(stale.ran(), ALL_STEPS);
+    assert_eq!(stale.ran(), all_steps());
 }
 
 #[test]
@@ -558,7 +552,7 @@ fn a_cache_inputs_host_file_is_part_of_the_key() {
     f.build_ok(&[]);
     assert!(f.build_ok(&[]).ran().is_empty());
     fs::write(&host_file, "v2").unwrap();
-    assert_eq!(f.build_ok(&[]).ran(), ALL_STEPS);
+    assert_eq!(f.build_ok(&[]).ran(), all_steps());
 }
 
 #[test]
@@ -581,7 +575,7 @@ fn cache_commands_list_size_explain_remove_and_collect() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let ls: serde_json::Value = serde_json::from_str(&cache(&["ls", "--json"])).unwrap();
-    assert_eq!(ls.as_array().unwrap().len(), ALL_STEPS.len());
+    assert_eq!(ls.as_array().unwrap().len(), all_steps().len());
     let du: serde_json::Value = serde_json::from_str(&cache(&["du", "--json"])).unwrap();
     assert!(du["blob_bytes"].as_u64().unwrap() > 0);
 
@@ -609,7 +603,7 @@ fn cache_commands_list_size_explain_remove_and_collect() {
     cache(&["rm", &first.keys()[idx]]);
     cache(&["rm", key]);
     let third = f.build_ok(&[]);
-    assert_eq!(third.ran(), &ALL_STEPS[idx..]);
+    assert_eq!(third.ran(), &all_steps()[idx..]);
 
     // gc to a tiny size keeps the cache consistent (verify is clean) and a rebuild works.
     cache(&["gc", "--max-size", "1K"]);
@@ -720,7 +714,7 @@ fn tar_tgz_and_squashfs_agree_and_are_kept_or_restored_on_a_no_op_rerun() {
     // The harness asks for tar; these add to it.
     let args = ["-t", "tgz,squashfs"];
     let m = f.build_ok(&args);
-    assert_eq!(m.ran(), ALL_STEPS);
+    assert_eq!(m.ran(), all_steps());
     let (tar, tgz, squash) = (f.out("img.tar"), f.out("img.tgz"), f.out("img.squash"));
     let outs = outputs_of(&m);
     let names: Vec<(&str, &str)> = outs.iter().map(|o| (o.0.as_str(), o.1.as_str())).collect();
@@ -804,7 +798,7 @@ fn with_source_date_epoch_two_cold_builds_write_identical_tgz_and_squashfs() {
             String::from_utf8_lossy(&out.stderr)
         );
         let m = f.manifest();
-        assert_eq!(m.ran(), ALL_STEPS);
+        assert_eq!(m.ran(), all_steps());
         // Without tar among the types, only the tgz is written.
         assert!(!f.out("img.tar").exists());
         let list = unsquash_list(&squash);

@@ -5,6 +5,26 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The fixture's steps through post-root.d, in run order: what tree builds and disk builds of
+/// `tests/fixtures/build-elements` share (tree builds go on per phase, disk builds with one
+/// `output/disk` step).
+pub const SHARED_STEPS: &[&str] = &[
+    "root.d/10-busybox-rootfs",
+    "extra-data.d/10-extra-data",
+    "pre-install.d/10-pre-install",
+    "pre-install.d/20-install-bin",
+    "install.d/10-record-env",
+    "install.d/20-middle",
+    "install.d/90-last",
+    "post-install.d/10-post-install",
+    "post-root.d/10-post-root",
+];
+
+/// `SHARED_STEPS` followed by `tail`.
+pub fn steps_then(tail: &[&'static str]) -> Vec<&'static str> {
+    [SHARED_STEPS, tail].concat()
+}
+
 pub fn strata() -> Command {
     Command::new(env!("CARGO_BIN_EXE_strata"))
 }
