@@ -1103,13 +1103,7 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     let mut missing: Vec<(String, String)> = Vec::new();
     for t in &settings.image_types {
         let path = output::path(&settings.image_name, t);
-        let out_key = blake3::Hasher::new_derive_key("strata 2026-11 output key v1")
-            .update(last.as_bytes())
-            .update(b"\0")
-            .update(t.as_bytes())
-            .finalize()
-            .to_hex()
-            .to_string();
+        let out_key = output::type_key(&last, t);
         let started = Instant::now();
         let record = |blake3: String| OutputRecord {
             r#type: t.clone(),
@@ -1386,7 +1380,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
             Some(s) => {
                 let mut all = true;
                 for t in &prep.settings.image_types {
-                    all &= s.get_output(&disk::type_key(&key, t))?.is_some();
+                    all &= s.get_output(&output::type_key(&key, t))?.is_some();
                 }
                 all
             }

@@ -201,17 +201,6 @@ pub fn output_key(
     h.finalize().to_hex().to_string()
 }
 
-/// The cache key of one output of the step.
-pub fn type_key(output_key: &str, t: &str) -> String {
-    blake3::Hasher::new_derive_key("strata 2026-11 disk output blob v1")
-        .update(output_key.as_bytes())
-        .update(b"\0")
-        .update(t.as_bytes())
-        .finalize()
-        .to_hex()
-        .to_string()
-}
-
 /// The file an output type is written to (`NAME.<type>`; see [`crate::output::path`]).
 pub fn output_path(image_name: &str, t: &str) -> PathBuf {
     crate::output::path(image_name, t)
@@ -422,7 +411,7 @@ pub fn run(job: &Job) -> Result<Produced> {
         .image_types
         .iter()
         .filter(|t| crate::output::is_tree_type(t))
-        .map(|t| (t.clone(), type_key(job.key, t)))
+        .map(|t| (t.clone(), output::type_key(job.key, t)))
         .collect();
     if !tree.is_empty() {
         let root = disk.root_mount();
@@ -465,7 +454,7 @@ pub fn run(job: &Job) -> Result<Produced> {
     order.extend(settings.image_types.iter().filter(|t| *t == "raw"));
     for t in order {
         let path = output_path(&settings.image_name, t);
-        let tkey = type_key(job.key, t);
+        let tkey = output::type_key(job.key, t);
         let digest = if t == "raw" {
             let mut src = fs::File::open(&raw)
                 .with_context(|| format!("cannot open the raw image {}", raw.display()))?;
@@ -520,7 +509,7 @@ pub fn restore_cached(
 ) -> Result<Option<Vec<Output>>> {
     let mut found = Vec::new();
     for t in &settings.image_types {
-        match store.get_output(&type_key(key, t))? {
+        match store.get_output(&output::type_key(key, t))? {
             Some(o) => found.push((t.clone(), o)),
             None => return Ok(None),
         }
@@ -755,7 +744,7 @@ mod tests {
             ..opts.clone()
         };
         assert_ne!(k, output_key("p", &types, &empty, &cfg));
-        assert_ne!(type_key(&k, "raw"), type_key(&k, "qcow2"));
+        assert_ne!(output::type_key(&k, "raw"), output::type_key(&k, "qcow2"));
     }
 
     #[test]

@@ -237,6 +237,18 @@ fn write_squashfs(
     })
 }
 
+/// The cache key of one output of type `t`, from the key of what it is made of (the last
+/// step's key for tree outputs, the disk step's key for disk builds).
+pub fn type_key(base: &str, t: &str) -> String {
+    blake3::Hasher::new_derive_key("strata 2026-11 output key v1")
+        .update(base.as_bytes())
+        .update(b"\0")
+        .update(t.as_bytes())
+        .finalize()
+        .to_hex()
+        .to_string()
+}
+
 /// Hashes the file at `p` and, with a store, keeps it as a zstd blob under `key`.
 fn store_file(store: Option<&Store>, key: &str, p: &Path) -> Result<String> {
     let mut src = fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
