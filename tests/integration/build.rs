@@ -198,16 +198,7 @@ fn editing_an_environment_file_reruns_everything() {
 fn a_dib_variable_is_part_of_the_key() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
-    let out = f
-        .build_cmd(&[])
-        .env("DIB_FIXTURE_GREETING", "bonjour")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    f.run_ok(f.build_cmd(&[]).env("DIB_FIXTURE_GREETING", "bonjour"));
     assert_eq!(f.manifest().ran(), all_steps());
     let env = f
         .tar_member(&f.out("img.tar"), "etc/fixture/install-env")
@@ -299,17 +290,12 @@ fn two_builds_at_once_share_one_cache() {
         "after two concurrent builds, ran: {:?}",
         m.ran()
     );
-    let out = strata()
-        .arg("cache")
-        .arg("verify")
-        .arg("--cache-dir")
-        .arg(f.cache())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    f.run_ok(
+        strata()
+            .arg("cache")
+            .arg("verify")
+            .arg("--cache-dir")
+            .arg(f.cache()),
     );
 }
 
@@ -458,12 +444,7 @@ fn plan_lists_steps_with_keys_and_cache_state() {
                 None => c.env_remove(k),
             };
         }
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = f.run_ok(&mut c);
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let before = plan(&f);
@@ -786,16 +767,9 @@ fn with_source_date_epoch_two_cold_builds_write_identical_tgz_and_squashfs() {
                 fs::remove_file(p).unwrap();
             }
         }
-        let out = f
-            .build_cmd_typed("img", "tgz,squashfs", &[])
-            .env("SOURCE_DATE_EPOCH", "1700000000")
-            .output()
-            .unwrap();
-        f.assert_no_leftovers();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        f.run_ok(
+            f.build_cmd_typed("img", "tgz,squashfs", &[])
+                .env("SOURCE_DATE_EPOCH", "1700000000"),
         );
         let m = f.manifest();
         assert_eq!(m.ran(), all_steps());

@@ -597,28 +597,22 @@ fn vm_debian_minimal_boots_to_a_login_prompt() {
 #[test]
 fn disk_image_create_defaults_to_a_qcow2_image_like_dib() {
     let f = BuildFixture::new();
-    let out = crate::harness::strata()
-        .args(["disk-image-create", "-n", "-o"])
-        .arg(f.out("img"))
-        .arg("--cache-dir")
-        .arg(f.cache())
-        .arg("--element-path")
-        .arg(f.elements())
-        .arg("--element-path")
-        .arg(shipped_elements())
-        .args(["fixture-disk", "block-device-mbr"])
-        .env_remove("ELEMENTS_PATH")
-        .env("STRATA_ELEMENTS_DIR", f.path().join("no-builtin-elements"))
-        .env("TMP_DIR", f.path().join("tmp"))
-        .env("DIB_FIXTURE_DIR", repo().join("tests/fixtures"))
-        .env("DIB_IMAGE_CACHE", f.path().join("image-cache"))
-        .output()
-        .unwrap();
-    f.assert_no_leftovers();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    f.run_ok(
+        crate::harness::strata()
+            .args(["disk-image-create", "-n", "-o"])
+            .arg(f.out("img"))
+            .arg("--cache-dir")
+            .arg(f.cache())
+            .arg("--element-path")
+            .arg(f.elements())
+            .arg("--element-path")
+            .arg(shipped_elements())
+            .args(["fixture-disk", "block-device-mbr"])
+            .env_remove("ELEMENTS_PATH")
+            .env("STRATA_ELEMENTS_DIR", f.path().join("no-builtin-elements"))
+            .env("TMP_DIR", f.path().join("tmp"))
+            .env("DIB_FIXTURE_DIR", repo().join("tests/fixtures"))
+            .env("DIB_IMAGE_CACHE", f.path().join("image-cache")),
     );
     let m = f.manifest();
     let types: Vec<String> = outputs(&m).into_iter().map(|o| o.0).collect();

@@ -136,8 +136,13 @@ impl BuildFixture {
 
     /// `build_ok` with extra environment variables.
     pub fn build_ok_with(&self, extra: &[&str], env: &[(&str, &str)]) -> Manifest {
-        let mut cmd = self.build_cmd(extra);
-        cmd.envs(env.iter().copied());
+        self.run_ok(self.build_cmd(extra).envs(env.iter().copied()));
+        self.manifest()
+    }
+
+    /// Runs a build command of this fixture: it must succeed (its stderr is shown if not) and
+    /// leave nothing mounted and no build folder behind.
+    pub fn run_ok(&self, cmd: &mut Command) -> Output {
         let out = cmd.output().unwrap();
         self.assert_no_leftovers();
         assert!(
@@ -146,7 +151,7 @@ impl BuildFixture {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        self.manifest()
+        out
     }
 
     pub fn manifest(&self) -> Manifest {
