@@ -18,7 +18,10 @@
 //!                      (TARGET_ROOT=mnt); finalise_base(mnt)  — with DIB_ROOT_LABEL,
 //!                      DIB_ROOT_FSTYPE, DIB_BOOT_LABEL, DIB_MOUNTPOINTS, IMAGE_BLOCK_DEVICE(S)
 //!     tar tgz squashfs from the mounted tree (if asked for; `crate::output::write`)
-//!     Disk::unmount    fstrim, umount, detach ─► image0.raw
+//!     Disk::unmount    fstrim, umount, detach ─► image0.raw; with SOURCE_DATE_EPOCH
+//!                      Disk::unmount_reproducible: each mounted ext file system is first made
+//!                      again from its files, times at the epoch (image::repack), so two cold
+//!                      builds of a deterministic element set give the same raw bytes
 //!     convert          qcow2 (-c unless -u) / vhd via qemu-img; raw last, copied sparse
 //!     each output      hashed and stored as a zstd blob under its type key
 //!     --checksum       .md5 / .sha256 beside each output
@@ -186,7 +189,7 @@ pub fn output_key(
     options: &DiskOptions,
     config: &ConfigSource,
 ) -> String {
-    let mut h = blake3::Hasher::new_derive_key("strata 2026-11 disk output key v1");
+    let mut h = blake3::Hasher::new_derive_key("strata 2026-11 disk output key v2");
     let mut field = |name: &str, value: &[u8]| {
         h.update(name.as_bytes());
         h.update(&(value.len() as u64).to_le_bytes());
@@ -442,8 +445,38 @@ pub fn run(job: &Job) -> Result<Produced> {
         phase_timer = Instant::now();
     }
 
-    let raw = disk.unmount()?;
-    lap("(unmount disk)", &mut phase_timer, &mut timings);
+    let raw = match settings.source_date_epoch {
+        // Reproducible: every mounted ext file system is made again from its files.
+        Some(epoch) => {
+            let (raw, rebuilt) = disk.unmount_reproducible(epoch)?;
+            for r in rebuilt {
+                match r.kept_because {
+                    None => job.reporter.println(&format!(
+                        "[output/disk] {} ({}) rebuilt from its files with times at \
+                         SOURCE_DATE_EPOCH={epoch}",
+                        r.filesystem, r.mount_point
+                    )),
+                    Some(why) => tracing::warn!(
+                        "{} ({}) kept as the kernel left it, so the raw image will not be \
+                         byte-reproducible: {why}",
+                        r.filesystem,
+                        r.mount_point
+                    ),
+                }
+            }
+            lap(
+                "(rebuild file systems, unmount)",
+                &mut phase_timer,
+                &mut timings,
+            );
+            raw
+        }
+        None => {
+            let raw = disk.unmount()?;
+            lap("(unmount disk)", &mut phase_timer, &mut timings);
+            raw
+        }
+    };
 
     // raw last: dib moves it; strata copies it (sparse) so the cache can keep it too.
     let mut order: Vec<&String> = settings

@@ -25,6 +25,7 @@ use nix::mount::{MntFlags, MsFlags};
 use super::config::{BlockDeviceConfig, FsSpec, Graph, Kind};
 use super::loopdev::LoopDevice;
 use super::partition::{self, Layout, one_line};
+use super::repack::{self, MkfsCommand};
 use super::{ImageError, Params, derive_id, random_seed, uuid_string};
 
 /// The timestamp mkfs writes when ids are seeded (2001-09-09T01:46:40Z), unless the
@@ -39,6 +40,18 @@ struct FsState {
     device: PathBuf,
     label: String,
     fstype: String,
+    /// How it was made, so a reproducible unmount can make it again from its files.
+    mkfs: MkfsCommand,
+}
+
+/// What [`Disk::unmount_reproducible`] did with one mounted file system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuild {
+    /// The mkfs node's name.
+    pub filesystem: String,
+    pub mount_point: String,
+    /// Why it was kept as the kernel left it; `None` when it was rebuilt.
+    pub kept_because: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +78,8 @@ pub struct Disk {
     image: Option<PathBuf>,
     raw_files: Vec<PathBuf>,
     loops: Vec<(String, LoopDevice)>,
+    /// loop device → its raw file.
+    backing: HashMap<PathBuf, PathBuf>,
     devices: Vec<(String, PathBuf)>,
     filesystems: HashMap<String, FsState>,
     mounts: Vec<Mounted>,
@@ -80,17 +95,7 @@ pub fn create(config: &BlockDeviceConfig, params: &Params) -> Result<Disk, Image
         Some(s) => s,
         None => random_seed()?,
     };
-    let mut disk = Disk {
-        image: None,
-        raw_files: Vec::new(),
-        loops: Vec::new(),
-        devices: Vec::new(),
-        filesystems: HashMap::new(),
-        mounts: Vec::new(),
-        fstab: HashMap::new(),
-        mount_base: params.mount_base.clone(),
-        done: false,
-    };
+    let mut disk = Disk::empty(&params.mount_base);
     match disk.build(&graph, params, &seed) {
         Ok(()) => Ok(disk),
         Err(e) => {
@@ -130,14 +135,9 @@ fn source_date_epoch() -> u64 {
         .unwrap_or(DEFAULT_EPOCH)
 }
 
-/// The mkfs command line for one file system (dib's `mkfs.py`, plus seeded ids).
-fn mkfs_command(
-    name: &str,
-    spec: &FsSpec,
-    device: &Path,
-    seed: &[u8; 32],
-    seeded: bool,
-) -> (String, Vec<String>, Vec<(String, String)>) {
+/// The mkfs command line for one file system (dib's `mkfs.py`, plus seeded ids), without the
+/// device.
+fn mkfs_command(name: &str, spec: &FsSpec, seed: &[u8; 32], seeded: bool) -> MkfsCommand {
     let t = spec.fs_type.as_str();
     let ext = matches!(t, "ext2" | "ext3" | "ext4");
     let uuid = spec
@@ -191,8 +191,7 @@ fn mkfs_command(
     if seeded {
         env.push(("SOURCE_DATE_EPOCH".into(), source_date_epoch().to_string()));
     }
-    args.push(device.display().to_string());
-    (program, args, env)
+    MkfsCommand { program, args, env }
 }
 
 /// Appends `opt` to the `-E` option in `opts`, or adds `-E opt` (mke2fs keeps only one `-E`).
@@ -215,6 +214,22 @@ fn add_extended_option(opts: &mut Vec<String>, opt: &str) {
 }
 
 impl Disk {
+    /// A disk with nothing created yet; `build` fills it in.
+    fn empty(mount_base: &Path) -> Disk {
+        Disk {
+            image: None,
+            raw_files: Vec::new(),
+            loops: Vec::new(),
+            backing: HashMap::new(),
+            devices: Vec::new(),
+            filesystems: HashMap::new(),
+            mounts: Vec::new(),
+            fstab: HashMap::new(),
+            mount_base: mount_base.to_path_buf(),
+            done: false,
+        }
+    }
+
     fn build(&mut self, graph: &Graph, params: &Params, seed: &[u8; 32]) -> Result<(), ImageError> {
         let seeded = params.seed.is_some();
         let mut layouts: Vec<Option<(String, Layout)>> = vec![None; graph.tables.len()];
@@ -273,6 +288,7 @@ impl Disk {
                     }
                     self.devices
                         .push((node.name.clone(), dev.path().to_path_buf()));
+                    self.backing.insert(dev.path().to_path_buf(), path.clone());
                     if self.image.is_none() || node.name == "image0" {
                         self.image = Some(path);
                     }
@@ -305,15 +321,18 @@ impl Disk {
                 Kind::Mkfs(spec) => {
                     let base = node.base.as_deref().unwrap_or_default();
                     let device = self.device_of(base)?;
-                    let (program, args, env) =
-                        mkfs_command(&node.name, spec, &device, seed, seeded);
-                    run(Command::new(&program).args(&args).envs(env))?;
+                    let mkfs = mkfs_command(&node.name, spec, seed, seeded);
+                    run(Command::new(&mkfs.program)
+                        .args(&mkfs.args)
+                        .arg(&device)
+                        .envs(mkfs.env.iter().map(|(k, v)| (k, v))))?;
                     self.filesystems.insert(
                         node.name.clone(),
                         FsState {
                             device,
                             label: spec.label.clone(),
                             fstype: spec.fs_type.clone(),
+                            mkfs,
                         },
                     );
                 }
@@ -465,7 +484,112 @@ impl Disk {
         Ok(self.image_path().to_path_buf())
     }
 
+    /// Like [`Disk::unmount`], but first rebuilds every mounted ext file system from its own
+    /// files with every timestamp at `epoch` (see [`super::repack`]), so two builds of the
+    /// same tree give the same raw bytes. A file system that cannot be rebuilt faithfully is
+    /// kept as the kernel left it, and the returned list says why.
+    pub fn unmount_reproducible(
+        mut self,
+        epoch: i64,
+    ) -> Result<(PathBuf, Vec<Rebuild>), ImageError> {
+        let raw = self.image_path().to_path_buf();
+        let work = WorkDir::new(raw.with_extension("rebuild"))?;
+        let mut report = Vec::new();
+        let mut rebuilt = Vec::new();
+        for m in &self.mounts {
+            let (Some(path), Some(fs)) = (m.path.as_ref(), self.filesystems.get(&m.fs)) else {
+                continue;
+            };
+            if !m.mounted {
+                continue;
+            }
+            if !repack::is_rebuilt_type(&fs.fstype) {
+                report.push(Rebuild {
+                    filesystem: m.fs.clone(),
+                    mount_point: m.mount_point.clone(),
+                    kept_because: Some(format!("{} is not rebuilt (only ext2/3/4)", fs.fstype)),
+                });
+                continue;
+            }
+            let mut entry = Rebuild {
+                filesystem: m.fs.clone(),
+                mount_point: m.mount_point.clone(),
+                kept_because: None,
+            };
+            // A failed rebuild (say, a file system too full for mke2fs -d to pack the same
+            // files) costs reproducibility, not the image: keep the kernel's and say why.
+            let made = repack::device_len(&fs.device).and_then(|len| {
+                let image = repack::rebuild(&m.fs, path, &fs.mkfs, len, &work.0, epoch)?;
+                Ok((image, self.placement(&fs.device)?))
+            });
+            match made {
+                Ok((image, placement)) => {
+                    rebuilt.push((entry, fs.device.clone(), image, placement))
+                }
+                Err(e) => {
+                    entry.kept_because = Some(format!("rebuilding it failed: {e}"));
+                    report.push(entry);
+                }
+            }
+        }
+        self.umount_all(true)?;
+        let mut writes = Vec::new();
+        for (mut entry, device, image, placement) in rebuilt {
+            match repack::superblock_difference(&device, &image)? {
+                Some(d) => {
+                    entry.kept_because = Some(format!(
+                        "a hook changed its superblock after mkfs ({d}); a rebuild would lose it"
+                    ))
+                }
+                None => writes.push((report.len(), image, placement)),
+            }
+            report.push(entry);
+        }
+        self.done = true;
+        self.detach_all()?;
+        for (i, image, placement) in writes {
+            let core = repack::grub_core_sector(&placement.raw)?.map(|s| s * 512);
+            if let Some(core) =
+                core.filter(|c| (placement.offset..placement.offset + placement.len).contains(c))
+            {
+                report[i].kept_because = Some(format!(
+                    "GRUB's boot sector loads core.img from byte {core} inside it (a block list)"
+                ));
+                continue;
+            }
+            repack::write_into(&placement, &image)?;
+        }
+        Ok((raw, report))
+    }
+
+    /// Where a partition or loop device keeps its bytes (valid while attached).
+    fn placement(&self, device: &Path) -> Result<repack::Placement, ImageError> {
+        let name = device.file_name().unwrap_or_default().to_string_lossy();
+        for (dev, raw) in &self.backing {
+            let loop_name = dev.file_name().unwrap_or_default().to_string_lossy();
+            let is_part = name
+                .strip_prefix(loop_name.as_ref())
+                .and_then(|rest| rest.strip_prefix('p'))
+                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()));
+            if dev == device || is_part {
+                return repack::placement_of(device, dev, raw);
+            }
+        }
+        Err(ImageError::Device(format!(
+            "{} is on none of this image's loop devices",
+            device.display()
+        )))
+    }
+
     fn teardown(&mut self, trim: bool) -> Result<(), ImageError> {
+        let unmounted = self.umount_all(trim);
+        let detached = self.detach_all();
+        unmounted.and(detached)
+    }
+
+    /// Trims (unless `trim` is false or the file system is vfat) and unmounts every mount in
+    /// reverse order; a mount that stays busy is detached lazily and reported.
+    fn umount_all(&mut self, trim: bool) -> Result<(), ImageError> {
         let mut first_err: Option<ImageError> = None;
         // SAFETY: sync(2) has no preconditions.
         unsafe { libc::sync() };
@@ -488,6 +612,14 @@ impl Disk {
                 }
             }
         }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn detach_all(&mut self) -> Result<(), ImageError> {
+        let mut first_err: Option<ImageError> = None;
         for (_, dev) in self.loops.drain(..).rev() {
             if let Err(e) = dev.detach(Duration::from_secs(10)) {
                 first_err.get_or_insert(e);
@@ -497,6 +629,34 @@ impl Disk {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// A scratch directory, removed when dropped. Removal never recurses: its files go, and its
+/// (empty) sub-directories, so a bind that failed to unmount is left alone, not emptied.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new(path: PathBuf) -> Result<WorkDir, ImageError> {
+        std::fs::create_dir_all(&path)
+            .map_err(|e| ImageError::io(format!("creating {}", path.display()), e))?;
+        Ok(WorkDir(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                let p = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(&p);
+                } else {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 

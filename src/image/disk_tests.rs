@@ -308,17 +308,7 @@ fn create_unmounted(yaml: &str, params: &Params) -> PathBuf {
         nodes,
         tables: graph.tables.clone(),
     };
-    let mut disk = Disk {
-        image: None,
-        raw_files: Vec::new(),
-        loops: Vec::new(),
-        devices: Vec::new(),
-        filesystems: HashMap::new(),
-        mounts: Vec::new(),
-        fstab: HashMap::new(),
-        mount_base: params.mount_base.clone(),
-        done: false,
-    };
+    let mut disk = Disk::empty(&params.mount_base);
     let seed = params.seed.unwrap_or([0; 32]);
     disk.build(&g, params, &seed).unwrap();
     disk.unmount().unwrap()
@@ -734,4 +724,262 @@ fn sigkill_with_a_mounted_disk_leaves_nothing_behind() {
     assert!(!backing.exists(), "{dev} was not cleared after SIGKILL");
     eprintln!("{dev} cleared {:?} after the probe died", killed.elapsed());
     s.assert_clean();
+}
+
+const EPOCH: i64 = 1_700_000_000;
+
+const ROOT_AND_BOOT: &str = "
+- local_loop: {name: image0}
+- partitioning:
+    base: image0
+    label: mbr
+    partitions:
+      - name: boot
+        flags: [primary]
+        size: 24MiB
+        mkfs: {type: ext4, label: boot, mount: {mount_point: /boot}}
+      - {name: root, flags: [primary], size: 100%, mkfs: {mount: {mount_point: /}}}
+";
+
+/// Fills a mounted disk the way finalise.d would: files, a folder, a symlink, a hard link, an
+/// xattr, all written now (after EPOCH), and a root directory with its own mode.
+fn write_like_finalise(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root.join("etc/grub.d")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "strata\n").unwrap();
+    std::fs::write(root.join("etc/grub.d/00_header"), "set timeout=1\n").unwrap();
+    std::os::unix::fs::symlink("hostname", root.join("etc/name")).unwrap();
+    std::fs::hard_link(root.join("etc/hostname"), root.join("etc/hostname.bak")).unwrap();
+    xattr::set(root.join("etc/hostname"), "user.strata", b"kept").unwrap();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o750)).unwrap();
+    // Enough inodes for debugfs to write the superblock back (it stamps its write time).
+    std::fs::create_dir_all(root.join("usr/share/doc")).unwrap();
+    for i in 0..200 {
+        std::fs::write(root.join(format!("usr/share/doc/f{i}")), format!("{i}\n")).unwrap();
+    }
+    if root.join("boot").is_dir() {
+        std::fs::write(root.join("boot/vmlinuz"), "kernel").unwrap();
+    }
+}
+
+fn debugfs(raw: &Path, offset: u64, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(format!("{}?offset={offset}", raw.display()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn e2fsck_clean(raw: &Path, offset: u64) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(format!("{}?offset={offset}", raw.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck at {offset}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn build_reproducible(
+    yaml: &str,
+    name: &str,
+    tamper: impl FnOnce(&Disk),
+) -> (Scratch, PathBuf, Vec<Rebuild>) {
+    let s = Scratch::new();
+    let mut params = s.params("ext4", 96 * MIB, Some([7; 32]));
+    params.image_dir = s.path().join(name);
+    let disk = create(&config(yaml, &params), &params).unwrap();
+    write_like_finalise(disk.root_mount());
+    tamper(&disk);
+    let (raw, report) = disk.unmount_reproducible(EPOCH).unwrap();
+    s.assert_clean();
+    let left: Vec<_> = std::fs::read_dir(&params.image_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("image0.raw")]);
+    (s, raw, report)
+}
+
+#[test]
+fn reproducible_unmount_gives_the_same_bytes_from_two_runs_and_sound_file_systems() {
+    let (_s1, a, report) = build_reproducible(ROOT_AND_BOOT, "a", |_| {});
+    // Let the clock move on, so ctimes and the kernel's own times differ between the runs.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_s2, b, _) = build_reproducible(ROOT_AND_BOOT, "b", |_| {});
+    assert_eq!(
+        digest(&a),
+        digest(&b),
+        "blocks differ: {:?}",
+        differing_blocks(&a, &b)
+    );
+    let names: Vec<_> = report
+        .iter()
+        .map(|r| {
+            (
+                r.filesystem.as_str(),
+                r.mount_point.as_str(),
+                r.kept_because.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![("mkfs_root", "/", None), ("mkfs_boot", "/boot", None)]
+    );
+
+    let starts: Vec<u64> = sfdisk_json(&a)["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["start"].as_u64().unwrap() * 512)
+        .collect();
+    let (boot, root) = (starts[0], starts[1]);
+    e2fsck_clean(&a, boot);
+    e2fsck_clean(&a, root);
+    // Identifiers are the seeded ones mkfs was given.
+    let (t, label, uuid) = probe(&a, root);
+    assert_eq!((t.as_str(), label.as_str()), ("ext4", "cloudimg-rootfs"));
+    assert_eq!(
+        uuid,
+        uuid_string(derive_id(&[7; 32], "fs-uuid", "mkfs_root"))
+    );
+    assert_eq!(probe(&a, boot).1, "boot");
+    // Content, links, xattrs; /boot's files live only in the boot file system.
+    assert_eq!(ext_cat(&a, root, "/etc/hostname"), "strata\n");
+    assert_eq!(ext_cat(&a, boot, "/vmlinuz"), "kernel");
+    let listing = debugfs(&a, root, "ls /boot");
+    assert!(!listing.contains("vmlinuz"), "{listing}");
+    assert!(debugfs(&a, root, "stat /etc/name").contains("Fast link dest: \"hostname\""));
+    assert!(debugfs(&a, root, "stat /etc/hostname.bak").contains("Links: 2"));
+    assert!(debugfs(&a, root, "ea_list /etc/hostname").contains("user.strata (4) = \"kept\""));
+    // Every time is the epoch; the root directory keeps its mode.
+    let hex = format!("0x{EPOCH:x}:00000000");
+    for (offset, path) in [(root, "/etc/hostname"), (root, "/"), (boot, "/vmlinuz")] {
+        let stat = debugfs(&a, offset, &format!("stat {path}"));
+        for field in ["ctime", "atime", "mtime", "crtime"] {
+            let line = stat
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{field}:")))
+                .unwrap_or_else(|| panic!("no {field} in {stat}"));
+            assert!(line.contains(&hex), "{path} {field}: {line}");
+        }
+    }
+    assert!(debugfs(&a, root, "stat /").contains("Mode:  0750"));
+    // The superblock: written at the epoch, never mounted.
+    let header = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(format!("{}?offset={root}", a.display()))
+        .env("TZ", "UTC")
+        .output()
+        .unwrap();
+    let header = String::from_utf8_lossy(&header.stdout);
+    for want in [
+        "Last mount time:          n/a",
+        "Last write time:          Tue Nov 14 22:13:20 2023",
+        "Mount count:              0",
+        "Filesystem created:       Tue Nov 14 22:13:20 2023",
+    ] {
+        assert!(header.contains(want), "{want:?} not in\n{header}");
+    }
+}
+
+#[test]
+fn a_superblock_a_hook_changed_or_a_grub_block_list_keeps_the_file_system_as_it_was() {
+    // A hook ran tune2fs: rebuilding would lose its change.
+    let (_s, raw, report) = build_reproducible(MBR, "tuned", |disk| {
+        let root = &disk.devices()[1].1;
+        let out = Command::new("tune2fs")
+            .args(["-r", "0"])
+            .arg(root)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    });
+    let why = report[0].kept_because.clone().unwrap_or_default();
+    assert!(why.contains("Reserved block count"), "{why}");
+    let header = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(format!("{}?offset={MIB}", raw.display()))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&header.stdout).contains("Reserved block count:     0\n"));
+    e2fsck_clean(&raw, MIB);
+
+    // GRUB's boot sector names a sector inside the root file system (core.img by block list).
+    let (_s, raw, report) = build_reproducible(MBR, "blocklist", |disk| {
+        use std::os::unix::fs::FileExt;
+        let dev = std::fs::OpenOptions::new()
+            .write(true)
+            .open(disk.device())
+            .unwrap();
+        dev.write_all_at(b"GRUB ", 0x180).unwrap();
+        dev.write_all_at(&(2048u64 + 64).to_le_bytes(), 0x5c)
+            .unwrap();
+    });
+    let why = report[0].kept_because.clone().unwrap_or_default();
+    assert!(why.contains("core.img"), "{why}");
+    // Not rebuilt: the kernel's change time of a file finalise wrote is still there.
+    let stat = debugfs(&raw, MIB, "stat /etc/hostname");
+    assert!(!stat.contains(&format!("ctime: 0x{EPOCH:x}")), "{stat}");
+    e2fsck_clean(&raw, MIB);
+}
+
+#[test]
+fn a_rebuild_that_fails_keeps_the_file_system_and_leaves_no_bind_or_scratch_file() {
+    // mke2fs refuses an option: the bind of the tree and the scratch image must still go.
+    let (_s, raw, report) = build_reproducible(MBR, "failing", |_| {});
+    assert_eq!(report[0].kept_because, None);
+    let s = Scratch::new();
+    let mut params = s.params("ext4", 96 * MIB, Some([7; 32]));
+    params.image_dir = s.path().join("failing");
+    let mut disk = create(&config(MBR, &params), &params).unwrap();
+    write_like_finalise(disk.root_mount());
+    for fs in disk.filesystems.values_mut() {
+        fs.mkfs.args.insert(0, "--no-such-option".into());
+    }
+    let (broken, report) = disk.unmount_reproducible(EPOCH).unwrap();
+    s.assert_clean();
+    let why = report[0].kept_because.clone().unwrap_or_default();
+    assert!(why.starts_with("rebuilding it failed: `"), "{why}");
+    assert!(why.contains("mkfs --no-such-option"), "{why}");
+    let left: Vec<_> = std::fs::read_dir(&params.image_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("image0.raw")]);
+    // The kernel's file system, sound, with what finalise wrote.
+    e2fsck_clean(&broken, MIB);
+    assert_eq!(ext_cat(&broken, MIB, "/etc/hostname"), "strata\n");
+    assert_ne!(digest(&raw), digest(&broken));
+}
+
+#[test]
+fn reproducible_unmount_keeps_xfs_and_says_why() {
+    if !kernel_can_mount("xfs") {
+        eprintln!("skipped: this kernel cannot mount xfs");
+        return;
+    }
+    let s = Scratch::new();
+    let params = s.params("xfs", 400 * MIB, Some([3; 32]));
+    let disk = create(&config(MBR, &params), &params).unwrap();
+    std::fs::write(disk.root_mount().join("f"), "x").unwrap();
+    let (raw, report) = disk.unmount_reproducible(EPOCH).unwrap();
+    s.assert_clean();
+    assert_eq!(report.len(), 1);
+    assert!(
+        report[0]
+            .kept_because
+            .as_deref()
+            .is_some_and(|w| w.contains("xfs is not rebuilt")),
+        "{report:?}"
+    );
+    assert_eq!(probe(&raw, MIB).0, "xfs");
 }

@@ -13,26 +13,30 @@
 //!        mount_base in sorted mount-point order
 //! (executor: unpack the tree into root_mount(), write fstab(), run finalise.d in a chroot)
 //! Disk::unmount ──► fstrim, umount in reverse, detach ──► raw image path
+//! Disk::unmount_reproducible(epoch) ──► the same, after making each mounted ext file system
+//!        again from its files (repack.rs), so the raw bytes repeat
 //! convert(raw, "qcow2", out, ..) ──► write_checksums(out)
 //! ```
 //!
 //! With `Params::seed` set, every identifier (MBR disk id, GPT disk and partition GUIDs, file
 //! system UUIDs, the ext4 directory hash seed, mkfs timestamps) is derived from the seed, so
 //! the bytes mkfs and sfdisk write are the same on every run. What the kernel writes once the
-//! file systems are mounted (inode change/birth times, journal commit times, mount times) is
-//! not under our control; see `disk::tests::same_seed_gives_identical_images`.
+//! file systems are mounted (inode change/birth times, journal commit times, mount times, block
+//! placement) is not under our control, so [`Disk::unmount_reproducible`] replaces each mounted
+//! ext file system by one made again from its files (see `repack.rs`).
 
 mod config;
 mod disk;
 mod loopdev;
 mod output;
 mod partition;
+mod repack;
 mod size;
 
 use std::path::PathBuf;
 
 pub use config::{BlockDeviceConfig, default_config, parse_config};
-pub use disk::{Disk, create};
+pub use disk::{Disk, Rebuild, create};
 pub use output::{convert, copy_tree, write_checksums};
 pub use size::{image_size_for_tree, parse_abs_size_spec};
 
