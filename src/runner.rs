@@ -380,7 +380,7 @@ pub fn run_hook(run: &HookRun, reporter: &Reporter) -> Result<HookOutcome, Sandb
         .wait()
         .map_err(|e| SandboxError::io("wait for hook", &run.script, e))?;
     let seconds = started.elapsed().as_secs_f64();
-    if interrupted() {
+    if interrupted() || died_of_our_interrupt(status.signal(), status.code()) {
         return Err(SandboxError::Interrupted { hook: label });
     }
     Ok(HookOutcome {
@@ -390,6 +390,26 @@ pub fn run_hook(run: &HookRun, reporter: &Reporter) -> Result<HookOutcome, Sandb
         seconds,
         tail: tail.into(),
     })
+}
+
+/// True when a hook that ended by SIGINT/SIGTERM (or bash's 130/143 for them) was stopped by
+/// the signal that interrupts the build. A Ctrl-C reaches the whole process group at once, and
+/// our handler may run on another thread (the progress bar's) just after `wait` returned, so
+/// give it a moment to land before calling the hook's death a failure of its own.
+fn died_of_our_interrupt(signal: Option<i32>, code: Option<i32>) -> bool {
+    let by_signal =
+        matches!(signal, Some(libc::SIGINT | libc::SIGTERM)) || matches!(code, Some(130 | 143));
+    if !by_signal {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_millis(250);
+    while Instant::now() < deadline {
+        if interrupted() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    interrupted()
 }
 
 /// dib-run-parts' PROFILING table: one row per script, name padded to 40, seconds `%10.3f`.
@@ -435,6 +455,21 @@ mod tests {
         assert_eq!(
             lines.last().copied(),
             Some("--------------------- END PROFILING ---------------------")
+        );
+    }
+
+    #[test]
+    fn a_hook_death_is_ours_only_by_sigint_or_sigterm_and_only_once_we_were_interrupted() {
+        // (This test process is never interrupted, so every answer is false; the point is
+        // which statuses wait for the handler and that the wait is bounded.)
+        assert!(!died_of_our_interrupt(None, Some(1)));
+        assert!(!died_of_our_interrupt(Some(libc::SIGKILL), None));
+        let t = Instant::now();
+        assert!(!died_of_our_interrupt(Some(libc::SIGINT), None));
+        assert!(!died_of_our_interrupt(None, Some(130)));
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "waited for the handler"
         );
     }
 

@@ -6,10 +6,15 @@
 //!   Loop      <dir>/<name>.raw (sparse) ─ tables on it ─ LoopDevice::attach (autoclear, partscan)
 //!   Partition /dev/loopNpK (kernel scan → partx -a → mknod)
 //!   Mkfs      mkfs -t T [opts] -L label -U uuid ... (ids from the seed)
-//!   Mount     <mount_base>/<mp>, sorted mount-point order (swap is not mounted)
+//!   Mount     <mount_base>/<mp>, sorted mount-point order (swap is not mounted; a vfat the
+//!             kernel cannot mount gets a staging tmpfs instead, see staged.rs)
 //!   Fstab     remembered for Disk::fstab()
 //!   any error → rollback: umount what was mounted, detach, delete the raw files
-//! Disk::unmount → per mount in reverse: sync, FITRIM (not vfat), umount → detach → raw path
+//! Disk::unmount → staged vfat written with mtools → per mount in reverse: sync, FITRIM (not
+//!           vfat), umount → detach → raw path
+//! Disk::unmount_reproducible(epoch) → each mounted ext fs made again from its files (see
+//!           repack.rs), staged vfat written with clamped times, then as unmount, and the new
+//!           file systems written over the old ones in the raw file
 //! Drop (no unmount called) → same teardown, best effort, lazy umount as the last resort
 //! ```
 
@@ -26,6 +31,7 @@ use super::config::{BlockDeviceConfig, FsSpec, Graph, Kind};
 use super::loopdev::LoopDevice;
 use super::partition::{self, Layout, one_line};
 use super::repack::{self, MkfsCommand};
+use super::staged;
 use super::{ImageError, Params, derive_id, random_seed, uuid_string};
 
 /// The timestamp mkfs writes when ids are seeded (2001-09-09T01:46:40Z), unless the
@@ -62,6 +68,8 @@ struct Mounted {
     path: Option<PathBuf>,
     fs: String,
     mounted: bool,
+    /// A tmpfs standing in for a vfat file system the kernel cannot mount (see staged.rs).
+    staged: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +356,7 @@ impl Disk {
                             path: None,
                             fs: base,
                             mounted: false,
+                            staged: false,
                         });
                         continue;
                     }
@@ -359,34 +368,19 @@ impl Disk {
                     } else {
                         fs.fstype.as_str()
                     };
-                    nix::mount::mount(
-                        Some(fs.device.as_path()),
-                        &path,
-                        Some(fstype),
-                        MsFlags::empty(),
-                        None::<&str>,
-                    )
-                    .map_err(|e| {
-                        let hint = if e == nix::errno::Errno::ENODEV {
-                            format!(
-                                " (this kernel cannot mount {fstype}: it is not in \
-                                 /proc/filesystems)"
-                            )
-                        } else {
-                            String::new()
-                        };
-                        ImageError::Device(format!(
-                            "mounting {} ({fstype}) on {}: {e}{hint}",
-                            fs.device.display(),
-                            path.display()
-                        ))
-                    })?;
+                    let staged = fstype == "vfat" && !staged::kernel_can_mount("vfat");
+                    if staged {
+                        staged::stage(&fs.device, &path)?;
+                    } else {
+                        self.mount_device(&fs.device, &path, fstype)?;
+                    }
                     self.mounts.push(Mounted {
                         node: node.name.clone(),
                         mount_point: mount_point.clone(),
                         path: Some(path),
                         fs: base,
                         mounted: true,
+                        staged,
                     });
                 }
                 Kind::Fstab {
@@ -417,6 +411,28 @@ impl Disk {
             }
         }
         Ok(())
+    }
+
+    fn mount_device(&self, device: &Path, path: &Path, fstype: &str) -> Result<(), ImageError> {
+        nix::mount::mount(
+            Some(device),
+            path,
+            Some(fstype),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| {
+            let hint = if e == nix::errno::Errno::ENODEV {
+                format!(" (this kernel cannot mount {fstype}: it is not in /proc/filesystems)")
+            } else {
+                String::new()
+            };
+            ImageError::Device(format!(
+                "mounting {} ({fstype}) on {}: {e}{hint}",
+                device.display(),
+                path.display()
+            ))
+        })
     }
 
     fn device_of(&self, name: &str) -> Result<PathBuf, ImageError> {
@@ -479,6 +495,7 @@ impl Disk {
 
     /// Trims, unmounts (reverse order) and detaches; returns the raw image path.
     pub fn unmount(mut self) -> Result<PathBuf, ImageError> {
+        self.commit_staged(None)?;
         self.done = true;
         self.teardown(true)?;
         Ok(self.image_path().to_path_buf())
@@ -501,6 +518,15 @@ impl Disk {
                 continue;
             };
             if !m.mounted {
+                continue;
+            }
+            if m.staged {
+                // Written from its files by commit_staged below: reproducible by construction.
+                report.push(Rebuild {
+                    filesystem: m.fs.clone(),
+                    mount_point: m.mount_point.clone(),
+                    kept_because: None,
+                });
                 continue;
             }
             if !repack::is_rebuilt_type(&fs.fstype) {
@@ -532,6 +558,7 @@ impl Disk {
                 }
             }
         }
+        self.commit_staged(Some(epoch))?;
         self.umount_all(true)?;
         let mut writes = Vec::new();
         for (mut entry, device, image, placement) in rebuilt {
@@ -579,6 +606,17 @@ impl Disk {
             "{} is on none of this image's loop devices",
             device.display()
         )))
+    }
+
+    /// Writes each staged vfat file system's files into it (see staged.rs).
+    fn commit_staged(&self, epoch: Option<i64>) -> Result<(), ImageError> {
+        for m in self.mounts.iter().filter(|m| m.staged && m.mounted) {
+            let (Some(path), Some(fs)) = (m.path.as_ref(), self.filesystems.get(&m.fs)) else {
+                continue;
+            };
+            staged::commit(&fs.device, path, epoch)?;
+        }
+        Ok(())
     }
 
     fn teardown(&mut self, trim: bool) -> Result<(), ImageError> {

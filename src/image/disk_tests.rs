@@ -194,12 +194,7 @@ fn qcow2_checks(raw: &Path, dir: &Path) {
 }
 
 fn ext_cat(raw: &Path, offset: u64, file: &str) -> String {
-    let out = Command::new("debugfs")
-        .args(["-R", &format!("cat {file}")])
-        .arg(format!("{}?offset={offset}", raw.display()))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
+    debugfs(raw, offset, &format!("cat {file}"))
 }
 
 #[test]
@@ -283,10 +278,24 @@ fn gpt_image_round_trip_with_xfs_root() {
 }
 
 fn kernel_can_mount(fs: &str) -> bool {
-    std::fs::read_to_string("/proc/filesystems")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().last() == Some(fs))
+    staged::kernel_can_mount(fs)
+}
+
+/// `mtype` of a file in the FAT file system at `offset` bytes into `raw`.
+fn mtype(raw: &Path, offset: u64, file: &str) -> String {
+    let out = Command::new("mtype")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", raw.display()))
+        .arg(file)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mtype {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs create() without its mount and fstab nodes: the partition table and mkfs only.
@@ -320,28 +329,29 @@ fn efi_image_round_trip() {
     let params = s.params("ext4", 700 * MIB, Some([2; 32]));
     let c = config(EFI, &params);
     assert_eq!(c.mount_points(), ["/boot/efi", "/"]);
-    let raw = if kernel_can_mount("vfat") {
-        let disk = create(&c, &params).unwrap();
-        assert_eq!(
-            disk.fstab(),
-            "LABEL=cloudimg-rootfs / ext4 defaults 0 1\nLABEL=MKFS_ESP /boot/efi vfat defaults 0 2\n"
-        );
-        let esp = disk.root_mount().join("boot/efi");
-        std::fs::create_dir_all(esp.join("EFI/BOOT")).unwrap();
-        std::fs::write(esp.join("EFI/BOOT/test.txt"), "efi").unwrap();
-        std::fs::write(disk.root_mount().join("root.txt"), "root").unwrap();
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(mi.contains(&format!(" {} ", esp.display())), "{mi}");
-        disk.unmount().unwrap()
+    // Without kernel vfat (as on strata's CI) /boot/efi is a staging tmpfs written with mtools.
+    let disk = create(&c, &params).unwrap();
+    assert_eq!(
+        disk.fstab(),
+        "LABEL=cloudimg-rootfs / ext4 defaults 0 1\nLABEL=MKFS_ESP /boot/efi vfat defaults 0 2\n"
+    );
+    let esp = disk.root_mount().join("boot/efi");
+    std::fs::create_dir_all(esp.join("EFI/BOOT")).unwrap();
+    std::fs::write(esp.join("EFI/BOOT/test.txt"), "efi").unwrap();
+    std::fs::write(esp.join(".hidden"), "dot").unwrap();
+    std::fs::write(disk.root_mount().join("root.txt"), "root").unwrap();
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mi
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", esp.display())))
+        .unwrap_or_else(|| panic!("/boot/efi not mounted: {mi}"));
+    let want = if kernel_can_mount("vfat") {
+        " - vfat "
     } else {
-        // This kernel has no vfat (CONFIG_VFAT_FS unset): create() must say so and roll back
-        // cleanly; the table and file systems are then checked without mounting.
-        let e = create(&c, &params).unwrap_err().to_string();
-        assert!(e.contains("this kernel cannot mount vfat"), "{e}");
-        s.assert_clean();
-        assert!(!s.path().join("img/image0.raw").exists());
-        create_unmounted(EFI, &params)
+        " - tmpfs "
     };
+    assert!(line.contains(want), "{line}");
+    let raw = disk.unmount().unwrap();
     s.assert_clean();
 
     let v = sfdisk_json(&raw);
@@ -370,9 +380,11 @@ fn efi_image_round_trip() {
     let root_off = parts[2]["start"].as_u64().unwrap() * 512;
     let (t, label, _) = probe(&raw, root_off);
     assert_eq!((t.as_str(), label.as_str()), ("ext4", "cloudimg-rootfs"));
-    if kernel_can_mount("vfat") {
-        assert_eq!(ext_cat(&raw, root_off, "/root.txt"), "root");
-    }
+    assert_eq!(ext_cat(&raw, root_off, "/root.txt"), "root");
+    // The ESP's files, read back with mtools; none of them landed in the root file system.
+    assert_eq!(mtype(&raw, MIB, "::/EFI/BOOT/test.txt"), "efi");
+    assert_eq!(mtype(&raw, MIB, "::/.hidden"), "dot");
+    assert!(!debugfs(&raw, root_off, "ls /boot/efi").contains("EFI"));
     qcow2_checks(&raw, s.path());
 }
 
@@ -760,6 +772,10 @@ fn write_like_finalise(root: &Path) {
     if root.join("boot").is_dir() {
         std::fs::write(root.join("boot/vmlinuz"), "kernel").unwrap();
     }
+    if root.join("boot/efi").is_dir() {
+        std::fs::create_dir_all(root.join("boot/efi/EFI/BOOT")).unwrap();
+        std::fs::write(root.join("boot/efi/EFI/BOOT/BOOTX64.EFI"), "loader").unwrap();
+    }
 }
 
 fn debugfs(raw: &Path, offset: u64, request: &str) -> String {
@@ -787,11 +803,12 @@ fn e2fsck_clean(raw: &Path, offset: u64) {
 
 fn build_reproducible(
     yaml: &str,
+    size: u64,
     name: &str,
     tamper: impl FnOnce(&Disk),
 ) -> (Scratch, PathBuf, Vec<Rebuild>) {
     let s = Scratch::new();
-    let mut params = s.params("ext4", 96 * MIB, Some([7; 32]));
+    let mut params = s.params("ext4", size, Some([7; 32]));
     params.image_dir = s.path().join(name);
     let disk = create(&config(yaml, &params), &params).unwrap();
     write_like_finalise(disk.root_mount());
@@ -809,10 +826,10 @@ fn build_reproducible(
 
 #[test]
 fn reproducible_unmount_gives_the_same_bytes_from_two_runs_and_sound_file_systems() {
-    let (_s1, a, report) = build_reproducible(ROOT_AND_BOOT, "a", |_| {});
+    let (_s1, a, report) = build_reproducible(ROOT_AND_BOOT, 96 * MIB, "a", |_| {});
     // Let the clock move on, so ctimes and the kernel's own times differ between the runs.
     std::thread::sleep(Duration::from_millis(1100));
-    let (_s2, b, _) = build_reproducible(ROOT_AND_BOOT, "b", |_| {});
+    let (_s2, b, _) = build_reproducible(ROOT_AND_BOOT, 96 * MIB, "b", |_| {});
     assert_eq!(
         digest(&a),
         digest(&b),
@@ -891,9 +908,27 @@ fn reproducible_unmount_gives_the_same_bytes_from_two_runs_and_sound_file_system
 }
 
 #[test]
+fn a_reproducible_efi_disk_repeats_with_its_staged_vfat_and_rebuilt_root() {
+    let (_s1, a, report) = build_reproducible(EFI, 700 * MIB, "a", |_| {});
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_s2, b, _) = build_reproducible(EFI, 700 * MIB, "b", |_| {});
+    assert_eq!(
+        digest(&a),
+        digest(&b),
+        "blocks differ: {:?}",
+        differing_blocks(&a, &b)
+    );
+    let kept: Vec<_> = report.iter().filter(|r| r.kept_because.is_some()).collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    assert_eq!(report.len(), 2, "{report:?}");
+    assert_eq!(mtype(&a, MIB, "::/EFI/BOOT/BOOTX64.EFI"), "loader");
+    e2fsck_clean(&a, (550 + 8 + 1) * MIB);
+}
+
+#[test]
 fn a_superblock_a_hook_changed_or_a_grub_block_list_keeps_the_file_system_as_it_was() {
     // A hook ran tune2fs: rebuilding would lose its change.
-    let (_s, raw, report) = build_reproducible(MBR, "tuned", |disk| {
+    let (_s, raw, report) = build_reproducible(MBR, 96 * MIB, "tuned", |disk| {
         let root = &disk.devices()[1].1;
         let out = Command::new("tune2fs")
             .args(["-r", "0"])
@@ -913,7 +948,7 @@ fn a_superblock_a_hook_changed_or_a_grub_block_list_keeps_the_file_system_as_it_
     e2fsck_clean(&raw, MIB);
 
     // GRUB's boot sector names a sector inside the root file system (core.img by block list).
-    let (_s, raw, report) = build_reproducible(MBR, "blocklist", |disk| {
+    let (_s, raw, report) = build_reproducible(MBR, 96 * MIB, "blocklist", |disk| {
         use std::os::unix::fs::FileExt;
         let dev = std::fs::OpenOptions::new()
             .write(true)
@@ -934,7 +969,7 @@ fn a_superblock_a_hook_changed_or_a_grub_block_list_keeps_the_file_system_as_it_
 #[test]
 fn a_rebuild_that_fails_keeps_the_file_system_and_leaves_no_bind_or_scratch_file() {
     // mke2fs refuses an option: the bind of the tree and the scratch image must still go.
-    let (_s, raw, report) = build_reproducible(MBR, "failing", |_| {});
+    let (_s, raw, report) = build_reproducible(MBR, 96 * MIB, "failing", |_| {});
     assert_eq!(report[0].kept_because, None);
     let s = Scratch::new();
     let mut params = s.params("ext4", 96 * MIB, Some([7; 32]));

@@ -15,6 +15,8 @@
 //! Disk::unmount ──► fstrim, umount in reverse, detach ──► raw image path
 //! Disk::unmount_reproducible(epoch) ──► the same, after making each mounted ext file system
 //!        again from its files (repack.rs), so the raw bytes repeat
+//! vfat on a kernel without vfat: a staging tmpfs at its mount point, written into the file
+//!        system with mtools before unmounting (staged.rs)
 //! convert(raw, "qcow2", out, ..) ──► write_checksums(out)
 //! ```
 //!
@@ -32,6 +34,7 @@ mod output;
 mod partition;
 mod repack;
 mod size;
+mod staged;
 
 use std::path::PathBuf;
 

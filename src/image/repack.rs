@@ -148,7 +148,7 @@ pub(crate) fn rebuild(
 
 /// Sets the mtime of every path under `root` (itself included, symlinks not followed) that is
 /// later than `epoch` to `epoch`. Stays on `root`'s file system.
-fn clamp_mtimes(root: &Path, epoch: i64) -> Result<(), ImageError> {
+pub(crate) fn clamp_mtimes(root: &Path, epoch: i64) -> Result<(), ImageError> {
     let dev = fs::symlink_metadata(root)
         .map_err(|e| ImageError::io(format!("reading {}", root.display()), e))?
         .dev();

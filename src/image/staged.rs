@@ -1,0 +1,125 @@
+//! vfat file systems on a kernel that cannot mount vfat (no CONFIG_VFAT_FS, as on the machines
+//! strata's CI runs on): the file system is still made by mkfs.vfat on its partition, but its
+//! mount point gets a tmpfs instead, where pre-finalise.d, finalise.d and cleanup.d write as
+//! usual; at unmount the files are written into the file system with mtools, which needs no
+//! kernel support.
+//!
+//! ```text
+//! Disk::build, Mount node of a vfat fs, kernel without vfat:
+//!   stage(mount point)                tmpfs (mode 0755); mcopy must be installed
+//! Disk::unmount / unmount_reproducible, before anything is unmounted:
+//!   commit(device, mount point, epoch) (with an epoch: mtimes clamped first, see repack)
+//!       mcopy -s -p -m -Q -i <device> <each top-level entry, sorted> ::/
+//!       (-m keeps mtimes: with SOURCE_DATE_EPOCH and mkfs.vfat --invariant the ESP repeats)
+//! then the tmpfs is unmounted like any mount; a rolled-back disk just drops it.
+//! ```
+//!
+//! Hooks see a directory, not a FAT mount: `grub-install --target=x86_64-efi` probes the file
+//! system under `--efi-directory` and refuses a tmpfs, so strata's bootloader element makes the
+//! removable-path loader with grub-mkimage instead (what grub-install --removable writes).
+
+use std::path::Path;
+use std::process::Command;
+
+use nix::mount::MsFlags;
+
+use super::ImageError;
+use super::partition::one_line;
+
+/// True when the running kernel lists `fstype` in /proc/filesystems.
+pub(crate) fn kernel_can_mount(fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some(fstype))
+}
+
+/// True when `program` is an executable file on PATH.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p).any(|d| {
+                std::fs::metadata(d.join(program))
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Mounts the staging tmpfs on `path` for the vfat file system on `device`.
+pub(crate) fn stage(device: &Path, path: &Path) -> Result<(), ImageError> {
+    if !on_path("mcopy") {
+        return Err(ImageError::Device(format!(
+            "this kernel cannot mount vfat (not in /proc/filesystems), so strata writes {} \
+             into {} with mtools, but mcopy is not installed: install mtools",
+            path.display(),
+            device.display()
+        )));
+    }
+    nix::mount::mount(
+        Some("strata-vfat"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )
+    .map_err(|e| {
+        ImageError::Device(format!(
+            "mounting a staging tmpfs on {} for the vfat file system {}: {e}",
+            path.display(),
+            device.display()
+        ))
+    })?;
+    tracing::info!(
+        "this kernel cannot mount vfat: {} is a staging folder, written into {} with mtools \
+         when the disk is unmounted",
+        path.display(),
+        device.display()
+    );
+    Ok(())
+}
+
+/// Writes everything under the staging folder `dir` into the vfat file system on `device`.
+/// With `epoch`, mtimes later than it are clamped first, so the FAT's times repeat.
+pub(crate) fn commit(device: &Path, dir: &Path, epoch: Option<i64>) -> Result<(), ImageError> {
+    if let Some(epoch) = epoch {
+        super::repack::clamp_mtimes(dir, epoch)?;
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| ImageError::io(format!("reading {}", dir.display()), e))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ImageError::io(format!("reading {}", dir.display()), e))?;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    entries.sort();
+    let mut cmd = Command::new("mcopy");
+    cmd.args(["-s", "-p", "-m", "-Q", "-i"])
+        .arg(device)
+        .args(&entries)
+        .arg("::/")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .env("LC_ALL", "C");
+    let out = cmd.output().map_err(|e| ImageError::Command {
+        command: "mcopy".into(),
+        detail: format!("cannot run it: {e}"),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            command: format!(
+                "mcopy -s -p -m -Q -i {} {}/* ::/",
+                device.display(),
+                dir.display()
+            ),
+            detail: format!(
+                "{}: {} (is the vfat file system big enough for {}?)",
+                out.status,
+                one_line(&out.stderr, &out.stdout),
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
+}
