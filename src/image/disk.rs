@@ -29,10 +29,10 @@ use nix::mount::{MntFlags, MsFlags};
 
 use super::config::{BlockDeviceConfig, FsSpec, Graph, Kind};
 use super::loopdev::LoopDevice;
-use super::partition::{self, Layout, one_line};
+use super::partition::{self, Layout};
 use super::repack::{self, MkfsCommand};
 use super::staged;
-use super::{ImageError, Params, derive_id, random_seed, uuid_string};
+use super::{ImageError, Params, derive_id, random_seed, run_tool, uuid_string};
 
 /// The timestamp mkfs writes when ids are seeded (2001-09-09T01:46:40Z), unless the
 /// environment sets SOURCE_DATE_EPOCH.
@@ -115,24 +115,6 @@ pub fn create(config: &BlockDeviceConfig, params: &Params) -> Result<Disk, Image
             Err(e)
         }
     }
-}
-
-fn run(cmd: &mut Command) -> Result<(), ImageError> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| ImageError::Command {
-            command: shown.clone(),
-            detail: format!("cannot run it: {e}"),
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::Command {
-            command: shown,
-            detail: format!("{}: {}", out.status, one_line(&out.stderr, &out.stdout)),
-        });
-    }
-    Ok(())
 }
 
 fn source_date_epoch() -> u64 {
@@ -330,10 +312,12 @@ impl Disk {
                     let base = node.base.as_deref().unwrap_or_default();
                     let device = self.device_of(base)?;
                     let mkfs = mkfs_command(&node.name, spec, seed, seeded);
-                    run(Command::new(&mkfs.program)
-                        .args(&mkfs.args)
-                        .arg(&device)
-                        .envs(mkfs.env.iter().map(|(k, v)| (k, v))))?;
+                    run_tool(
+                        Command::new(&mkfs.program)
+                            .args(&mkfs.args)
+                            .arg(&device)
+                            .envs(mkfs.env.iter().map(|(k, v)| (k, v))),
+                    )?;
                     self.filesystems.insert(
                         node.name.clone(),
                         FsState {

@@ -145,18 +145,20 @@ fn config(yaml: &str, params: &Params) -> BlockDeviceConfig {
     c
 }
 
-fn sfdisk_json(raw: &Path) -> serde_json::Value {
-    let out = Command::new("sfdisk")
-        .arg("--json")
-        .arg(raw)
-        .output()
-        .unwrap();
+/// Runs a tool that must succeed; returns its stdout.
+fn tool_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sfdisk_json(raw: &Path) -> serde_json::Value {
+    serde_json::from_str(&tool_ok(Command::new("sfdisk").arg("--json").arg(raw))).unwrap()
 }
 
 /// `blkid -p -O <offset>` of the raw file: (TYPE, LABEL, UUID).
@@ -283,19 +285,13 @@ fn kernel_can_mount(fs: &str) -> bool {
 
 /// `mtype` of a file in the FAT file system at `offset` bytes into `raw`.
 fn mtype(raw: &Path, offset: u64, file: &str) -> String {
-    let out = Command::new("mtype")
-        .arg("-i")
-        .arg(format!("{}@@{offset}", raw.display()))
-        .arg(file)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mtype {file}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    tool_ok(
+        Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}@@{offset}", raw.display()))
+            .arg(file)
+            .env("MTOOLS_SKIP_CHECK", "1"),
+    )
 }
 
 /// Runs create() without its mount and fstab nodes: the partition table and mkfs only.
@@ -788,16 +784,10 @@ fn debugfs(raw: &Path, offset: u64, request: &str) -> String {
 }
 
 fn e2fsck_clean(raw: &Path, offset: u64) {
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(format!("{}?offset={offset}", raw.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck at {offset}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    tool_ok(
+        Command::new("e2fsck")
+            .arg("-fn")
+            .arg(format!("{}?offset={offset}", raw.display())),
     );
 }
 
@@ -824,18 +814,24 @@ fn build_reproducible(
     (s, raw, report)
 }
 
-#[test]
-fn reproducible_unmount_gives_the_same_bytes_from_two_runs_and_sound_file_systems() {
-    let (_s1, a, report) = build_reproducible(ROOT_AND_BOOT, 96 * MIB, "a", |_| {});
-    // Let the clock move on, so ctimes and the kernel's own times differ between the runs.
+/// Two reproducible builds of `yaml` a second apart (so ctimes and the kernel's own times
+/// differ) must give the same bytes; returns the first.
+fn build_reproducible_twice(yaml: &str, size: u64) -> (Scratch, PathBuf, Vec<Rebuild>) {
+    let first = build_reproducible(yaml, size, "a", |_| {});
     std::thread::sleep(Duration::from_millis(1100));
-    let (_s2, b, _) = build_reproducible(ROOT_AND_BOOT, 96 * MIB, "b", |_| {});
+    let (_s, b, _) = build_reproducible(yaml, size, "b", |_| {});
     assert_eq!(
-        digest(&a),
+        digest(&first.1),
         digest(&b),
         "blocks differ: {:?}",
-        differing_blocks(&a, &b)
+        differing_blocks(&first.1, &b)
     );
+    first
+}
+
+#[test]
+fn reproducible_unmount_gives_the_same_bytes_from_two_runs_and_sound_file_systems() {
+    let (_s, a, report) = build_reproducible_twice(ROOT_AND_BOOT, 96 * MIB);
     let names: Vec<_> = report
         .iter()
         .map(|r| {
@@ -909,15 +905,7 @@ fn reproducible_unmount_gives_the_same_bytes_from_two_runs_and_sound_file_system
 
 #[test]
 fn a_reproducible_efi_disk_repeats_with_its_staged_vfat_and_rebuilt_root() {
-    let (_s1, a, report) = build_reproducible(EFI, 700 * MIB, "a", |_| {});
-    std::thread::sleep(Duration::from_millis(1100));
-    let (_s2, b, _) = build_reproducible(EFI, 700 * MIB, "b", |_| {});
-    assert_eq!(
-        digest(&a),
-        digest(&b),
-        "blocks differ: {:?}",
-        differing_blocks(&a, &b)
-    );
+    let (_s, a, report) = build_reproducible_twice(EFI, 700 * MIB);
     let kept: Vec<_> = report.iter().filter(|r| r.kept_because.is_some()).collect();
     assert!(kept.is_empty(), "{kept:?}");
     assert_eq!(report.len(), 2, "{report:?}");

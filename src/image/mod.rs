@@ -97,6 +97,30 @@ impl ImageError {
     }
 }
 
+/// Runs a tool with `LC_ALL=C` and returns its stdout; a failure is one line naming the
+/// command, its status and what it printed.
+pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<String, ImageError> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| ImageError::Command {
+            command: shown.clone(),
+            detail: format!("cannot run it: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            command: shown,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                partition::one_line(&out.stderr, &out.stdout)
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Derives a 16-byte identifier for `purpose`/`name` from the build's seed.
 pub(crate) fn derive_id(seed: &[u8; 32], purpose: &str, name: &str) -> [u8; 16] {
     let mut hasher = blake3::Hasher::new_derive_key("strata image identifiers v1");

@@ -48,8 +48,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 
-use super::ImageError;
-use super::partition::one_line;
+use super::{ImageError, run_tool};
 
 /// The file system types that are rebuilt.
 pub(crate) fn is_rebuilt_type(fstype: &str) -> bool {
@@ -138,7 +137,7 @@ pub(crate) fn rebuild(
             .envs(mkfs.env.iter().map(|(k, v)| (k, v)))
             .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
             .env("SOURCE_DATE_EPOCH", epoch.to_string());
-        run_quiet(&mut cmd)?;
+        run_tool(&mut cmd)?;
         root_meta
     };
     fs::remove_dir(&tree).map_err(|e| ImageError::io(format!("removing {}", tree.display()), e))?;
@@ -184,28 +183,9 @@ pub(crate) fn clamp_mtimes(root: &Path, epoch: i64) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Runs a tool with `LC_ALL=C`; a failure is one line naming the command.
-fn run_quiet(cmd: &mut Command) -> Result<String, ImageError> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| ImageError::Command {
-            command: shown.clone(),
-            detail: format!("cannot run it: {e}"),
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::Command {
-            command: shown,
-            detail: format!("{}: {}", out.status, one_line(&out.stderr, &out.stdout)),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// `dumpe2fs -h` of a device or image as key → value.
 fn superblock(target: &Path) -> Result<BTreeMap<String, String>, ImageError> {
-    let text = run_quiet(Command::new("dumpe2fs").arg("-h").arg(target))?;
+    let text = run_tool(Command::new("dumpe2fs").arg("-h").arg(target))?;
     Ok(parse_header(&text))
 }
 
@@ -359,7 +339,7 @@ fn fix_inodes(
     root: &fs::Metadata,
     work: &Path,
 ) -> Result<(), ImageError> {
-    let text = run_quiet(Command::new("dumpe2fs").arg(image))?;
+    let text = run_tool(Command::new("dumpe2fs").arg(image))?;
     let inodes = used_inodes(&text).map_err(|e| ImageError::Command {
         command: format!("dumpe2fs {}", image.display()),
         detail: e,

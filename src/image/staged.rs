@@ -23,8 +23,7 @@ use std::process::Command;
 
 use nix::mount::MsFlags;
 
-use super::ImageError;
-use super::partition::one_line;
+use super::{ImageError, run_tool};
 
 /// True when the running kernel lists `fstype` in /proc/filesystems.
 pub(crate) fn kernel_can_mount(fstype: &str) -> bool {
@@ -100,26 +99,16 @@ pub(crate) fn commit(device: &Path, dir: &Path, epoch: Option<i64>) -> Result<()
         .arg(device)
         .args(&entries)
         .arg("::/")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .env("LC_ALL", "C");
-    let out = cmd.output().map_err(|e| ImageError::Command {
-        command: "mcopy".into(),
-        detail: format!("cannot run it: {e}"),
-    })?;
-    if !out.status.success() {
-        return Err(ImageError::Command {
-            command: format!(
-                "mcopy -s -p -m -Q -i {} {}/* ::/",
-                device.display(),
-                dir.display()
-            ),
+        .env("MTOOLS_SKIP_CHECK", "1");
+    run_tool(&mut cmd).map_err(|e| match e {
+        ImageError::Command { command, detail } => ImageError::Command {
+            command,
             detail: format!(
-                "{}: {} (is the vfat file system big enough for {}?)",
-                out.status,
-                one_line(&out.stderr, &out.stdout),
+                "{detail} (is the vfat file system big enough for {}?)",
                 dir.display()
             ),
-        });
-    }
+        },
+        other => other,
+    })?;
     Ok(())
 }
