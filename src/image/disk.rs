@@ -13,8 +13,9 @@
 //! Disk::unmount → staged vfat written with mtools → per mount in reverse: sync, FITRIM (not
 //!           vfat), umount → detach → raw path
 //! Disk::unmount_reproducible(epoch) → each mounted ext fs made again from its files (see
-//!           repack.rs), staged vfat written with clamped times, then as unmount, and the new
-//!           file systems written over the old ones in the raw file
+//!           repack.rs), staged vfat written with clamped times, kernel-mounted vfat copied out,
+//!           then as unmount; the vfat made again (mkfs.vfat + mcopy, staged.rs) and the new
+//!           ext file systems written over the old ones in the raw file
 //! Drop (no unmount called) → same teardown, best effort, lazy umount as the last resort
 //! ```
 
@@ -497,6 +498,7 @@ impl Disk {
         let work = WorkDir::new(raw.with_extension("rebuild"))?;
         let mut report = Vec::new();
         let mut rebuilt = Vec::new();
+        let mut vfat = Vec::new();
         for m in &self.mounts {
             let (Some(path), Some(fs)) = (m.path.as_ref(), self.filesystems.get(&m.fs)) else {
                 continue;
@@ -511,6 +513,23 @@ impl Disk {
                     mount_point: m.mount_point.clone(),
                     kept_because: None,
                 });
+                continue;
+            }
+            if matches!(fs.fstype.as_str(), "vfat" | "fat") {
+                // Kernel-mounted: copy its files out now, make it again once it is unmounted.
+                let tree = work.0.join(format!("{}.files", m.fs));
+                let entry = Rebuild {
+                    filesystem: m.fs.clone(),
+                    mount_point: m.mount_point.clone(),
+                    kept_because: None,
+                };
+                match super::copy_tree(path, &tree) {
+                    Ok(()) => vfat.push((entry, fs.device.clone(), fs.mkfs.clone(), tree)),
+                    Err(e) => report.push(Rebuild {
+                        kept_because: Some(format!("copying its files out failed: {e}")),
+                        ..entry
+                    }),
+                }
                 continue;
             }
             if !repack::is_rebuilt_type(&fs.fstype) {
@@ -544,6 +563,10 @@ impl Disk {
         }
         self.commit_staged(Some(epoch))?;
         self.umount_all(true)?;
+        for (entry, device, mkfs, tree) in vfat {
+            staged::remake(&device, &mkfs, &tree, epoch)?;
+            report.push(entry);
+        }
         let mut writes = Vec::new();
         for (mut entry, device, image, placement) in rebuilt {
             match repack::superblock_difference(&device, &image)? {
@@ -654,8 +677,8 @@ impl Disk {
     }
 }
 
-/// A scratch directory, removed when dropped. Removal never recurses: its files go, and its
-/// (empty) sub-directories, so a bind that failed to unmount is left alone, not emptied.
+/// A scratch directory, removed with its contents when dropped, unless something is still
+/// mounted in it (a bind that failed to unmount is left alone, never emptied).
 struct WorkDir(PathBuf);
 
 impl WorkDir {
@@ -668,17 +691,16 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for entry in entries.flatten() {
-                let p = entry.path();
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    let _ = std::fs::remove_dir(&p);
-                } else {
-                    let _ = std::fs::remove_file(&p);
-                }
+        match crate::sandbox::mounts_at_or_under(&self.0) {
+            Ok(m) if m.is_empty() => {
+                let _ = std::fs::remove_dir_all(&self.0);
             }
+            _ => tracing::warn!(
+                "{} still has something mounted in it (or the mount table is unreadable); \
+                 left in place",
+                self.0.display()
+            ),
         }
-        let _ = std::fs::remove_dir(&self.0);
     }
 }
 

@@ -791,6 +791,43 @@ fn e2fsck_clean(raw: &Path, offset: u64) {
     );
 }
 
+#[test]
+fn a_kernel_mounted_vfat_is_copied_out_and_made_again() {
+    // Where the kernel has no vfat the ESP is staged; marking it unstaged takes the path of a
+    // kernel-mounted ESP (files copied out, umount, mkfs.vfat again, mcopy) on any kernel.
+    let unstage = |disk: &mut Disk| {
+        for m in &mut disk.mounts {
+            m.staged = false;
+        }
+    };
+    let mut raws = Vec::new();
+    let mut scratches = Vec::new();
+    for name in ["a", "b"] {
+        let s = Scratch::new();
+        let mut params = s.params("ext4", 700 * MIB, Some([7; 32]));
+        params.image_dir = s.path().join(name);
+        let mut disk = create(&config(EFI, &params), &params).unwrap();
+        write_like_finalise(disk.root_mount());
+        unstage(&mut disk);
+        let (raw, report) = disk.unmount_reproducible(EPOCH).unwrap();
+        s.assert_clean();
+        assert!(
+            report.iter().all(|r| r.kept_because.is_none()),
+            "{report:?}"
+        );
+        assert_eq!(mtype(&raw, MIB, "::/EFI/BOOT/BOOTX64.EFI"), "loader");
+        raws.push(raw);
+        scratches.push(s);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert_eq!(
+        digest(&raws[0]),
+        digest(&raws[1]),
+        "blocks differ: {:?}",
+        differing_blocks(&raws[0], &raws[1])
+    );
+}
+
 fn build_reproducible(
     yaml: &str,
     size: u64,

@@ -31,9 +31,9 @@
 //!
 //! GRUB's BIOS core.img lives in the gap before the first partition (or in a BIOS boot
 //! partition) and finds `/boot/grub` by file system UUID, which the rebuild keeps, so the image
-//! still boots: the CI boot test builds with SOURCE_DATE_EPOCH. Not rebuilt: xfs and vfat (an
-//! EFI system partition written by grub-install keeps the kernel's timestamps), and inode flags
-//! set with chattr (mke2fs -d does not copy them).
+//! still boots: the CI boot test builds with SOURCE_DATE_EPOCH. vfat is made again from its
+//! files with mkfs.vfat and mtools (staged.rs). Not rebuilt: xfs, and inode flags set with
+//! chattr (mke2fs -d does not copy them).
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
