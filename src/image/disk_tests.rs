@@ -161,6 +161,14 @@ fn sfdisk_json(raw: &Path) -> serde_json::Value {
     serde_json::from_str(&tool_ok(Command::new("sfdisk").arg("--json").arg(raw))).unwrap()
 }
 
+/// The partition entries of `sfdisk --json`.
+fn partitions(raw: &Path) -> Vec<serde_json::Value> {
+    sfdisk_json(raw)["partitiontable"]["partitions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// `blkid -p -O <offset>` of the raw file: (TYPE, LABEL, UUID).
 fn probe(raw: &Path, offset: u64) -> (String, String, String) {
     let out = Command::new("blkid")
@@ -350,11 +358,7 @@ fn efi_image_round_trip() {
     let raw = disk.unmount().unwrap();
     s.assert_clean();
 
-    let v = sfdisk_json(&raw);
-    let parts = v["partitiontable"]["partitions"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let parts = partitions(&raw);
     let types: Vec<&str> = parts.iter().map(|p| p["type"].as_str().unwrap()).collect();
     assert_eq!(
         types,
@@ -469,11 +473,7 @@ fn mbr_logical_partitions_and_swap() {
     );
     let raw = disk.unmount().unwrap();
     s.assert_clean();
-    let v = sfdisk_json(&raw);
-    let parts = v["partitiontable"]["partitions"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let parts = partitions(&raw);
     let got: Vec<(String, String)> = parts
         .iter()
         .map(|p| {
@@ -884,9 +884,7 @@ fn reproducible_unmount_gives_the_same_bytes_from_two_runs_and_sound_file_system
         vec![("mkfs_root", "/", None), ("mkfs_boot", "/boot", None)]
     );
 
-    let starts: Vec<u64> = sfdisk_json(&a)["partitiontable"]["partitions"]
-        .as_array()
-        .unwrap()
+    let starts: Vec<u64> = partitions(&a)
         .iter()
         .map(|p| p["start"].as_u64().unwrap() * 512)
         .collect();
