@@ -200,7 +200,9 @@ impl Drop for Reporter {
 /// The shell text that sources the env files and execs the hook (`$1` = hook, rest = files).
 fn runner_script(trace: bool, posix_sh: bool) -> String {
     let pipefail = if posix_sh {
-        "set -o pipefail 2>/dev/null || true"
+        // Probed in a subshell: in dash `set` is a special builtin, so an unknown option
+        // would exit the shell itself before any `|| true` could run.
+        "(set -o pipefail) 2>/dev/null && set -o pipefail"
     } else {
         "set -o pipefail"
     };
@@ -481,7 +483,39 @@ mod tests {
         assert!(plain.contains("exec \"$__strata_hook\""));
         let traced = runner_script(true, true);
         assert!(traced.contains("set -x"));
-        assert!(traced.contains("|| true"));
+        assert!(traced.contains("(set -o pipefail) 2>/dev/null && set -o pipefail"));
+    }
+
+    #[test]
+    fn the_posix_runner_script_runs_under_every_host_sh() {
+        // bash, busybox sh and dash (no pipefail, and `set` exits on an unknown option).
+        let dir = tempfile::tempdir().unwrap();
+        let hook = dir.path().join("hook");
+        std::fs::write(&hook, "#!/bin/sh\necho ran\n").unwrap();
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let script = runner_script(false, true);
+        let mut tried = 0;
+        for shell in [&["bash"][..], &["dash"], &["busybox", "sh"]] {
+            let Ok(out) = std::process::Command::new(shell[0])
+                .args(&shell[1..])
+                .arg("-c")
+                .arg(&script)
+                .arg("runner")
+                .arg(&hook)
+                .output()
+            else {
+                continue; // not installed here
+            };
+            tried += 1;
+            assert!(
+                out.status.success(),
+                "{shell:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n", "{shell:?}");
+        }
+        assert!(tried > 0);
     }
 
     #[test]
