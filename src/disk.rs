@@ -365,6 +365,7 @@ pub fn run(job: &Job) -> Result<Produced> {
         seed: settings
             .source_date_epoch
             .map(|_| *blake3::hash(format!("disk seed {}", job.key).as_bytes()).as_bytes()),
+        epoch: settings.source_date_epoch,
     };
     let mut config = image::parse_config(&job.config.text).map_err(|e| config_error(job, e))?;
     config.merge_rootfs_params(&params);

@@ -30,6 +30,7 @@ pub mod runner;
 pub mod sandbox;
 pub mod settings;
 pub mod store;
+pub mod tools;
 
 use cli::{Cli, Command};
 

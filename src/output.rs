@@ -66,7 +66,7 @@ pub fn check_tools(
     source_date_epoch: Option<i64>,
 ) -> Result<(), Failure> {
     for (ty, tool, package) in TOOLS {
-        if types.iter().any(|t| t == ty) && find_program(tool, path_env).is_none() {
+        if types.iter().any(|t| t == ty) && crate::tools::find_program(tool, path_env).is_none() {
             return Err(Failure::new(
                 Exit::Environment,
                 format!(
@@ -86,14 +86,6 @@ pub fn check_tools(
         )));
     }
     Ok(())
-}
-
-/// The first executable file named `name` in the `:`-separated folders of `path_env`.
-fn find_program(name: &str, path_env: Option<&OsStr>) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::split_paths(path_env?)
-        .map(|dir| dir.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// What took how long (seconds), for the build's timing table.

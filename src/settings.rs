@@ -146,11 +146,13 @@ impl Settings {
             .map(RebuildFrom::parse)
             .transpose()?;
         let source_date_epoch = match env.get("SOURCE_DATE_EPOCH") {
-            Some(v) if !v.is_empty() => Some(v.parse::<i64>().map_err(|_| {
-                Failure::bad_input(format!(
-                    "SOURCE_DATE_EPOCH={v}: not a whole number of seconds"
-                ))
-            })?),
+            Some(v) if !v.is_empty() => {
+                Some(v.parse::<i64>().ok().filter(|t| *t >= 0).ok_or_else(|| {
+                    Failure::bad_input(format!(
+                        "SOURCE_DATE_EPOCH={v}: not a whole number of seconds since 1970"
+                    ))
+                })?)
+            }
             _ => None,
         };
         let home = env.get("HOME").cloned().unwrap_or_else(|| "/root".into());
@@ -486,6 +488,12 @@ mod tests {
                 &env(&[("SOURCE_DATE_EPOCH", "soon")]),
                 || { "amd64".into() }
             )
+            .is_err()
+        );
+        assert!(
+            Settings::resolve(&opts(&["e"]), &env(&[("SOURCE_DATE_EPOCH", "-5")]), || {
+                "amd64".into()
+            })
             .is_err()
         );
     }

@@ -65,14 +65,6 @@ pub fn env_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|(_, p)| p).collect())
 }
 
-/// Finds a program on the PATH of this process (not of the environment being built).
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 /// The script bash runs: source each file (its arguments) with stdout sent to stderr, then print
 /// the exported environment NUL separated on the saved stdout (fd 3). On failure the EXIT trap
 /// writes the (1-based) index of the file being sourced on fd 3, also when a file calls `exit 0`.
@@ -98,9 +90,9 @@ pub fn capture(
     files: &[PathBuf],
     base: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, ElementError> {
-    let bash = find_program("bash")
+    let bash = crate::tools::on_host_path("bash")
         .ok_or_else(|| ElementError::Other("cannot find bash on PATH".to_string()))?;
-    let env_prog = find_program("env")
+    let env_prog = crate::tools::on_host_path("env")
         .ok_or_else(|| ElementError::Other("cannot find env on PATH".to_string()))?;
     let output = Command::new(&bash)
         .arg("-c")

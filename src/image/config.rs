@@ -768,6 +768,7 @@ mod tests {
             root_fs_opts: None,
             mount_base: "/nonexistent".into(),
             seed: None,
+            epoch: None,
         }
     }
 

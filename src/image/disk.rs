@@ -35,9 +35,9 @@ use super::repack::{self, MkfsCommand};
 use super::staged;
 use super::{ImageError, Params, derive_id, random_seed, run_tool, uuid_string};
 
-/// The timestamp mkfs writes when ids are seeded (2001-09-09T01:46:40Z), unless the
-/// environment sets SOURCE_DATE_EPOCH.
-const DEFAULT_EPOCH: u64 = 1_000_000_000;
+/// The timestamp mkfs writes when ids are seeded (2001-09-09T01:46:40Z), unless the build
+/// has a SOURCE_DATE_EPOCH (`Params::epoch`).
+const DEFAULT_EPOCH: i64 = 1_000_000_000;
 
 /// `FITRIM`: `_IOWR('X', 121, struct fstrim_range)`.
 const FITRIM: libc::c_ulong = 0xC018_5879;
@@ -118,17 +118,15 @@ pub fn create(config: &BlockDeviceConfig, params: &Params) -> Result<Disk, Image
     }
 }
 
-fn source_date_epoch() -> u64 {
-    std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or(DEFAULT_EPOCH)
-}
-
 /// The mkfs command line for one file system (dib's `mkfs.py`, plus seeded ids), without the
 /// device.
-fn mkfs_command(name: &str, spec: &FsSpec, seed: &[u8; 32], seeded: bool) -> MkfsCommand {
+fn mkfs_command(
+    name: &str,
+    spec: &FsSpec,
+    seed: &[u8; 32],
+    seeded: bool,
+    epoch: i64,
+) -> MkfsCommand {
     let t = spec.fs_type.as_str();
     let ext = matches!(t, "ext2" | "ext3" | "ext4");
     let uuid = spec
@@ -174,13 +172,10 @@ fn mkfs_command(name: &str, spec: &FsSpec, seed: &[u8; 32], seeded: bool) -> Mkf
         args.push("-q".into());
     }
     if seeded && (ext || t == "swap") {
-        env.push((
-            "E2FSPROGS_FAKE_TIME".to_string(),
-            source_date_epoch().to_string(),
-        ));
+        env.push(("E2FSPROGS_FAKE_TIME".to_string(), repack::fake_time(epoch)));
     }
     if seeded {
-        env.push(("SOURCE_DATE_EPOCH".into(), source_date_epoch().to_string()));
+        env.push(("SOURCE_DATE_EPOCH".into(), epoch.to_string()));
     }
     MkfsCommand { program, args, env }
 }
@@ -312,7 +307,8 @@ impl Disk {
                 Kind::Mkfs(spec) => {
                     let base = node.base.as_deref().unwrap_or_default();
                     let device = self.device_of(base)?;
-                    let mkfs = mkfs_command(&node.name, spec, seed, seeded);
+                    let epoch = params.epoch.unwrap_or(DEFAULT_EPOCH);
+                    let mkfs = mkfs_command(&node.name, spec, seed, seeded, epoch);
                     run_tool(
                         Command::new(&mkfs.program)
                             .args(&mkfs.args)
@@ -353,12 +349,16 @@ impl Disk {
                     } else {
                         fs.fstype.as_str()
                     };
-                    let staged = fstype == "vfat" && !staged::kernel_can_mount("vfat");
-                    if staged {
-                        staged::stage(&fs.device, &path)?;
-                    } else {
-                        self.mount_device(&fs.device, &path, fstype)?;
-                    }
+                    // vfat is often a module: mounting loads it. Only a kernel that still has
+                    // no vfat after trying gets the staging folder.
+                    let staged = match self.mount_device(&fs.device, &path, fstype) {
+                        Ok(()) => false,
+                        Err(_) if fstype == "vfat" && !staged::kernel_can_mount("vfat") => {
+                            staged::stage(&fs.device, &path)?;
+                            true
+                        }
+                        Err(e) => return Err(e),
+                    };
                     self.mounts.push(Mounted {
                         node: node.name.clone(),
                         mount_point: mount_point.clone(),

@@ -47,6 +47,7 @@ impl Scratch {
             root_fs_opts: None,
             mount_base: self.path().join("mnt"),
             seed,
+            epoch: None,
         }
     }
 
@@ -654,6 +655,7 @@ fn sigkill_probe_child() {
         root_fs_opts: None,
         mount_base: dir.join("mnt"),
         seed: None,
+        epoch: None,
     };
     let disk = create(&config(MBR, &params), &params).unwrap();
     std::fs::write(disk.root_mount().join("busy"), "x").unwrap();

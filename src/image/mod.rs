@@ -60,6 +60,8 @@ pub struct Params {
     pub mount_base: PathBuf,
     /// When set, every identifier is derived from it, so runs are byte-for-byte repeatable.
     pub seed: Option<[u8; 32]>,
+    /// The build's SOURCE_DATE_EPOCH: what seeded mkfs runs stamp (`DEFAULT_EPOCH` without it).
+    pub epoch: Option<i64>,
 }
 
 /// Everything that can go wrong in the block-device layer. Each message is one line.

@@ -50,6 +50,12 @@ use nix::sys::time::TimeSpec;
 
 use super::{ImageError, run_tool};
 
+/// `E2FSPROGS_FAKE_TIME` for `epoch`: e2fsprogs reads 0 as "not set" (and uses the clock), so
+/// the epoch 0 is stamped as 1 second.
+pub(crate) fn fake_time(epoch: i64) -> String {
+    epoch.max(1).to_string()
+}
+
 /// The file system types that are rebuilt.
 pub(crate) fn is_rebuilt_type(fstype: &str) -> bool {
     matches!(fstype, "ext2" | "ext3" | "ext4")
@@ -135,7 +141,7 @@ pub(crate) fn rebuild(
             .arg(&tree)
             .arg(&image)
             .envs(mkfs.env.iter().map(|(k, v)| (k, v)))
-            .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+            .env("E2FSPROGS_FAKE_TIME", fake_time(epoch))
             .env("SOURCE_DATE_EPOCH", epoch.to_string());
         run_tool(&mut cmd)?;
         root_meta
@@ -369,7 +375,7 @@ fn fix_inodes(
         .arg(image)
         .env("LC_ALL", "C")
         // debugfs stamps the superblock's write time when it writes it back.
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .env("E2FSPROGS_FAKE_TIME", fake_time(epoch))
         .output()
         .map_err(|e| ImageError::Command {
             command: shown.clone(),

@@ -5,7 +5,8 @@
 //! kernel support.
 //!
 //! ```text
-//! Disk::build, Mount node of a vfat fs, kernel without vfat:
+//! Disk::build, Mount node of a vfat fs whose mount fails and the kernel still lists no vfat
+//! (mounting would have loaded a vfat module):
 //!   stage(mount point)                tmpfs (mode 0755); mcopy must be installed
 //! Disk::unmount / unmount_reproducible, before anything is unmounted:
 //!   commit(device, mount point, epoch) (with an epoch: mtimes clamped first, see repack)
@@ -37,22 +38,9 @@ pub(crate) fn kernel_can_mount(fstype: &str) -> bool {
         .any(|l| l.split_whitespace().last() == Some(fstype))
 }
 
-/// True when `program` is an executable file on PATH.
-fn on_path(program: &str) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p).any(|d| {
-                std::fs::metadata(d.join(program))
-                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            })
-        })
-        .unwrap_or(false)
-}
-
 /// Mounts the staging tmpfs on `path` for the vfat file system on `device`.
 pub(crate) fn stage(device: &Path, path: &Path) -> Result<(), ImageError> {
-    if !on_path("mcopy") {
+    if crate::tools::on_host_path("mcopy").is_none() {
         return Err(ImageError::Device(format!(
             "this kernel cannot mount vfat (not in /proc/filesystems), so strata writes {} \
              into {} with mtools, but mcopy is not installed: install mtools",
