@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Version of the key recipe and of what a key refers to.
-pub const CACHE_FORMAT_VERSION: u32 = 1;
+pub const CACHE_FORMAT_VERSION: u32 = 2;
 
 /// blake3 key-derivation context for step keys.
 const KEY_CONTEXT: &str = "strata 2026-11 step key v1";
@@ -184,9 +184,16 @@ pub fn diff_inputs(a: &KeyInputs, b: &KeyInputs) -> Vec<InputChange> {
 /// package-installs, pkg-map, element-deps, static files, …), in a fixed order: element name,
 /// then relative path. README files and `tests`/`test-elements`/`__pycache__` folders are left
 /// out: they do not change what a build does.
+///
+/// Hooks at the top of a phase folder are keyed by the steps that run them. Sub-folders of
+/// phase folders (dib's `install.d/<name>-<type>-install/`, which extra-data.d links into the
+/// phase) are keyed here: every entry by path, type and mode, so adding or removing a hook
+/// there reruns the build from the start; non-executable files also by content (data a hook
+/// reads). A linked hook's content is keyed by the step that runs it.
 pub fn element_files_digest<'a>(
     elements: impl IntoIterator<Item = (&'a str, &'a Path)>,
 ) -> io::Result<String> {
+    use crate::elements::hooks::SKIPPED_DIRS;
     let mut sorted: Vec<_> = elements.into_iter().collect();
     sorted.sort();
     let mut h = blake3::Hasher::new_derive_key("strata 2026-11 element files v1");
@@ -199,14 +206,14 @@ pub fn element_files_digest<'a>(
             .min_depth(1)
             .into_iter()
             .filter_entry(|e| {
-                if e.depth() != 1 {
-                    return true;
-                }
                 let n = e.file_name().to_string_lossy();
-                let skip_dir = e.file_type().is_dir()
-                    && (crate::phase::Phase::from_dir_name(&n).is_some()
-                        || matches!(n.as_ref(), "tests" | "test-elements" | "__pycache__"));
-                !(skip_dir || n.starts_with("README"))
+                let is_dir = e.file_type().is_dir();
+                match e.depth() {
+                    1 => !(n.starts_with("README") || is_dir && SKIPPED_DIRS.contains(&n.as_ref())),
+                    // In a phase folder: only its sub-folders (its own hooks are keyed per step).
+                    2 => !in_phase_dir(e.path(), dir) || is_dir,
+                    _ => true,
+                }
             });
         for entry in walker {
             let entry = entry.map_err(io::Error::other)?;
@@ -214,16 +221,20 @@ pub fn element_files_digest<'a>(
             h.update(rel.as_os_str().as_encoded_bytes());
             h.update(b"\0");
             let meta = entry.path().symlink_metadata()?;
-            h.update(&(meta.permissions().mode() & 0o7777).to_le_bytes());
+            let mode = meta.permissions().mode() & 0o7777;
+            h.update(&mode.to_le_bytes());
             let ft = meta.file_type();
+            let keyed_by_step = in_phase_dir(entry.path(), dir) && mode & 0o111 != 0;
             if ft.is_symlink() {
                 h.update(b"l");
                 h.update(fs::read_link(entry.path())?.as_os_str().as_encoded_bytes());
-            } else if ft.is_file() {
+            } else if ft.is_file() && !keyed_by_step {
                 h.update(b"f");
                 let mut f = fs::File::open(entry.path())?;
                 let n = io::copy(&mut f, &mut h)?;
                 h.update(&n.to_le_bytes());
+            } else if ft.is_file() {
+                h.update(b"x");
             } else if ft.is_dir() {
                 h.update(b"d");
             }
@@ -231,6 +242,16 @@ pub fn element_files_digest<'a>(
         }
     }
     Ok(h.finalize().to_hex().to_string())
+}
+
+/// True for `path` inside (or being) a phase folder of the element at `dir`.
+fn in_phase_dir(path: &Path, dir: &Path) -> bool {
+    path.strip_prefix(dir)
+        .ok()
+        .and_then(|rel| rel.components().next())
+        .is_some_and(|c| {
+            crate::phase::Phase::from_dir_name(&c.as_os_str().to_string_lossy()).is_some()
+        })
 }
 
 /// Digest of the host files an element declares in its `cache-inputs` file (one glob per line;
@@ -433,6 +454,33 @@ mod tests {
             element_files_digest([("foo", e.as_path())]).unwrap(),
             element_files_digest([("foo", e2.as_path())]).unwrap()
         );
+    }
+
+    #[test]
+    fn element_files_digest_keys_what_install_types_link_but_not_linked_hook_content() {
+        let t = tempfile::tempdir().unwrap();
+        let e = t.path().join("foo");
+        let sub = e.join("install.d/foo-source-install");
+        fs::create_dir_all(&sub).unwrap();
+        let exec = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(sub.join("10-a"), "a").unwrap();
+        exec(&sub.join("10-a"));
+        fs::write(sub.join("data.conf"), "1").unwrap();
+        let digest = || element_files_digest([("foo", e.as_path())]).unwrap();
+        let d0 = digest();
+        // A linked hook's content is keyed by its step, not here.
+        fs::write(sub.join("10-a"), "changed").unwrap();
+        assert_eq!(d0, digest());
+        // A new hook in the sub-folder, its mode, or a data file there: all change the digest.
+        fs::write(sub.join("20-b"), "b").unwrap();
+        exec(&sub.join("20-b"));
+        let d1 = digest();
+        assert_ne!(d0, d1);
+        fs::set_permissions(sub.join("20-b"), fs::Permissions::from_mode(0o644)).unwrap();
+        let d2 = digest();
+        assert_ne!(d1, d2);
+        fs::write(sub.join("data.conf"), "2").unwrap();
+        assert_ne!(d2, digest());
     }
 
     #[test]

@@ -195,6 +195,37 @@ fn editing_an_environment_file_reruns_everything() {
 }
 
 #[test]
+fn a_hook_added_to_an_install_type_folder_is_linked_and_run_on_the_next_build() {
+    let f = BuildFixture::new();
+    crate::harness::copy_tree(
+        &crate::harness::repo().join("elements/install-types"),
+        &f.elements().join("install-types"),
+    );
+    let typed = f
+        .elements()
+        .join("fixture-app/install.d/app-source-install");
+    fs::create_dir_all(&typed).unwrap();
+    f.build_ok(&["fixture-app", "install-types"]);
+    fs::write(
+        typed.join("30-new"),
+        "#!/bin/sh\necho linked > /etc/fixture/linked-hook\n",
+    )
+    .unwrap();
+    fs::set_permissions(typed.join("30-new"), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = f.build_ok(&["fixture-app", "install-types"]);
+    assert!(
+        m.ran().contains(&"install.d/30-new".to_string()),
+        "{:?}",
+        m.ran()
+    );
+    assert_eq!(
+        f.tar_member(&f.out("img.tar"), "etc/fixture/linked-hook")
+            .as_deref(),
+        Some("linked\n")
+    );
+}
+
+#[test]
 fn a_dib_variable_is_part_of_the_key() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
