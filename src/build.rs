@@ -1066,18 +1066,19 @@ pub fn build(args: BuildArgs) -> Result<()> {
 }
 
 fn walk_all(exec: &mut Executor) -> Result<()> {
-    if disk::wants_disk(&exec.prep.settings.image_types) {
-        // The rest (block-device.d .. cleanup.d and the clean-up) is the disk output step.
-        for phase in Phase::ALL.into_iter().filter(|p| *p <= Phase::PostRoot) {
-            exec.walk_phase(phase)?;
-        }
-        return Ok(());
-    }
-    for phase in Phase::ALL {
+    // With a disk output, block-device.d .. cleanup.d and the clean-up are the disk step.
+    let disk = disk::wants_disk(&exec.prep.settings.image_types);
+    for phase in Phase::ALL
+        .into_iter()
+        .filter(|p| !disk || *p <= Phase::PostRoot)
+    {
         exec.walk_phase(phase)?;
         if phase == Phase::Root {
             write_install_type_env(&exec.paths.hooks_dir)?;
         }
+    }
+    if disk {
+        return Ok(());
     }
     let step = plan::finalise_base_step(&exec.prep.key_ctx, exec.parent.as_deref());
     exec.walk_step(step)

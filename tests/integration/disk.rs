@@ -340,6 +340,22 @@ fn gpt_layout_with_root_label_and_checksums() {
     assert!(loops_under(f.path()).is_empty());
 }
 
+/// A disk build runs the same rootfs steps as a tree build (dib's install-type environment
+/// file included), so switching `-t` between them reuses every one.
+#[test]
+fn a_disk_build_reuses_every_rootfs_step_of_a_tree_build() {
+    let f = BuildFixture::new();
+    let el = shipped_elements();
+    let elements = ["--element-path", &el, "fixture-app", "block-device-mbr"];
+    f.build_ok(&elements);
+    let m = f.build_ok(&[&["-t", "raw"][..], &elements].concat());
+    assert_eq!(m.cached(), crate::harness::SHARED_STEPS, "{:?}", m.ran());
+    let env = f
+        .tar_member(&f.out("img.tar"), "etc/fixture/install-env")
+        .unwrap();
+    assert!(env.contains("DIB_DEFAULT_INSTALLTYPE=source"), "{env}");
+}
+
 /// Issue 5's "deterministic images": with SOURCE_DATE_EPOCH, two cold builds (the cache wiped in
 /// between, a second apart) give the same raw and qcow2 bytes, although finalise.d writes into
 /// the mounted ext4 root and the ESP.
