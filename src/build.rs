@@ -353,12 +353,17 @@ impl<'a> Executor<'a> {
                 return Ok(None);
             };
             if !store.verify_blob(&l.blob_digest)? {
+                if self.dry_run {
+                    // `strata plan` only looks: it reports a miss and changes nothing.
+                    tracing::warn!("{}: cached layer {} is corrupt", step.label(), &diff[..12]);
+                    return Ok(None);
+                }
                 tracing::warn!(
                     "{}: cached layer {} is corrupt; dropping it and running the step again",
                     step.label(),
                     &diff[..12]
                 );
-                store.rm(&rec.key)?;
+                store.drop_corrupt_step(&rec.key, l)?;
                 return Ok(None);
             }
         }

@@ -279,6 +279,8 @@ enum Broken {
     NoLayerRow(String),
     NoBlob(LayerRecord),
     WrongSize(LayerRecord, u64),
+    /// The blob's bytes do not hash to its name.
+    Corrupt(LayerRecord),
 }
 
 impl Store {
@@ -298,7 +300,7 @@ impl Store {
     /// on disk with the recorded size. A step whose blob is missing or truncated is dropped
     /// (with its descendants, which were built on top of it) with a warning, and is a miss.
     pub fn lookup_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        let mut conn = self.conn();
+        let conn = self.conn();
         let Some(step) = get_step_in(&conn, key).map_err(self.sql())? else {
             return Ok(None);
         };
@@ -315,6 +317,25 @@ impl Store {
         let Some(broken) = broken else {
             return Ok(Some(step));
         };
+        drop(conn);
+        self.drop_broken_step(&step, broken)?;
+        Ok(None)
+    }
+
+    /// Drops the step `key` (and the steps built on it) because the blob of `layer`, one of
+    /// its layers, does not hash to its name; the blob and the layer row go too, so the step's
+    /// next run writes them again. The caller has said why. Like `lookup_step`'s repairs this
+    /// is one transaction under the build's shared lock.
+    pub fn drop_corrupt_step(&self, key: &str, layer: LayerRecord) -> Result<(), StoreError> {
+        let Some(step) = get_step_in(&self.conn(), key).map_err(self.sql())? else {
+            return Ok(());
+        };
+        self.drop_broken_step(&step, Broken::Corrupt(layer))
+    }
+
+    fn drop_broken_step(&self, step: &StepRecord, broken: Broken) -> Result<(), StoreError> {
+        let key = &step.key;
+        let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql())?;
@@ -323,25 +344,28 @@ impl Store {
                 "cache step {key} ({}/{}) names layer {diff_id}, which the index lacks; dropping the step, it will run again",
                 step.phase, step.hook
             ),
-            Broken::NoBlob(layer) | Broken::WrongSize(layer, _) => {
+            Broken::NoBlob(layer) | Broken::WrongSize(layer, _) | Broken::Corrupt(layer) => {
                 let path = self.blob_path(&layer.blob_digest);
-                if let Broken::WrongSize(_, len) = &broken {
-                    warn!(
+                match &broken {
+                    Broken::WrongSize(_, len) => warn!(
                         "cache blob {} is {len} bytes, not {} (truncated?); removing it and the steps that need it, they will run again",
                         path.display(),
                         layer.blob_size
-                    );
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        warn!("cannot remove damaged blob {}: {e}", path.display());
-                    }
-                } else {
-                    warn!(
+                    ),
+                    Broken::NoBlob(_) => warn!(
                         "cache blob {} (layer {} of step {key}, {}/{}) is missing; dropping the step, it will run again",
                         path.display(),
                         layer.diff_id,
                         step.phase,
                         step.hook
-                    );
+                    ),
+                    _ => {}
+                }
+                if !matches!(broken, Broken::NoBlob(_))
+                    && let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    warn!("cannot remove damaged blob {}: {e}", path.display());
                 }
                 tx.execute("DELETE FROM layers WHERE diff_id = ?1", [&layer.diff_id])
                     .map_err(self.sql())?;
@@ -350,7 +374,7 @@ impl Store {
         let doomed = subtree_in(&tx, key).map_err(self.sql())?;
         delete_steps(&tx, &doomed).map_err(self.sql())?;
         tx.commit().map_err(self.sql())?;
-        Ok(None)
+        Ok(())
     }
 
     /// The step with this key as indexed, without checking its blobs (for explaining).

@@ -1008,3 +1008,18 @@ fn killed_writer_processes_leave_no_partial_entry() {
     assert_eq!(s.du().unwrap().orphan_blobs, 0);
     assert!(s.verify().unwrap().is_clean());
 }
+
+#[test]
+fn writing_a_blob_again_repairs_a_stored_copy_damaged_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let (d, _) = put_blob(&s, b"good bytes");
+    let path = s.blob_path(&d);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&path, b"good bytez").unwrap(); // same size, one byte off
+    assert!(!s.verify_blob(&d).unwrap());
+    put_blob(&s, b"good bytes");
+    assert!(s.verify_blob(&d).unwrap());
+    assert_eq!(tmp_count(dir.path()), 0);
+}

@@ -456,28 +456,30 @@ fn a_damaged_cached_output_is_written_again_from_the_layers() {
     assert_eq!(first.output_digest(), again.output_digest());
 }
 
+/// `strata plan --json` with the options `build_cmd` would use.
+fn plan(f: &BuildFixture) -> serde_json::Value {
+    let mut c = f.build_cmd(&[]);
+    // Same options, but `plan --json` instead of `build`.
+    let args: Vec<_> = c.get_args().skip(1).map(|a| a.to_owned()).collect();
+    let envs: Vec<_> = c
+        .get_envs()
+        .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+        .collect();
+    c = strata();
+    c.arg("plan").arg("--json").args(args);
+    for (k, v) in envs {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let out = f.run_ok(&mut c);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn plan_lists_steps_with_keys_and_cache_state() {
     let f = BuildFixture::new();
-    let plan = |f: &BuildFixture| -> serde_json::Value {
-        let mut c = f.build_cmd(&[]);
-        // Same options, but `plan --json` instead of `build`.
-        let args: Vec<_> = c.get_args().skip(1).map(|a| a.to_owned()).collect();
-        let envs: Vec<_> = c
-            .get_envs()
-            .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
-            .collect();
-        c = strata();
-        c.arg("plan").arg("--json").args(args);
-        for (k, v) in envs {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        let out = f.run_ok(&mut c);
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
     let before = plan(&f);
     let rows = before.as_array().unwrap();
     assert_eq!(rows.len(), all_steps().len());
@@ -501,6 +503,43 @@ fn plan_lists_steps_with_keys_and_cache_state() {
             .iter()
             .all(|r| r["cached"] == true)
     );
+}
+
+#[test]
+fn plan_reports_a_corrupt_layer_as_a_miss_and_changes_nothing() {
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().to_path_buf())
+        .collect();
+    for victim in &blobs {
+        let mut bytes = fs::read(victim).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        fs::set_permissions(victim, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(victim, bytes).unwrap();
+    }
+    let ls = || {
+        let out = strata()
+            .args(["cache", "ls", "--json", "--cache-dir"])
+            .arg(f.cache())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = ls();
+    let rows = plan(&f);
+    assert_eq!(rows[0]["cached"], false, "{rows}");
+    // Nothing was dropped: the index and the (damaged) blobs are as they were.
+    assert_eq!(ls(), listed);
+    assert!(blobs.iter().all(|b| b.exists()));
+    // A build repairs it.
+    let out = f.build(&[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
 }
 
 #[test]
