@@ -1007,9 +1007,9 @@ pub fn build(args: BuildArgs) -> Result<()> {
     );
     // Nothing is restored until the first miss; from then on the tree is live and cached steps
     // (possible after a --cache-ttl rerun) are applied as they come.
-    let result = walk_all(&mut exec).and_then(|()| write_outputs(&mut exec));
-    let outcome = match &result {
-        Ok(outputs) => {
+    let result = walk_all(&mut exec)
+        .and_then(|()| write_outputs(&mut exec))
+        .and_then(|outputs| {
             let manifest = Manifest {
                 strata_version: env!("CARGO_PKG_VERSION"),
                 cache_format_version: key::CACHE_FORMAT_VERSION,
@@ -1017,15 +1017,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
                 arch: settings.arch.clone(),
                 elements: prep.elements.iter().map(|e| e.name.clone()).collect(),
                 steps: exec.manifest.clone(),
-                outputs: outputs
-                    .iter()
-                    .map(|o| ManifestOutput {
-                        r#type: o.r#type.clone(),
-                        path: o.path.clone(),
-                        blake3: o.blake3.clone(),
-                        cached: o.cached,
-                    })
-                    .collect(),
+                outputs,
                 seconds: started.elapsed().as_secs_f64(),
             };
             let text = serde_json::to_string_pretty(&manifest)?;
@@ -1036,23 +1028,28 @@ pub fn build(args: BuildArgs) -> Result<()> {
             if args.json {
                 println!("{text}");
             }
-            "ok".to_string()
-        }
+            Ok(())
+        });
+    let outcome = match &result {
+        Ok(()) => "ok".to_string(),
         Err(e) => format!(
             "failed: {}",
             crate::error::render(e).lines().next().unwrap_or_default()
         ),
     };
-    if let Some(store) = &store {
-        store.record_build(&crate::store::BuildRecord {
-            elements: prep.image_element.clone(),
-            arguments: settings.dib_args(),
-            outcome,
-            step_keys: exec.manifest.iter().map(|s| s.key.clone()).collect(),
-            started: now() - started.elapsed().as_secs() as i64,
-            seconds: started.elapsed().as_secs_f64(),
-        })?;
-    }
+    // Recorded, but a failure to record never hides the build's own error.
+    let recorded = store.as_ref().map_or(Ok(()), |store| {
+        store
+            .record_build(&crate::store::BuildRecord {
+                elements: prep.image_element.clone(),
+                arguments: settings.dib_args(),
+                outcome,
+                step_keys: exec.manifest.iter().map(|s| s.key.clone()).collect(),
+                started: now() - started.elapsed().as_secs() as i64,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+            .map(drop)
+    });
     let cleanup = build_dir.cleanup();
     let cached = exec.manifest.iter().filter(|s| s.cached).count();
     exec.timings
@@ -1066,6 +1063,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
         exec.manifest.len() - cached
     );
     result?;
+    recorded?;
     cleanup?;
     Ok(())
 }
@@ -1089,16 +1087,9 @@ fn walk_all(exec: &mut Executor) -> Result<()> {
     exec.walk_step(step)
 }
 
-struct OutputRecord {
-    r#type: String,
-    path: String,
-    blake3: String,
-    cached: bool,
-}
-
 /// Writes every requested output. Tree outputs are cached by the last step's key and type;
 /// those neither unchanged on disk nor in the store are written in one go from the final tree.
-fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
+fn write_outputs(exec: &mut Executor) -> Result<Vec<ManifestOutput>> {
     let settings = &exec.prep.settings;
     if disk::wants_disk(&settings.image_types) {
         return disk_outputs(exec);
@@ -1111,7 +1102,7 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
         let path = output::path(&settings.image_name, t);
         let out_key = output::type_key(&last, t);
         let started = Instant::now();
-        let record = |blake3: String| OutputRecord {
+        let record = |blake3: String| ManifestOutput {
             r#type: t.clone(),
             path: path.display().to_string(),
             blake3,
@@ -1166,7 +1157,7 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
         exec.rootfs_scan = scan;
         let (written, timings) = written?;
         exec.timings.extend(timings);
-        out.extend(written.into_iter().map(|w| OutputRecord {
+        out.extend(written.into_iter().map(|w| ManifestOutput {
             r#type: w.r#type,
             path: w.path.display().to_string(),
             blake3: w.blake3,
@@ -1227,7 +1218,7 @@ fn disk_step(exec: &Executor) -> Result<DiskStep> {
 
 /// The disk output step (see `crate::disk`): block-device.d to cleanup.d on a real disk, then
 /// every requested output, cached whole under one key.
-fn disk_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
+fn disk_outputs(exec: &mut Executor) -> Result<Vec<ManifestOutput>> {
     let prep = exec.prep;
     let settings = &prep.settings;
     let started = Instant::now();
@@ -1311,7 +1302,7 @@ fn disk_outputs(exec: &mut Executor) -> Result<Vec<OutputRecord>> {
     });
     Ok(outputs
         .into_iter()
-        .map(|o| OutputRecord {
+        .map(|o| ManifestOutput {
             r#type: o.r#type,
             path: o.path.display().to_string(),
             blake3: o.blake3,
