@@ -1010,6 +1010,12 @@ pub fn build(args: BuildArgs) -> Result<()> {
     let result = walk_all(&mut exec)
         .and_then(|()| write_outputs(&mut exec))
         .and_then(|outputs| {
+            if wants_checksums(&prep.disk, settings) {
+                for o in &outputs {
+                    crate::image::refresh_checksums(Path::new(&o.path))
+                        .with_context(|| format!("cannot write checksums of {}", o.path))?;
+                }
+            }
             let manifest = Manifest {
                 strata_version: env!("CARGO_PKG_VERSION"),
                 cache_format_version: key::CACHE_FORMAT_VERSION,
@@ -1066,6 +1072,16 @@ pub fn build(args: BuildArgs) -> Result<()> {
     recorded?;
     cleanup?;
     Ok(())
+}
+
+/// `--checksum`, or dib's `DIB_CHECKSUM` (1, md5, sha256, md5,sha256; 0 or empty is off): a
+/// `.md5` and a `.sha256` beside every output, tree or disk.
+fn wants_checksums(options: &disk::DiskOptions, settings: &Settings) -> bool {
+    options.checksum
+        || settings
+            .user_env
+            .get("DIB_CHECKSUM")
+            .is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 fn walk_all(exec: &mut Executor) -> Result<()> {
@@ -1243,14 +1259,13 @@ fn disk_outputs(exec: &mut Executor) -> Result<Vec<ManifestOutput>> {
             })
             .collect();
         if let Some(outputs) = unchanged {
-            disk::checksum_unchanged(&outputs, settings, &prep.disk);
             exec.timings.push((
                 "output disk (unchanged)".into(),
                 started.elapsed().as_secs_f64(),
             ));
             found = Some(outputs);
         } else if let Some(store) = exec.store
-            && let Some(outputs) = disk::restore_cached(store, &key, settings, &prep.disk, now())?
+            && let Some(outputs) = disk::restore_cached(store, &key, settings, now())?
         {
             exec.timings.push((
                 "output disk (cached)".into(),

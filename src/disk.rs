@@ -24,7 +24,6 @@
 //!                      builds of a deterministic element set give the same raw bytes
 //!     convert          qcow2 (-c unless -u) / vhd via qemu-img; raw last, copied sparse
 //!     each output      hashed and stored as a zstd blob under its type key
-//!     --checksum       .md5 / .sha256 beside each output
 //! ```
 //!
 //! Why one step and not four cached ones: a disk's file systems and loop device only exist while
@@ -523,12 +522,6 @@ pub fn run(job: &Job) -> Result<Produced> {
             .position(|t| *t == o.r#type)
             .unwrap_or(usize::MAX)
     });
-    if wants_checksums(job.options, settings) {
-        for o in &outputs {
-            image::write_checksums(&o.path)
-                .with_context(|| format!("cannot write checksums of {}", o.path.display()))?;
-        }
-    }
     Ok(Produced { outputs, timings })
 }
 
@@ -538,7 +531,6 @@ pub fn restore_cached(
     store: &Store,
     key: &str,
     settings: &Settings,
-    options: &DiskOptions,
     now: i64,
 ) -> Result<Option<Vec<Output>>> {
     let mut found = Vec::new();
@@ -569,38 +561,7 @@ pub fn restore_cached(
             cached: true,
         });
     }
-    if wants_checksums(options, settings) {
-        for o in &outputs {
-            image::write_checksums(&o.path)
-                .with_context(|| format!("cannot write checksums of {}", o.path.display()))?;
-        }
-    }
     Ok(Some(outputs))
-}
-
-/// Writes checksum files for outputs that were left in place, where they are missing.
-pub fn checksum_unchanged(outputs: &[Output], settings: &Settings, options: &DiskOptions) {
-    if !wants_checksums(options, settings) {
-        return;
-    }
-    for o in outputs {
-        let md5 = PathBuf::from(format!("{}.md5", o.path.display()));
-        let sha = PathBuf::from(format!("{}.sha256", o.path.display()));
-        if (!md5.exists() || !sha.exists())
-            && let Err(e) = image::write_checksums(&o.path)
-        {
-            tracing::warn!("cannot write checksums of {}: {e}", o.path.display());
-        }
-    }
-}
-
-/// `--checksum`, or dib's `DIB_CHECKSUM` (1, md5, sha256, md5,sha256; 0 or empty is off).
-fn wants_checksums(options: &DiskOptions, settings: &Settings) -> bool {
-    options.checksum
-        || settings
-            .user_env
-            .get("DIB_CHECKSUM")
-            .is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 fn parse_env_number(env: &BTreeMap<String, String>, name: &str) -> Result<Option<u64>, Failure> {

@@ -75,6 +75,23 @@ pub fn convert(
     })
 }
 
+/// [`write_checksums`], unless both files are already newer than `path` (an output a no-op
+/// rebuild left in place keeps its checksums; one written again gets new ones).
+pub fn refresh_checksums(path: &Path) -> std::io::Result<()> {
+    let written = std::fs::metadata(path)?.modified()?;
+    let current = |ext: &str| {
+        let mut p = path.as_os_str().to_os_string();
+        p.push(ext);
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= written)
+    };
+    if current(".md5") && current(".sha256") {
+        return Ok(());
+    }
+    write_checksums(path)
+}
+
 /// Writes `<path>.md5` and `<path>.sha256` in the `md5sum`/`sha256sum` format, naming the file
 /// without its directory so the pair can be moved together.
 pub fn write_checksums(path: &Path) -> std::io::Result<()> {
@@ -157,6 +174,29 @@ mod tests {
             "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03  image.qcow2\n"
         );
         assert!(write_checksums(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn checksums_are_refreshed_only_for_an_output_newer_than_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("image.raw");
+        let md5 = dir.path().join("image.raw.md5");
+        std::fs::write(&f, b"one\n").unwrap();
+        refresh_checksums(&f).unwrap();
+        let first = std::fs::read_to_string(&md5).unwrap();
+        // Left alone while current (a planted value proves it was not rewritten).
+        std::fs::write(&md5, "kept\n").unwrap();
+        refresh_checksums(&f).unwrap();
+        assert_eq!(std::fs::read_to_string(&md5).unwrap(), "kept\n");
+        // The output written again: new checksums.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, b"two\n").unwrap();
+        refresh_checksums(&f).unwrap();
+        let again = std::fs::read_to_string(&md5).unwrap();
+        assert!(
+            again != first && again.ends_with("  image.raw\n"),
+            "{again}"
+        );
     }
 
     #[test]

@@ -226,6 +226,23 @@ fn a_hook_added_to_an_install_type_folder_is_linked_and_run_on_the_next_build() 
 }
 
 #[test]
+fn checksum_covers_tree_outputs_too() {
+    let f = BuildFixture::new();
+    f.run_ok(&mut f.build_cmd_typed("img", "tar,tgz", &["--checksum"]));
+    for t in ["tar", "tgz"] {
+        for (tool, ext) in [("md5sum", "md5"), ("sha256sum", "sha256")] {
+            let out = Command::new(tool)
+                .arg("-c")
+                .arg(f.out(&format!("img.{t}.{ext}")))
+                .current_dir(f.path().join("out"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{tool} -c img.{t}.{ext}");
+        }
+    }
+}
+
+#[test]
 fn a_dib_variable_is_part_of_the_key() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
