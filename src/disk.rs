@@ -314,17 +314,15 @@ pub fn run(job: &Job) -> Result<Produced> {
                 .trim()
                 .parse()
                 .ok()
-                .filter(|g: &f64| *g > 0.0)
+                .filter(|g: &f64| *g > 0.0 && *g <= MAX_MIB as f64 / 1024.0)
                 .ok_or_else(|| {
                     Failure::bad_input(format!(
-                        "DIB_IMAGE_SIZE / --image-size {gib}: not a positive number of GiB"
+                        "DIB_IMAGE_SIZE / --image-size {gib}: not a positive number of GiB \
+                         (up to {} GiB)",
+                        MAX_MIB / 1024
                     ))
                 })?;
-            let mut kib = (g * 1024.0 * 1024.0) as u64;
-            if efi {
-                kib += 525 * 1024;
-            }
-            kib.div_ceil(64) * 64 * 1024
+            image::image_bytes((g * 1024.0 * 1024.0) as u64, efi)
         }
         None => {
             let extra = parse_env_number(env, "DIB_IMAGE_EXTRA_SIZE")?;
@@ -334,7 +332,7 @@ pub fn run(job: &Job) -> Result<Produced> {
             // mke2fs refuses a journal larger than half the file system, which dib's formula
             // gives for trees under ~40 MB; strata grows such tiny images instead of failing.
             if fs_type == "ext4" {
-                let esp = if efi { 525 << 20 } else { 0 };
+                let esp = if efi { image::ESP_MIB << 20 } else { 0 };
                 size.max(((journal_mb * 3) << 20) + esp)
             } else {
                 size
@@ -564,13 +562,23 @@ pub fn restore_cached(
     Ok(Some(outputs))
 }
 
+/// The largest size strata takes from the user, in MiB (1 PiB): far beyond any disk image,
+/// and small enough that the size arithmetic cannot overflow.
+const MAX_MIB: u64 = 1 << 30;
+
 fn parse_env_number(env: &BTreeMap<String, String>, name: &str) -> Result<Option<u64>, Failure> {
     match env.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => v
             .parse()
+            .ok()
+            .filter(|n| *n <= MAX_MIB)
             .map(Some)
-            .map_err(|_| Failure::bad_input(format!("{name}={v}: not a whole number of MiB (MB)"))),
+            .ok_or_else(|| {
+                Failure::bad_input(format!(
+                    "{name}={v}: not a whole number of MiB (MB) up to {MAX_MIB}"
+                ))
+            }),
     }
 }
 
@@ -784,6 +792,19 @@ mod tests {
         );
         assert_eq!(fs::read(&dest).unwrap(), data);
         assert!(fs::metadata(&dest).unwrap().blocks() * 512 < 1 << 20);
+    }
+
+    #[test]
+    fn sizes_from_the_environment_are_bounded() {
+        let env = |v: &str| BTreeMap::from([("DIB_JOURNAL_SIZE".to_string(), v.to_string())]);
+        let parse = |v: &str| parse_env_number(&env(v), "DIB_JOURNAL_SIZE");
+        assert_eq!(parse("512").unwrap(), Some(512));
+        assert_eq!(parse(" ").unwrap(), None);
+        for bad in ["-1", "1.5", "99999999999999", "lots"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(image::image_bytes(1, false), 64 * 1024);
+        assert_eq!(image::image_bytes(64, true), (64 + 525 * 1024) * 1024);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use std::path::PathBuf;
 pub use config::{BlockDeviceConfig, default_config, parse_config};
 pub use disk::{Disk, Rebuild, create};
 pub use output::{convert, copy_tree, refresh_checksums, write_checksums};
-pub use size::{image_size_for_tree, parse_abs_size_spec};
+pub use size::{ESP_MIB, image_bytes, image_size_for_tree};
 
 /// What the block-device layer needs from the build (dib's `params.yaml`).
 #[derive(Debug, Clone)]

@@ -88,10 +88,17 @@ pub fn image_size_for_tree(
     if fs_type == "ext4" {
         kib += journal_mb * 1024;
     }
-    if efi {
-        kib += 525 * 1024;
-    }
-    Ok(kib.div_ceil(64) * 64 * 1024)
+    Ok(image_bytes(kib, efi))
+}
+
+/// The MiB an EFI system partition adds to a computed or given image size (dib's 525).
+pub const ESP_MIB: u64 = 525;
+
+/// dib's last step for every image size: plus the ESP when `efi`, rounded up to 64 KiB, in
+/// bytes.
+pub fn image_bytes(kib: u64, efi: bool) -> u64 {
+    let kib = if efi { kib + ESP_MIB * 1024 } else { kib };
+    kib.div_ceil(64) * 64 * 1024
 }
 
 /// `du -a -c -x` total in KiB: allocated blocks of every inode on `root`'s file system,

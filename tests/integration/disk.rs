@@ -477,6 +477,26 @@ fn a_failing_hook_in_the_disk_step_gives_the_hook_error_and_leaves_no_loop_devic
 }
 
 #[test]
+fn an_absurd_image_size_is_one_line_of_bad_input() {
+    let f = BuildFixture::new();
+    let el = shipped_elements();
+    for size in ["inf", "20000000000000"] {
+        let out = f
+            .build_cmd(&disk_args(&el, "block-device-mbr", &[]))
+            .env("DIB_IMAGE_SIZE", size)
+            .output()
+            .unwrap();
+        f.assert_no_leftovers();
+        assert_eq!(out.status.code(), Some(2), "DIB_IMAGE_SIZE={size}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<_> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(lines[0].contains("not a positive number of GiB"), "{err}");
+    }
+    assert!(loops_under(f.path()).is_empty());
+}
+
+#[test]
 fn an_invalid_block_device_config_is_bad_input_naming_its_origin() {
     let f = BuildFixture::new();
     let el = shipped_elements();
