@@ -1097,6 +1097,17 @@ fn walk_all(exec: &mut Executor) -> Result<()> {
         }
     }
     if disk {
+        // The disk step stands for block-device.d .. cleanup.d: rebuilding from any of them
+        // reruns it.
+        if exec
+            .prep
+            .settings
+            .rebuild_from
+            .as_ref()
+            .is_some_and(|r| r.phase >= Phase::BlockDevice)
+        {
+            exec.forcing = true;
+        }
         return Ok(());
     }
     let step = plan::finalise_base_step(&exec.prep.key_ctx, exec.parent.as_deref());
@@ -1239,12 +1250,8 @@ fn disk_outputs(exec: &mut Executor) -> Result<Vec<ManifestOutput>> {
     let settings = &prep.settings;
     let started = Instant::now();
     let DiskStep { key, hooks, config } = disk_step(exec)?;
-    let rebuild = settings
-        .rebuild_from
-        .as_ref()
-        .is_some_and(|r| r.phase >= Phase::BlockDevice);
     let mut found = None;
-    if !exec.ran_any && !exec.forcing && !rebuild {
+    if !exec.ran_any && !exec.forcing {
         let unchanged: Option<Vec<disk::Output>> = settings
             .image_types
             .iter()
@@ -1389,6 +1396,7 @@ pub fn plan(args: PlanArgs) -> Result<()> {
     if disk::wants_disk(&prep.settings.image_types) {
         let key = disk_step(&exec)?.key;
         let cached = match &store {
+            Some(_) if exec.forcing => false,
             Some(s) => {
                 let mut all = true;
                 for t in &prep.settings.image_types {

@@ -473,31 +473,10 @@ fn a_damaged_cached_output_is_written_again_from_the_layers() {
     assert_eq!(first.output_digest(), again.output_digest());
 }
 
-/// `strata plan --json` with the options `build_cmd` would use.
-fn plan(f: &BuildFixture) -> serde_json::Value {
-    let mut c = f.build_cmd(&[]);
-    // Same options, but `plan --json` instead of `build`.
-    let args: Vec<_> = c.get_args().skip(1).map(|a| a.to_owned()).collect();
-    let envs: Vec<_> = c
-        .get_envs()
-        .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
-        .collect();
-    c = strata();
-    c.arg("plan").arg("--json").args(args);
-    for (k, v) in envs {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    let out = f.run_ok(&mut c);
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn plan_lists_steps_with_keys_and_cache_state() {
     let f = BuildFixture::new();
-    let before = plan(&f);
+    let before = f.plan(&[]);
     let rows = before.as_array().unwrap();
     assert_eq!(rows.len(), all_steps().len());
     assert!(
@@ -505,7 +484,7 @@ fn plan_lists_steps_with_keys_and_cache_state() {
             .all(|r| r["cached"] == false && r["key"].as_str().unwrap().len() == 64)
     );
     let m = f.build_ok(&[]);
-    let after = plan(&f);
+    let after = f.plan(&[]);
     let keys: Vec<_> = after
         .as_array()
         .unwrap()
@@ -548,7 +527,7 @@ fn plan_reports_a_corrupt_layer_as_a_miss_and_changes_nothing() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let listed = ls();
-    let rows = plan(&f);
+    let rows = f.plan(&[]);
     assert_eq!(rows[0]["cached"], false, "{rows}");
     // Nothing was dropped: the index and the (damaged) blobs are as they were.
     assert_eq!(ls(), listed);

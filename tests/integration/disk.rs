@@ -340,6 +340,24 @@ fn gpt_layout_with_root_label_and_checksums() {
     assert!(loops_under(f.path()).is_empty());
 }
 
+#[test]
+fn rebuild_from_a_disk_phase_reruns_the_disk_step_in_plan_and_build() {
+    let f = BuildFixture::new();
+    let el = shipped_elements();
+    let args = disk_args(&el, "block-device-mbr", &[]);
+    f.build_ok(&args);
+    let disk_row = |rows: serde_json::Value| rows.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(disk_row(f.plan(&args))["cached"], true);
+    let forced = [&args[..], &["--rebuild-from", "finalise.d"]].concat();
+    let row = disk_row(f.plan(&forced));
+    assert_eq!(
+        (row["hook"].as_str(), row["cached"].as_bool()),
+        (Some("disk"), Some(false))
+    );
+    let m = f.build_ok(&forced);
+    assert_eq!(m.ran(), ["output/disk"]);
+}
+
 /// A disk build runs the same rootfs steps as a tree build (dib's install-type environment
 /// file included), so switching `-t` between them reuses every one.
 #[test]

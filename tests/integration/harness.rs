@@ -124,6 +124,21 @@ impl BuildFixture {
         c
     }
 
+    /// `strata plan --json` with the options `build_cmd(extra)` would use.
+    pub fn plan(&self, extra: &[&str]) -> serde_json::Value {
+        let build = self.build_cmd(extra);
+        let mut c = strata();
+        c.arg("plan").arg("--json").args(build.get_args().skip(1));
+        for (k, v) in build.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        let out = self.run_ok(&mut c);
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     pub fn build(&self, extra: &[&str]) -> Output {
         let out = self.build_cmd(extra).output().unwrap();
         self.assert_no_leftovers();
