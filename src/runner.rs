@@ -34,6 +34,9 @@ use std::time::{Duration, Instant, SystemTime};
 pub const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How many output lines a failure report keeps.
 pub const TAIL_LINES: usize = 20;
+/// A hook's output line longer than this is shown in pieces.
+const MAX_LINE: usize = 64 * 1024;
+
 /// How long a hook may outlive an interrupt before it is killed.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
@@ -368,11 +371,25 @@ pub fn run_hook(run: &HookRun, reporter: &Reporter) -> Result<HookOutcome, Sandb
             if n == 0 {
                 break;
             }
+            let start = pending.len();
             pending.extend_from_slice(&buf[..n]);
-            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=pos).collect();
-                emit(&line[..line.len() - 1]);
+            // Only the new bytes are searched; complete lines go out in one pass, and a line
+            // longer than MAX_LINE (a progress meter redrawn with \r) is cut there.
+            let end = match pending[start..].iter().rposition(|&b| b == b'\n') {
+                Some(i) => start + i + 1,
+                None if pending.len() > MAX_LINE => pending.len(),
+                None => continue,
+            };
+            let mut lines = pending[..end].split(|&b| b == b'\n');
+            let mut line = lines.next();
+            while let Some(l) = line {
+                let next = lines.next();
+                if next.is_some() || !l.is_empty() {
+                    emit(l);
+                }
+                line = next;
             }
+            pending.drain(..end);
         }
         if !pending.is_empty() {
             emit(&pending);

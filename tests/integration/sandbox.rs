@@ -661,6 +661,31 @@ fn a_failing_hook_reports_its_status_and_the_last_20_lines() {
 }
 
 #[test]
+fn output_lines_keep_empty_lines_and_a_line_without_end_is_cut_into_pieces() {
+    // 200,000 bytes with no newline (a progress meter redrawn with \r), then ordinary lines.
+    let (o, _d) = run_script(
+        "#!/bin/bash\nhead -c 200000 /dev/zero | tr '\\0' x\nprintf '\\nafter\\n\\nlast'\n",
+        &[],
+    );
+    assert!(o.success, "{:?}", o.tail);
+    let n = o.tail.len();
+    assert_eq!(
+        &o.tail[n - 3..],
+        ["after", "", "last"],
+        "{:?}",
+        &o.tail[n - 3..]
+    );
+    let pieces = &o.tail[..n - 3];
+    assert!(pieces.len() >= 3, "{} pieces", pieces.len());
+    assert!(
+        pieces
+            .iter()
+            .all(|p| p.len() <= 64 * 1024 + 8192 && p.bytes().all(|b| b == b'x'))
+    );
+    assert_eq!(pieces.iter().map(String::len).sum::<usize>(), 200_000);
+}
+
+#[test]
 fn a_hook_killed_by_a_signal_reports_the_signal() {
     let (o, _d) = run_script("#!/bin/bash\necho bye\nkill -TERM $$\n", &[]);
     assert!(!o.success);
