@@ -39,20 +39,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Where the chroot sees the merged hook tree.
-const IN_TARGET: &str = "/tmp/in_target.d";
-
 pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn process_env() -> BTreeMap<String, String> {
-    std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect()
 }
 
 /// The resolved element set and everything derived from it once per build.
@@ -70,7 +61,7 @@ struct Prepared {
 }
 
 fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
-    let env = process_env();
+    let env = settings::process_env();
     let settings = Settings::resolve(opts, &env, crate::arch::host_arch)?;
     let search = elements::discover::build_search_path(
         &settings.element_dirs,
@@ -206,18 +197,9 @@ impl Prepared {
             settings::phase_environment(&self.base_env(&placeholder), phase, &placeholder);
         // environment.d files see the real hook folder (some read files beside themselves).
         base.insert("TMP_HOOKS_PATH".into(), hooks_dir.display().to_string());
-        let files = env_files(hooks_dir)?;
-        let captured = elements::env::capture(&files, &base)?;
+        let captured = elements::env::capture_dir(&hooks_dir.join("environment.d"), &base)?;
         Ok(settings::normalise_for_key(&captured))
     }
-}
-
-fn env_files(hooks_dir: &Path) -> Result<Vec<PathBuf>> {
-    let dir = hooks_dir.join("environment.d");
-    if !dir.is_dir() {
-        return Ok(Vec::new());
-    }
-    elements::env::env_files(&dir).with_context(|| format!("cannot list {}", dir.display()))
 }
 
 /// One step's line in the manifest.
@@ -700,11 +682,17 @@ pub(crate) fn run_phase_hooks(
         ChrootMounts::host(&paths.mount_dir)?
     };
     let cache_locks = cache_mounts(&mut mounts)?;
-    let files = env_files(&paths.hooks_dir)?;
+    let env_dir = paths.hooks_dir.join("environment.d");
+    let files = elements::env::env_files(&env_dir)
+        .with_context(|| format!("cannot list {}", env_dir.display()))?;
     let in_target_files: Vec<PathBuf> = files
         .iter()
         .filter_map(|f| f.file_name())
-        .map(|n| Path::new(IN_TARGET).join("environment.d").join(n))
+        .map(|n| {
+            Path::new(crate::sandbox::IN_TARGET_DIR)
+                .join("environment.d")
+                .join(n)
+        })
         .collect();
     let mut rows = Vec::new();
     let mut outcomes = Vec::new();
@@ -717,7 +705,9 @@ pub(crate) fn run_phase_hooks(
         }
         let (script, env_files, chroot) = if phase.in_chroot() {
             (
-                Path::new(IN_TARGET).join(phase.dir_name()).join(&hook.name),
+                Path::new(crate::sandbox::IN_TARGET_DIR)
+                    .join(phase.dir_name())
+                    .join(&hook.name),
                 in_target_files.clone(),
                 Some(paths.mount_dir.clone()),
             )

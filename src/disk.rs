@@ -203,11 +203,6 @@ pub fn output_key(
     h.finalize().to_hex().to_string()
 }
 
-/// The file an output type is written to (`NAME.<type>`; see [`crate::output::path`]).
-pub fn output_path(image_name: &str, t: &str) -> PathBuf {
-    crate::output::path(image_name, t)
-}
-
 /// One output the step wrote or restored.
 #[derive(Debug, Clone)]
 pub struct Output {
@@ -484,7 +479,7 @@ pub fn run(job: &Job) -> Result<Produced> {
         .collect();
     order.extend(settings.image_types.iter().filter(|t| *t == "raw"));
     for t in order {
-        let path = output_path(&settings.image_name, t);
+        let path = crate::output::path(&settings.image_name, t);
         let tkey = output::type_key(job.key, t);
         let digest = if t == "raw" {
             let mut src = fs::File::open(&raw)
@@ -540,7 +535,7 @@ pub fn restore_cached(
     }
     let mut outputs = Vec::new();
     for (t, rec) in found {
-        let path = output_path(&settings.image_name, &t);
+        let path = crate::output::path(&settings.image_name, &t);
         let digest = match output::restore(store, &rec.blob_digest, &path) {
             Ok(d) => d,
             Err(e) => {

@@ -272,6 +272,14 @@ impl BuildPaths {
 }
 
 /// What every hook receives before environment.d runs (dib §1.6), for one element set.
+/// The process environment as text (variables that are not UTF-8 are left out: hooks, dib's
+/// `when` expressions and install types deal in text).
+pub fn process_env() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
 pub fn base_environment(
     settings: &Settings,
     paths: &BuildPaths,

@@ -93,18 +93,10 @@ fn split_elements(elements: &str) -> Result<Vec<String>, PackageError> {
         .collect()
 }
 
-/// The process environment (variables that are not UTF-8 are left out: dib's `when`
-/// expressions and install types are text).
-fn process_env() -> BTreeMap<String, String> {
-    std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect()
-}
-
 fn squash(elements: &str, path: &str, resolved: Option<&Path>, out: &Path) -> anyhow::Result<()> {
     let elements = split_elements(elements)?;
     let search = split_path(path);
-    let env = process_env();
+    let env = crate::settings::process_env();
     let arch = env.get("ARCH").cloned().unwrap_or_default();
     let installs = packages::squash(&elements, &search, &env, &arch)?;
 

@@ -58,8 +58,6 @@ pub struct Resolved {
     pub elements: Vec<Element>,
     /// Each virtual name and the element that provides it.
     pub provided: BTreeMap<String, String>,
-    /// Each resolved element's dependencies (as written in `element-deps`).
-    pub deps: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Resolved {
@@ -323,11 +321,7 @@ pub fn resolve(catalog: &Catalog, request: &Request<'_>) -> Result<Resolved, Ele
         .iter()
         .filter_map(|n| catalog.get(n).cloned())
         .collect();
-    Ok(Resolved {
-        elements,
-        provided,
-        deps,
-    })
+    Ok(Resolved { elements, provided })
 }
 
 /// Dependencies before dependents, ties by name; cycles broken by fewest unmet dependencies.

@@ -297,20 +297,6 @@ impl BlockDeviceConfig {
         &self.entries
     }
 
-    /// The graph form as JSON, like dib's `states/block-device/config.json` (for logs).
-    pub fn to_json(&self) -> String {
-        let list: Vec<Value> = self
-            .entries
-            .iter()
-            .map(|e| {
-                let mut m = Mapping::new();
-                m.insert(e.plugin.clone().into(), Value::Mapping(e.values.clone()));
-                Value::Mapping(m)
-            })
-            .collect();
-        show(&Value::Sequence(list))
-    }
-
     /// dib's `_merge_rootfs_params`: fills `type`, `opts` and `label` of the mkfs node literally
     /// named `mkfs_root` from the params, when the config leaves them out.
     pub fn merge_rootfs_params(&mut self, params: &Params) {

@@ -139,20 +139,13 @@ pub fn write_checksums(path: &Path) -> std::io::Result<()> {
 /// Copies the contents of `src` (dot files included) into `dst`, preserving owners, modes,
 /// times, links, xattrs and holes: `cp -a --sparse=always src/. dst/`.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), ImageError> {
-    let out = Command::new("cp")
-        .args(["-a", "--sparse=always", "--no-target-directory"])
-        .arg(src.join("."))
-        .arg(dst)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| ImageError::io("running cp", e))?;
-    if !out.status.success() {
-        return Err(ImageError::Command {
-            command: format!("cp -a {} {}", src.display(), dst.display()),
-            detail: one_line(&out.stderr, &out.stdout),
-        });
-    }
-    Ok(())
+    super::run_tool(
+        Command::new("cp")
+            .args(["-a", "--sparse=always", "--no-target-directory"])
+            .arg(src.join("."))
+            .arg(dst),
+    )
+    .map(drop)
 }
 
 #[cfg(test)]

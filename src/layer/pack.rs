@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use tar::{EntryType, GnuExtSparseHeader, Header};
 
 use super::diff::{ChangeKind, Changeset};
-use super::scan::{FileKind, Meta, ScanOptions, scan};
+use super::scan::{FileKind, Meta};
 use super::{LayerError, SPARSE_CHUNK};
 
 const BUF: usize = 1 << 20;
@@ -96,20 +96,6 @@ pub fn pack(
     let info = write_tar(root, changes, &mut enc, opts)?;
     enc.finish().map_err(LayerError::Write)?;
     Ok(info)
-}
-
-/// Writes the whole tree under `root` as a plain, uncompressed tar (no whiteouts), e.g. for a
-/// `-t tar` output.
-pub fn pack_tree(
-    root: &Path,
-    out: impl Write,
-    opts: &PackOptions,
-) -> Result<LayerInfo, LayerError> {
-    let s = scan(root, &ScanOptions::default()).map_err(|e| LayerError::Read {
-        path: root.to_path_buf(),
-        source: e,
-    })?;
-    write_tar(root, &Changeset::full(&s), out, opts)
 }
 
 /// Writes `changes` as an uncompressed deterministic tar into `out`: the core of [`pack`].

@@ -114,7 +114,6 @@ impl Meta {
 /// A scanned tree: relative paths (raw bytes, "" is the root itself) in [`path_cmp`] order.
 #[derive(Debug, Clone)]
 pub struct Scan {
-    root: PathBuf,
     entries: Vec<(Vec<u8>, Meta)>,
     /// The excluded paths (mount points): what is at or below them was not seen, so a diff
     /// must not read their absence as a deletion.
@@ -122,11 +121,6 @@ pub struct Scan {
 }
 
 impl Scan {
-    /// The directory that was scanned.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Number of paths, the root included.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -261,7 +255,6 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
     }
     entries.sort_by(|a, b| path_cmp(&a.0, &b.0));
     Ok(Scan {
-        root: root.to_path_buf(),
         entries,
         excluded: excludes,
     })

@@ -133,7 +133,7 @@ impl ChrootMounts {
         )?;
 
         m.ensure_dir("tmp", 0o1777)?;
-        let in_target = m.ensure_dir("tmp/in_target.d", 0o755)?;
+        let in_target = m.ensure_dir(IN_TARGET_DIR.trim_start_matches('/'), 0o755)?;
         let hooks_meta =
             fs::metadata(hooks_dir).map_err(|e| SandboxError::io("inspect", hooks_dir, e))?;
         if !hooks_meta.is_dir() {

@@ -124,11 +124,6 @@ impl Write for BlobWriter {
 }
 
 impl BlobWriter {
-    /// Bytes written so far.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Flushes, fsyncs and renames the temp file into `blobs/blake3/ab/<digest>`, then fsyncs
     /// that folder. If a blob of that digest and size already exists the temp file is dropped
     /// (dedupe); one of another size (a damaged copy) is replaced. Returns (digest hex, size).
@@ -201,17 +196,9 @@ impl std::fmt::Debug for VerifiedBlob {
 
 impl VerifiedBlob {
     /// The blob's size on disk when it was opened.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The digest the blob should have.
-    pub fn digest(&self) -> &str {
-        &self.expected
     }
 
     /// Reads (and hashes) whatever is left, then checks the digest. Returns the blob's size.

@@ -275,11 +275,6 @@ impl Store {
         })
     }
 
-    /// The cache folder.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Where the blob with this digest lives (whether or not it exists). The digest should be a
     /// valid one (see [`is_digest`]); methods that open blobs check it.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
