@@ -33,7 +33,7 @@ use crate::settings::{self, BuildPaths, Settings};
 use crate::store::{LayerRecord, StepRecord, Store};
 use anyhow::{Context, Result};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -56,7 +56,9 @@ struct Prepared {
     image_element_yaml: String,
     elements_path: String,
     /// Image paths (relative) that get a host cache folder bound on them during every step.
-    cache_mounts: Vec<PathBuf>,
+    /// Sorted: parents are bound before what is below them, and every build takes the
+    /// folders' locks in the same order.
+    cache_mounts: BTreeSet<PathBuf>,
     disk: disk::DiskOptions,
 }
 
@@ -86,14 +88,10 @@ fn prepare(opts: &crate::cli::BuildOptions) -> Result<Prepared> {
         key::element_files_digest(resolved.iter().map(|e| (e.name.as_str(), e.path.as_path())))
             .context("cannot read element files")?;
     let mut extra = BTreeMap::new();
-    let mut cache_mounts = Vec::new();
+    let mut cache_mounts = BTreeSet::new();
     for e in &resolved {
         extra.extend(key::cache_inputs(&e.name, &e.path)?);
-        for m in read_cache_mounts(e)? {
-            if !cache_mounts.contains(&m) {
-                cache_mounts.push(m);
-            }
-        }
+        cache_mounts.extend(read_cache_mounts(e)?);
     }
     let image_element = resolved
         .iter()

@@ -378,10 +378,10 @@ impl<W: Write> TarWriter<'_, W> {
                 let mut h = self.base_header(meta, kind);
                 if meta.kind != FileKind::Fifo {
                     let dev = meta.rdev;
-                    let major = ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff);
-                    let minor = ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff);
-                    h.set_device_major(major as u32).map_err(Self::werr)?;
-                    h.set_device_minor(minor as u32).map_err(Self::werr)?;
+                    h.set_device_major(libc::major(dev as libc::dev_t))
+                        .map_err(Self::werr)?;
+                    h.set_device_minor(libc::minor(dev as libc::dev_t))
+                        .map_err(Self::werr)?;
                 }
                 self.header(&mut h, &name, None).map_err(Self::werr)
             }

@@ -158,10 +158,18 @@ pub fn mount_id(fd: RawFd) -> Option<u64> {
         )
     };
     if r == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0 {
-        Some(stx.stx_mnt_id)
-    } else {
-        None
+        return Some(stx.stx_mnt_id);
     }
+    // Kernels before 5.8 have no STATX_MNT_ID; /proc/self/fdinfo has had `mnt_id:` since 3.15.
+    // Without either, a bind mount of the same file system would look like a plain folder.
+    mnt_id_of_fdinfo(&std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?)
+}
+
+/// The `mnt_id:` field of a `/proc/<pid>/fdinfo/<fd>` text.
+fn mnt_id_of_fdinfo(info: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 pub fn lchown_at(dir: BorrowedFd<'_>, name: &[u8], uid: u32, gid: u32) -> io::Result<()> {
@@ -289,6 +297,26 @@ pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
         let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
         if name != b"." && name != b".." {
             out.push(name.to_vec());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn fdinfo_gives_the_same_mount_id_as_statx() {
+        assert_eq!(
+            mnt_id_of_fdinfo("pos:\t0\nflags:\t02\nmnt_id:\t27\nino:\t5\n"),
+            Some(27)
+        );
+        assert_eq!(mnt_id_of_fdinfo("pos:\t0\n"), None);
+        let dir = std::fs::File::open("/").unwrap();
+        let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", dir.as_raw_fd()));
+        if let Ok(text) = text {
+            assert_eq!(mnt_id_of_fdinfo(&text), mount_id(dir.as_raw_fd()));
         }
     }
 }

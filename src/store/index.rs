@@ -275,7 +275,7 @@ pub(super) fn all_outputs(conn: &Connection) -> rusqlite::Result<Vec<OutputRecor
 }
 
 /// Why a step cannot be used, if it cannot.
-enum Broken {
+pub(super) enum Broken {
     NoLayerRow(String),
     NoBlob(LayerRecord),
     WrongSize(LayerRecord, u64),
@@ -333,12 +333,30 @@ impl Store {
         self.drop_broken_step(&step, Broken::Corrupt(layer))
     }
 
-    fn drop_broken_step(&self, step: &StepRecord, broken: Broken) -> Result<(), StoreError> {
+    pub(super) fn drop_broken_step(
+        &self,
+        step: &StepRecord,
+        broken: Broken,
+    ) -> Result<(), StoreError> {
         let key = &step.key;
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql())?;
+        // Checked again under the write lock: another build may have repaired it meanwhile.
+        let still_broken = match &broken {
+            Broken::NoLayerRow(diff_id) => layer_in(&tx, diff_id).map_err(self.sql())?.is_none(),
+            Broken::NoBlob(layer) | Broken::WrongSize(layer, _) => {
+                match layer_in(&tx, &layer.diff_id).map_err(self.sql())? {
+                    Some(now) => self.check_layer(now).is_some(),
+                    None => true,
+                }
+            }
+            Broken::Corrupt(_) => true,
+        };
+        if !still_broken || get_step_in(&tx, key).map_err(self.sql())?.is_none() {
+            return Ok(());
+        }
         match &broken {
             Broken::NoLayerRow(diff_id) => warn!(
                 "cache step {key} ({}/{}) names layer {diff_id}, which the index lacks; dropping the step, it will run again",

@@ -1023,3 +1023,18 @@ fn writing_a_blob_again_repairs_a_stored_copy_damaged_in_place() {
     assert!(s.verify_blob(&d).unwrap());
     assert_eq!(tmp_count(dir.path()), 0);
 }
+
+#[test]
+fn a_step_repaired_before_the_drop_is_kept() {
+    // lookup_step saw a truncated blob; another build wrote it again before the drop ran.
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let l = layer(&s, &[1u8; 4096]);
+    s.record_step(&step("k1", None, Some(&l), 1), std::slice::from_ref(&l))
+        .unwrap();
+    let rec = s.get_step("k1").unwrap().unwrap();
+    let stale = super::index::Broken::WrongSize(s.layer_for(&l.diff_id).unwrap().unwrap(), 1000);
+    s.drop_broken_step(&rec, stale).unwrap();
+    assert!(s.lookup_step("k1").unwrap().is_some());
+    assert!(s.blob_path(&l.blob_digest).exists());
+}
