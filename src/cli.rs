@@ -65,6 +65,10 @@ pub struct ElementsArgs {
     #[arg(short = 'n')]
     pub skip_base: bool,
 
+    /// Target architecture, as for `build` (it picks `vm`'s default block device).
+    #[arg(short = 'a', value_name = "ARCH")]
+    pub arch: Option<String>,
+
     /// The elements to resolve.
     #[arg(required = true, value_name = "ELEMENT")]
     pub elements: Vec<String>,

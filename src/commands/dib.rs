@@ -69,12 +69,9 @@ pub fn run(cmd: DibCommand) -> anyhow::Result<()> {
     }
 }
 
-/// ELEMENTS_PATH: colon separated; empty entries are skipped.
+/// ELEMENTS_PATH: colon separated; empty entries are skipped (as for `build`).
 fn split_path(path: &str) -> Vec<PathBuf> {
-    path.split(':')
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .collect()
+    crate::elements::discover::build_search_path(&[], Some(std::ffi::OsStr::new(path)), None)
 }
 
 /// IMAGE_ELEMENT: whitespace separated element names, each a plain folder name.

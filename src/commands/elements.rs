@@ -107,7 +107,7 @@ pub fn render_text(elements: &[Element], hooks: Option<&[(Phase, Vec<HookInfo>)]
 pub fn run(args: &ElementsArgs) -> anyhow::Result<()> {
     let search = discover::search_path(&args.paths.element_path);
     let catalog = Catalog::scan(&search)?;
-    let arch = crate::arch::host_arch();
+    let arch = args.arch.clone().unwrap_or_else(crate::arch::host_arch);
     let resolved = deps::resolve(
         &catalog,
         &Request {

@@ -498,3 +498,36 @@ fn dib_compat_script_agrees_with_dib() {
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }
+
+#[test]
+fn elements_takes_the_target_architecture_like_build() {
+    let list = |extra: &[&str]| {
+        let out = strata()
+            .args(["elements", "-n"])
+            .args(extra)
+            .args(["vm", "debian-minimal"])
+            .env(
+                "STRATA_ELEMENTS_DIR",
+                crate::harness::repo().join("elements"),
+            )
+            .env_remove("ELEMENTS_PATH")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        list(&["-a", "arm64"])
+            .lines()
+            .any(|l| l == "block-device-efi")
+    );
+    assert!(
+        list(&["-a", "amd64"])
+            .lines()
+            .any(|l| l == "block-device-mbr")
+    );
+}
