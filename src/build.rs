@@ -1133,23 +1133,21 @@ fn write_outputs(exec: &mut Executor) -> Result<Vec<ManifestOutput>> {
         }
         if let Some(store) = exec.store
             && reuse
-            && let Some(o) = store.get_output(&out_key)?
+            && let Some(digest) = output::restore_cached(
+                store,
+                &out_key,
+                t,
+                &path,
+                now(),
+                "writing it again from the layers",
+            )?
         {
-            match output::restore(store, &o.blob_digest, &path) {
-                Ok(digest) => {
-                    store.touch_output(&out_key, now())?;
-                    exec.timings.push((
-                        format!("output {t} (cached)"),
-                        started.elapsed().as_secs_f64(),
-                    ));
-                    out.push(record(digest));
-                    continue;
-                }
-                Err(e) => tracing::warn!(
-                    "cached {t} output is corrupt ({}); writing it again from the layers",
-                    crate::error::render(&e)
-                ),
-            }
+            exec.timings.push((
+                format!("output {t} (cached)"),
+                started.elapsed().as_secs_f64(),
+            ));
+            out.push(record(digest));
+            continue;
         }
         missing.push((t.clone(), out_key));
     }

@@ -526,29 +526,23 @@ pub fn restore_cached(
     settings: &Settings,
     now: i64,
 ) -> Result<Option<Vec<Output>>> {
-    let mut found = Vec::new();
+    // All or nothing: the disk step runs again unless every type is cached.
     for t in &settings.image_types {
-        match store.get_output(&output::type_key(key, t))? {
-            Some(o) => found.push((t.clone(), o)),
-            None => return Ok(None),
+        if store.get_output(&output::type_key(key, t))?.is_none() {
+            return Ok(None);
         }
     }
     let mut outputs = Vec::new();
-    for (t, rec) in found {
-        let path = crate::output::path(&settings.image_name, &t);
-        let digest = match output::restore(store, &rec.blob_digest, &path) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(
-                    "cached {t} output is corrupt ({}); building the disk again",
-                    crate::error::render(&e)
-                );
-                return Ok(None);
-            }
+    for t in &settings.image_types {
+        let path = crate::output::path(&settings.image_name, t);
+        let tkey = output::type_key(key, t);
+        let Some(digest) =
+            output::restore_cached(store, &tkey, t, &path, now, "building the disk again")?
+        else {
+            return Ok(None);
         };
-        store.touch_output(&rec.key, now)?;
         outputs.push(Output {
-            r#type: t,
+            r#type: t.clone(),
             path,
             blake3: digest,
             cached: true,

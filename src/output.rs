@@ -302,6 +302,35 @@ pub fn keep(
     Ok(hasher.finalize().to_hex().to_string())
 }
 
+/// The output cached under `out_key`, written to `path` (and marked used at `now`): its blake3,
+/// or None when there is none or its blob turns out damaged (a warning says so, ending with
+/// `then`, what the build does instead).
+pub fn restore_cached(
+    store: &Store,
+    out_key: &str,
+    kind: &str,
+    path: &Path,
+    now: i64,
+    then: &str,
+) -> Result<Option<String>> {
+    let Some(rec) = store.get_output(out_key)? else {
+        return Ok(None);
+    };
+    match restore(store, &rec.blob_digest, path) {
+        Ok(digest) => {
+            store.touch_output(out_key, now)?;
+            Ok(Some(digest))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cached {kind} output is corrupt ({}); {then}",
+                crate::error::render(&e)
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// Writes a cached output blob (zstd) to `path`, sparse; on a damaged blob, reads it to the
 /// end so the store sees the digest mismatch and deletes it. Returns the blake3 of what was
 /// written.

@@ -547,9 +547,9 @@ impl Disk {
             };
             // A failed rebuild (say, a file system too full for mke2fs -d to pack the same
             // files) costs reproducibility, not the image: keep the kernel's and say why.
-            let made = repack::device_len(&fs.device).and_then(|len| {
-                let image = repack::rebuild(&m.fs, path, &fs.mkfs, len, &work.0, epoch)?;
-                Ok((image, self.placement(&fs.device)?))
+            let made = self.placement(&fs.device).and_then(|placement| {
+                let image = repack::rebuild(&m.fs, path, &fs.mkfs, placement.len, &work.0, epoch)?;
+                Ok((image, placement))
             });
             match made {
                 Ok((image, placement)) => {

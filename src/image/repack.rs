@@ -569,25 +569,6 @@ pub(crate) fn placement_of(
     })
 }
 
-/// The size in bytes of a block device.
-pub(crate) fn device_len(device: &Path) -> Result<u64, ImageError> {
-    let f = File::open(device)
-        .map_err(|e| ImageError::io(format!("opening {}", device.display()), e))?;
-    let mut bytes: u64 = 0;
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    // SAFETY: BLKGETSIZE64 writes one u64 that outlives the call.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64 as _, &mut bytes) };
-    if rc != 0 {
-        return Err(ImageError::Device(format!(
-            "BLKGETSIZE64 on {}: {}",
-            device.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
