@@ -398,6 +398,24 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
     assert_eq!(m.cached(), &all_steps()[..idx]);
 }
 
+/// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
+fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
+    let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().to_path_buf())
+        .collect();
+    for victim in &blobs {
+        let mut bytes = fs::read(victim).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        fs::set_permissions(victim, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(victim, bytes).unwrap();
+    }
+    blobs
+}
+
 #[test]
 fn a_flipped_byte_in_a_blob_is_detected_dropped_and_rebuilt() {
     // SOURCE_DATE_EPOCH makes the fixture reproducible, so a rebuild must give the same bytes.
@@ -405,20 +423,8 @@ fn a_flipped_byte_in_a_blob_is_detected_dropped_and_rebuilt() {
     let f = BuildFixture::new();
     let first = f.build_ok_with(&[], &sde);
     // Flip one byte in every blob: the layers and the cached tar output.
-    let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .map(|e| e.path().to_path_buf())
-        .collect();
+    let blobs = flip_a_byte_in_every_blob(&f);
     assert!(blobs.len() > 3, "{blobs:?}");
-    for victim in blobs {
-        let mut bytes = fs::read(&victim).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x40;
-        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
-        fs::write(&victim, bytes).unwrap();
-    }
     let out = f.build_cmd(&[]).envs(sde).output().unwrap();
     f.assert_no_leftovers();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -505,19 +511,7 @@ fn plan_lists_steps_with_keys_and_cache_state() {
 fn plan_reports_a_corrupt_layer_as_a_miss_and_changes_nothing() {
     let f = BuildFixture::new();
     f.build_ok(&[]);
-    let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .map(|e| e.path().to_path_buf())
-        .collect();
-    for victim in &blobs {
-        let mut bytes = fs::read(victim).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0x40;
-        fs::set_permissions(victim, fs::Permissions::from_mode(0o644)).unwrap();
-        fs::write(victim, bytes).unwrap();
-    }
+    let blobs = flip_a_byte_in_every_blob(&f);
     let ls = || {
         let out = strata()
             .args(["cache", "ls", "--json", "--cache-dir"])
