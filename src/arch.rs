@@ -44,6 +44,28 @@ fn nix_uname() -> Option<String> {
     String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
 }
 
+/// The dpkg architecture names strata accepts for `-a`.
+pub const DPKG_ARCHES: &[&str] = &[
+    "amd64", "arm64", "armhf", "armel", "i386", "ppc64el", "ppc64", "s390x", "riscv64", "mips64el",
+    "loong64",
+];
+
+/// dib's other spellings, passed to hooks as given (dib's elements map them themselves).
+pub const ALIASES: &[&str] = &["x86_64", "aarch64", "i686", "ppc64le"];
+
+/// Checks a `-a` value: a dpkg name or one of dib's aliases. The error names every choice.
+pub fn check(arch: &str) -> Result<String, String> {
+    if DPKG_ARCHES.contains(&arch) || ALIASES.contains(&arch) {
+        Ok(arch.to_string())
+    } else {
+        Err(format!(
+            "{arch}: not an architecture strata knows (dpkg names: {}; dib's aliases: {})",
+            DPKG_ARCHES.join(", "),
+            ALIASES.join(", ")
+        ))
+    }
+}
+
 /// Maps a `uname -m` machine name to dpkg's name: x86_64→amd64, aarch64→arm64, armv*→armhf,
 /// i?86→i386, ppc64le→ppc64el; anything else unchanged.
 pub fn dpkg_arch_from_machine(machine: &str) -> String {
@@ -73,6 +95,15 @@ mod tests {
         ] {
             assert_eq!(dpkg_arch_from_machine(m), want, "{m}");
         }
+    }
+
+    #[test]
+    fn known_arches_and_aliases_pass_others_are_refused() {
+        assert_eq!(check("amd64").unwrap(), "amd64");
+        assert_eq!(check("x86_64").unwrap(), "x86_64");
+        let e = check("nosucharch").unwrap_err();
+        assert!(e.contains("nosucharch") && e.contains("arm64") && e.contains("aarch64"));
+        assert!(check(&host_arch()).is_ok());
     }
 
     #[test]

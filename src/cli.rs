@@ -1,7 +1,34 @@
-//! The command line: clap types only. Doc comments here are the `--help` text.
+//! The command line: clap types only (doc comments here are the `--help` text). Values are
+//! parsed into the library's own types here (output types, sizes, `--rebuild-from`), so a bad
+//! one is refused by clap with the valid choices before anything runs; the command layer turns
+//! the rest into a `settings::BuildRequest`.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use crate::outputs::OutputType;
+use crate::plan::{Granularity, RebuildFrom};
+use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+
+fn output_type(s: &str) -> Result<OutputType, String> {
+    OutputType::parse(s)
+}
+
+fn granularity(s: &str) -> Result<Granularity, String> {
+    Granularity::parse(s).ok_or_else(|| {
+        format!(
+            "'{s}' is not a granularity (one of {})",
+            Granularity::NAMES.join(", ")
+        )
+    })
+}
+
+fn progress_mode(s: &str) -> Result<crate::progress::Mode, String> {
+    crate::progress::Mode::parse(s).ok_or_else(|| {
+        format!(
+            "'{s}' is not a progress mode (one of {})",
+            crate::progress::Mode::NAMES.join(", ")
+        )
+    })
+}
 
 /// strata: build OS disk images from diskimage-builder elements, caching every step.
 ///
@@ -20,6 +47,17 @@ pub struct Cli {
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 
+    /// How progress is shown: auto (a spinner on a terminal), plain (lines), json (one JSON
+    /// event per line on stderr, schema version 1; for CI systems and wrappers).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "auto",
+        value_parser = progress_mode,
+        global = true
+    )]
+    pub progress: crate::progress::Mode,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,6 +75,16 @@ pub enum Command {
     /// Helpers that strata's own elements call from their hooks (not a stable interface).
     #[command(hide = true)]
     Dib(DibArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout, or write one page per command into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Where elements come from.
@@ -74,16 +122,6 @@ pub struct ElementsArgs {
     pub elements: Vec<String>,
 }
 
-/// How finely the build is cut into cached steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum Granularity {
-    /// One step per hook.
-    #[default]
-    Hook,
-    /// One step per phase.
-    Phase,
-}
-
 /// Options shared by `build` and `plan`: everything that decides what runs.
 #[derive(Debug, Clone, Args)]
 pub struct BuildOptions {
@@ -99,9 +137,10 @@ pub struct BuildOptions {
         short = 't',
         value_name = "TYPES",
         value_delimiter = ',',
-        default_value = "qcow2"
+        default_value = "qcow2",
+        value_parser = output_type
     )]
-    pub image_types: Vec<String>,
+    pub image_types: Vec<OutputType>,
 
     /// Target architecture (default: the host's, in dpkg naming).
     #[arg(short = 'a', value_name = "ARCH")]
@@ -137,7 +176,7 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
 
     /// One cached step per hook (default) or per phase.
-    #[arg(long, value_enum, default_value_t = Granularity::Hook)]
+    #[arg(long, value_name = "hook|phase", default_value = "hook", value_parser = granularity)]
     pub granularity: Granularity,
 
     /// Treat cached steps older than this as misses (e.g. 12h, 7d).
@@ -150,12 +189,12 @@ pub struct BuildOptions {
     pub no_cache: bool,
 
     /// Run again from this step on: PHASE or PHASE/HOOK (e.g. install.d/50-foo).
-    #[arg(long = "rebuild-from", value_name = "PHASE[/HOOK]")]
-    pub rebuild_from: Option<String>,
+    #[arg(long = "rebuild-from", value_name = "PHASE[/HOOK]", value_parser = RebuildFrom::parse)]
+    pub rebuild_from: Option<RebuildFrom>,
 
     /// Image size in GiB (DIB_IMAGE_SIZE); computed from the tree when absent.
-    #[arg(long = "image-size", value_name = "GIB")]
-    pub image_size: Option<String>,
+    #[arg(long = "image-size", value_name = "GIB", value_parser = crate::settings::parse_gib)]
+    pub image_size: Option<u64>,
 
     /// Do not build in a tmpfs.
     #[arg(long = "no-tmpfs")]
@@ -170,8 +209,8 @@ pub struct BuildOptions {
     pub install_type: Option<String>,
 
     /// Extra image space in MB on top of the computed size (DIB_IMAGE_EXTRA_SIZE).
-    #[arg(long = "image-extra-size", value_name = "MB")]
-    pub image_extra_size: Option<String>,
+    #[arg(long = "image-extra-size", value_name = "MB", value_parser = crate::settings::parse_mb)]
+    pub image_extra_size: Option<u64>,
 
     /// Label of the root filesystem (default cloudimg-rootfs; img-rootfs for xfs).
     #[arg(long = "root-label", value_name = "LABEL")]
@@ -186,8 +225,8 @@ pub struct BuildOptions {
     pub qemu_img_options: Option<String>,
 
     /// mkfs -E resize=N for the root filesystem (ext4).
-    #[arg(long = "max-online-resize", value_name = "N")]
-    pub max_online_resize: Option<String>,
+    #[arg(long = "max-online-resize", value_name = "N", value_parser = crate::settings::parse_count)]
+    pub max_online_resize: Option<u64>,
 
     /// Also write .md5 and .sha256 files beside each image.
     #[arg(long)]

@@ -1,12 +1,28 @@
-//! Step keys: the explicit list of a step's inputs, its canonical encoding, and its blake3 key.
+//! Keys: the explicit list of a step's inputs, their canonical encoding, and the ONE key
+//! derivation strata uses for every kind of key (steps, the disk step, cached outputs, the
+//! seeded identifiers of a reproducible disk image).
 //!
-//! `key = blake3(derive_key(KEY_CONTEXT), bincode(KeyInputs))`. bincode's standard config with
-//! serde gives a canonical encoding here because every field has a fixed order, maps are
-//! `BTreeMap`s, and there are no floats. The inputs are also kept as JSON in the index, so a miss
-//! can be explained by diffing them with the nearest earlier step ([`diff_inputs`]).
+//! ```text
+//! KeyInputs / DiskKeyInputs / (output base key, type) / (seed, purpose, name)
+//!     ──► Keyed::{Step, Disk, Output, ImageId}  (one enum: the variant tags the kind)
+//!     ──► bincode 2 (standard config, serde)     canonical bytes
+//!     ──► blake3 derive_key(KEY_CONTEXT)         the key: 64 hex digits
+//! ```
+//!
+//! Canonical encoding: every field has a fixed order, maps are `BTreeMap`s, there are no floats,
+//! and enum variants are encoded by index, so the same inputs give the same bytes on every
+//! machine. bincode 2.0.1 is pinned (`=2.0.1`; 3.0 is an empty crate, and RUSTSEC-2025-0141
+//! marks the project unmaintained, not unsound). It stays because its wire format is specified
+//! (varint integers, length-prefixed strings and sequences, variant index then fields) and
+//! [`tests::golden_keys_do_not_drift`] pins known keys: any change of the encoding, from an
+//! upgrade or a replacement, fails that test before it can silently orphan every cache.
+//!
+//! The inputs are also kept as JSON in the index, so a miss can be explained by diffing them
+//! with the nearest earlier step ([`diff_inputs`]). Content digests (a file, the element files)
+//! are plain blake3 of the bytes, not keys.
 //!
 //! Bump [`CACHE_FORMAT_VERSION`] whenever the encoding, the list of inputs, or the meaning of a
-//! key (or of the layers it names) changes.
+//! key (or of the layers and outputs it names) changes.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -15,11 +31,72 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// Version of the key recipe and of what a key refers to.
-pub const CACHE_FORMAT_VERSION: u32 = 2;
+/// Version of the key recipe and of what a key refers to. 3: one derivation for every key,
+/// disk-only variables out of the rootfs steps' environment, DIB_NO_TMPFS normalised.
+pub const CACHE_FORMAT_VERSION: u32 = 3;
 
-/// blake3 key-derivation context for step keys.
-const KEY_CONTEXT: &str = "strata 2026-11 step key v1";
+/// blake3 key-derivation context of every key strata derives.
+const KEY_CONTEXT: &str = "strata 2026-12 key v3";
+
+/// Everything strata derives a key from, one variant per kind of key.
+#[derive(Debug, Serialize)]
+pub enum Keyed<'a> {
+    /// A rootfs step (one hook, one phase, or a core step).
+    Step(&'a KeyInputs),
+    /// The disk step (block-device.d to cleanup.d and the disk outputs).
+    Disk(&'a DiskKeyInputs),
+    /// One cached output of type `output` made from what `base` (a step key) names.
+    Output { base: &'a str, output: &'a str },
+    /// The seed of a reproducible disk's identifiers (from the disk step's key).
+    DiskSeed { disk_key: &'a str },
+    /// One identifier of a reproducible disk (a UUID, a disk id), from its seed.
+    ImageId {
+        seed: &'a [u8; 32],
+        purpose: &'a str,
+        name: &'a str,
+    },
+}
+
+impl Keyed<'_> {
+    /// The 32 bytes of the key.
+    pub fn bytes(&self) -> [u8; 32] {
+        let bytes = bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .unwrap_or_else(|e| unreachable!("key inputs always encode: {e}"));
+        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        h.update(&bytes);
+        *h.finalize().as_bytes()
+    }
+
+    /// The key as 64 hex digits.
+    pub fn hex(&self) -> String {
+        blake3::Hash::from_bytes(self.bytes()).to_hex().to_string()
+    }
+}
+
+/// The inputs of the disk step: what it reads besides the rootfs (named by `parent`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskKeyInputs {
+    pub version: u32,
+    /// The key chained over the disk phases' hooks and environment from the last rootfs step.
+    pub parent: String,
+    /// The output types, in the order asked for.
+    pub types: Vec<String>,
+    /// The disk options that change the outputs' bytes, by name (`--checksum` is not one).
+    pub options: BTreeMap<String, String>,
+    /// The block-device config text.
+    pub block_device_config: String,
+}
+
+impl DiskKeyInputs {
+    pub fn key(&self) -> String {
+        Keyed::Disk(self).hex()
+    }
+}
+
+/// The key of an output of type `output` made from what the step key `base` names.
+pub fn output_key(base: &str, output: &str) -> String {
+    Keyed::Output { base, output }.hex()
+}
 
 /// One hook a step runs, identified by content and mode (only executable files run, so the mode
 /// matters).
@@ -69,11 +146,7 @@ pub struct KeyInputs {
 impl KeyInputs {
     /// The step key, as 64 hex digits.
     pub fn key(&self) -> String {
-        let bytes = bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .unwrap_or_else(|e| unreachable!("KeyInputs always encodes: {e}"));
-        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
-        h.update(&bytes);
-        h.finalize().to_hex().to_string()
+        Keyed::Step(self).hex()
     }
 
     pub fn to_json(&self) -> String {
@@ -193,55 +266,75 @@ pub fn diff_inputs(a: &KeyInputs, b: &KeyInputs) -> Vec<InputChange> {
 pub fn element_files_digest<'a>(
     elements: impl IntoIterator<Item = (&'a str, &'a Path)>,
 ) -> io::Result<String> {
-    use crate::elements::hooks::SKIPPED_DIRS;
     let mut sorted: Vec<_> = elements.into_iter().collect();
     sorted.sort();
-    let mut h = blake3::Hasher::new_derive_key("strata 2026-11 element files v1");
+    let mut h = blake3::Hasher::new();
+    h.update(b"strata element files v2\0");
     for (name, dir) in sorted {
         h.update(name.as_bytes());
         h.update(b"\0");
-        let walker = walkdir::WalkDir::new(dir)
-            .follow_links(false)
-            .sort_by_file_name()
-            .min_depth(1)
-            .into_iter()
-            .filter_entry(|e| {
-                let n = e.file_name().to_string_lossy();
-                let is_dir = e.file_type().is_dir();
-                match e.depth() {
-                    1 => !(n.starts_with("README") || is_dir && SKIPPED_DIRS.contains(&n.as_ref())),
-                    // In a phase folder: only its sub-folders (its own hooks are keyed per step).
-                    2 => !in_phase_dir(e.path(), dir) || is_dir,
-                    _ => true,
-                }
-            });
-        for entry in walker {
-            let entry = entry.map_err(io::Error::other)?;
-            let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
-            h.update(rel.as_os_str().as_encoded_bytes());
-            h.update(b"\0");
-            let meta = entry.path().symlink_metadata()?;
-            let mode = meta.permissions().mode() & 0o7777;
-            h.update(&mode.to_le_bytes());
-            let ft = meta.file_type();
-            let keyed_by_step = in_phase_dir(entry.path(), dir) && mode & 0o111 != 0;
-            if ft.is_symlink() {
-                h.update(b"l");
-                h.update(fs::read_link(entry.path())?.as_os_str().as_encoded_bytes());
-            } else if ft.is_file() && !keyed_by_step {
-                h.update(b"f");
-                let mut f = fs::File::open(entry.path())?;
-                let n = io::copy(&mut f, &mut h)?;
-                h.update(&n.to_le_bytes());
-            } else if ft.is_file() {
-                h.update(b"x");
-            } else if ft.is_dir() {
-                h.update(b"d");
-            }
-            h.update(b"\0");
-        }
+        hash_element(&mut h, dir, true)?;
     }
     Ok(h.finalize().to_hex().to_string())
+}
+
+/// Digest of every file of one element (names, types, modes, contents, link targets), hooks
+/// included; README files and `tests`/`test-elements`/`__pycache__` folders left out. What the
+/// manifest records per element.
+pub fn element_digest(dir: &Path) -> io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"strata element v1\0");
+    hash_element(&mut h, dir, false)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Feeds one element folder into `h`, in name order: each entry's relative path, mode, type
+/// and content (files) or target (symlinks). `skip_hooks`: the hooks at the top of phase
+/// folders (keyed by the steps that run them) enter by path and mode only, and their
+/// sub-folders' executable files by type only (see [`element_files_digest`]).
+fn hash_element(h: &mut blake3::Hasher, dir: &Path, skip_hooks: bool) -> io::Result<()> {
+    use crate::elements::hooks::SKIPPED_DIRS;
+    let walker = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .sort_by_file_name()
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| {
+            let n = e.file_name().to_string_lossy();
+            let is_dir = e.file_type().is_dir();
+            match e.depth() {
+                1 => !(n.starts_with("README") || is_dir && SKIPPED_DIRS.contains(&n.as_ref())),
+                // In a phase folder: only its sub-folders (its own hooks are keyed per step).
+                2 if skip_hooks => !in_phase_dir(e.path(), dir) || is_dir,
+                _ => true,
+            }
+        });
+    for entry in walker {
+        let entry = entry.map_err(io::Error::other)?;
+        let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+        let meta = entry.path().symlink_metadata()?;
+        let mode = meta.permissions().mode() & 0o7777;
+        h.update(&mode.to_le_bytes());
+        let ft = meta.file_type();
+        let keyed_by_step = skip_hooks && in_phase_dir(entry.path(), dir) && mode & 0o111 != 0;
+        if ft.is_symlink() {
+            h.update(b"l");
+            h.update(fs::read_link(entry.path())?.as_os_str().as_encoded_bytes());
+        } else if ft.is_file() && !keyed_by_step {
+            h.update(b"f");
+            let mut f = fs::File::open(entry.path())?;
+            let n = io::copy(&mut f, h)?;
+            h.update(&n.to_le_bytes());
+        } else if ft.is_file() {
+            h.update(b"x");
+        } else if ft.is_dir() {
+            h.update(b"d");
+        }
+        h.update(b"\0");
+    }
+    Ok(())
 }
 
 /// True for `path` inside (or being) a phase folder of the element at `dir`.
@@ -333,6 +426,52 @@ mod tests {
         f(&mut b);
         (a.key(), b.key())
     }
+
+    /// Pins the encoding: if this fails, keys changed (a bincode upgrade or replacement, a
+    /// field added, …): bump CACHE_FORMAT_VERSION and update the values.
+    #[test]
+    fn golden_keys_do_not_drift() {
+        let disk = DiskKeyInputs {
+            version: CACHE_FORMAT_VERSION,
+            parent: "p".repeat(64),
+            types: vec!["qcow2".into()],
+            options: [("root-label".to_string(), "x".to_string())]
+                .into_iter()
+                .collect(),
+            block_device_config: "- local_loop: {}\n".into(),
+        };
+        let got = [
+            base().key(),
+            disk.key(),
+            output_key(&"k".repeat(64), "tar"),
+            Keyed::DiskSeed { disk_key: "d" }.hex(),
+            Keyed::ImageId {
+                seed: &[7; 32],
+                purpose: "fs",
+                name: "root",
+            }
+            .hex(),
+        ];
+        let want = [
+            GOLDEN_STEP,
+            GOLDEN_DISK,
+            GOLDEN_OUTPUT,
+            GOLDEN_SEED,
+            GOLDEN_ID,
+        ];
+        assert_eq!(got, want, "keys drifted: {got:#?}");
+        // Every kind of key differs from every other for the same text.
+        assert_ne!(
+            output_key("d", "x"),
+            Keyed::DiskSeed { disk_key: "d" }.hex()
+        );
+    }
+
+    const GOLDEN_STEP: &str = "71890986cae19141d49331b2b85d86511251978f27544d2b2f73e947b8b8d1b8";
+    const GOLDEN_DISK: &str = "a7fe4f0b47462b1529b6398dc55ccfd8987970789f4caff0d79c49260cca7f97";
+    const GOLDEN_OUTPUT: &str = "eb206f093ae82e107acf905ee1b0d9537dac35c24f59900ce8a340ef1327fe55";
+    const GOLDEN_SEED: &str = "724f9ede6344eab886352ff6820823cd19582b3992cf48b065a24c4462501e01";
+    const GOLDEN_ID: &str = "4ced90078b875399e7804432dabbef76d5ef7003ac456354af6ae37fd845ff54";
 
     #[test]
     fn key_is_stable_and_hex() {
@@ -481,6 +620,19 @@ mod tests {
         assert_ne!(d1, d2);
         fs::write(sub.join("data.conf"), "2").unwrap();
         assert_ne!(d2, digest());
+    }
+
+    #[test]
+    fn element_digest_covers_hooks_too_but_not_readmes() {
+        let t = tempfile::tempdir().unwrap();
+        let e = t.path().join("foo");
+        fs::create_dir_all(e.join("install.d")).unwrap();
+        fs::write(e.join("install.d/10-x"), "a").unwrap();
+        let d0 = element_digest(&e).unwrap();
+        fs::write(e.join("README.rst"), "docs").unwrap();
+        assert_eq!(d0, element_digest(&e).unwrap());
+        fs::write(e.join("install.d/10-x"), "b").unwrap();
+        assert_ne!(d0, element_digest(&e).unwrap());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! phase + live hook folder (run_parts order) + key context ──► Vec<Step> (keys chained)
+//! last rootfs key + disk phases' hooks + disk options + config ──► DiskStep (one key)
 //! ```
 //!
 //! A step is one hook (default) or one whole phase (`--granularity phase`). The `-p` package
@@ -10,14 +11,130 @@
 //! so a build computes each phase's steps when it reaches that phase; `strata plan` does the same
 //! against the cached state.
 
-use crate::cli::Granularity;
 use crate::elements::hooks::{RunPart, run_parts};
-use crate::key::{CACHE_FORMAT_VERSION, HookInput, KeyInputs};
+use crate::key::{CACHE_FORMAT_VERSION, DiskKeyInputs, HookInput, KeyInputs};
 use crate::phase::Phase;
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+
+/// How finely a build is cut into cached steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One step per hook.
+    #[default]
+    Hook,
+    /// One step per phase.
+    Phase,
+}
+
+impl Granularity {
+    pub const NAMES: [&'static str; 2] = ["hook", "phase"];
+
+    pub fn parse(s: &str) -> Option<Granularity> {
+        match s {
+            "hook" => Some(Granularity::Hook),
+            "phase" => Some(Granularity::Phase),
+            _ => None,
+        }
+    }
+}
+
+/// strata's own steps, besides the hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CoreStep {
+    /// `install-packages` of the `-p` list, after install.d.
+    Packages,
+    /// dib's end-of-build clean-up of the tree (tree outputs only).
+    FinaliseBase,
+}
+
+/// Which step: a hook (or a whole phase), one of strata's own, or the disk step.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StepId {
+    /// `install.d/50-foo`, or `install.d/*` for a whole phase.
+    Hook { phase: Phase, hook: String },
+    /// `core/packages`, `core/finalise-base`.
+    Core(CoreStep),
+    /// `output/disk`: block-device.d to cleanup.d and the disk outputs.
+    Disk,
+}
+
+impl StepId {
+    /// The phase part as recorded in the index and the manifest: `install.d`, `core`, `output`.
+    pub fn phase_name(&self) -> &'static str {
+        match self {
+            StepId::Hook { phase, .. } => phase.dir_name(),
+            StepId::Core(_) => "core",
+            StepId::Disk => "output",
+        }
+    }
+
+    /// The hook part: the hook name, `*`, `packages`, `finalise-base`, `disk`.
+    pub fn hook_name(&self) -> &str {
+        match self {
+            StepId::Hook { hook, .. } => hook,
+            StepId::Core(CoreStep::Packages) => "packages",
+            StepId::Core(CoreStep::FinaliseBase) => "finalise-base",
+            StepId::Disk => "disk",
+        }
+    }
+
+    /// The dib phase this step belongs to (None for the core and disk steps).
+    pub fn phase(&self) -> Option<Phase> {
+        match self {
+            StepId::Hook { phase, .. } => Some(*phase),
+            _ => None,
+        }
+    }
+
+    /// Parses `phase/hook` as recorded (the inverse of `Display`).
+    pub fn parse(phase: &str, hook: &str) -> Option<StepId> {
+        match (phase, hook) {
+            ("core", "packages") => Some(StepId::Core(CoreStep::Packages)),
+            ("core", "finalise-base") => Some(StepId::Core(CoreStep::FinaliseBase)),
+            ("output", "disk") => Some(StepId::Disk),
+            (p, h) => Phase::from_dir_name(p).map(|phase| StepId::Hook {
+                phase,
+                hook: h.to_string(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for StepId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.phase_name(), self.hook_name())
+    }
+}
+
+/// Where `--rebuild-from` starts forcing reruns: a phase, or one hook of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildFrom {
+    pub phase: Phase,
+    pub hook: Option<String>,
+}
+
+impl RebuildFrom {
+    /// Parses `PHASE` or `PHASE/HOOK` (`install`, `install.d`, `install.d/50-foo`).
+    pub fn parse(s: &str) -> Result<RebuildFrom, String> {
+        let (phase, hook) = match s.split_once('/') {
+            Some((p, h)) if !h.is_empty() => (p, Some(h.to_string())),
+            Some((p, _)) => (p, None),
+            None => (s, None),
+        };
+        let phase = Phase::parse(phase).ok_or_else(|| {
+            format!(
+                "'{phase}' is not a phase (one of {})",
+                Phase::ALL.map(|p| p.dir_name()).join(", ")
+            )
+        })?;
+        Ok(RebuildFrom { phase, hook })
+    }
+}
 
 /// What a step does when it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,10 +163,7 @@ pub struct PlannedHook {
 /// One cached unit of work.
 #[derive(Debug, Clone)]
 pub struct Step {
-    /// `install.d`, … or `core`.
-    pub phase: String,
-    /// Hook name, `*` for a whole phase, or the core step's name.
-    pub name: String,
+    pub id: StepId,
     pub action: Action,
     pub inputs: KeyInputs,
     pub key: String,
@@ -57,12 +171,21 @@ pub struct Step {
 
 impl Step {
     pub fn label(&self) -> String {
-        format!("{}/{}", self.phase, self.name)
+        self.id.to_string()
     }
 
     /// True when this step is where `--rebuild-from` starts.
-    pub fn matches(&self, phase: Phase, hook: Option<&str>) -> bool {
-        self.phase == phase.dir_name() && hook.is_none_or(|h| h == self.name || self.name == "*")
+    pub fn matches(&self, from: &RebuildFrom) -> bool {
+        match &self.id {
+            StepId::Hook { phase, hook } => {
+                *phase == from.phase
+                    && from
+                        .hook
+                        .as_deref()
+                        .is_none_or(|h| h == hook || hook == "*")
+            }
+            _ => false,
+        }
     }
 }
 
@@ -101,10 +224,9 @@ impl KeyContext {
     }
 }
 
-fn step(inputs: KeyInputs, action: Action) -> Step {
+fn step(id: StepId, inputs: KeyInputs, action: Action) -> Step {
     Step {
-        phase: inputs.phase.clone(),
-        name: inputs.step.clone(),
+        id,
         key: inputs.key(),
         action,
         inputs,
@@ -149,7 +271,12 @@ pub fn phase_steps(
     match ctx.granularity {
         Granularity::Phase => {
             let i = ctx.inputs(parent, phase_name, "*", inputs, key_env, BTreeMap::new());
+            let id = StepId::Hook {
+                phase,
+                hook: "*".into(),
+            };
             steps.push(step(
+                id,
                 i,
                 Action::Hooks {
                     phase,
@@ -168,7 +295,12 @@ pub fn phase_steps(
                     key_env,
                     BTreeMap::new(),
                 );
+                let id = StepId::Hook {
+                    phase,
+                    hook: hook.name.clone(),
+                };
                 let s = step(
+                    id,
                     i,
                     Action::Hooks {
                         phase,
@@ -196,21 +328,30 @@ pub fn packages_step(
     let extra = [("packages".to_string(), packages.join(" "))]
         .into_iter()
         .collect();
-    let i = ctx.inputs(parent, "core", "packages", Vec::new(), key_env, extra);
-    Some(step(i, Action::Packages(packages.to_vec())))
+    let id = StepId::Core(CoreStep::Packages);
+    let i = ctx.inputs(
+        parent,
+        id.phase_name(),
+        id.hook_name(),
+        Vec::new(),
+        key_env,
+        extra,
+    );
+    Some(step(id, i, Action::Packages(packages.to_vec())))
 }
 
 /// strata's end-of-build clean-up step.
 pub fn finalise_base_step(ctx: &KeyContext, parent: Option<&str>) -> Step {
+    let id = StepId::Core(CoreStep::FinaliseBase);
     let i = ctx.inputs(
         parent,
-        "core",
-        "finalise-base",
+        id.phase_name(),
+        id.hook_name(),
         Vec::new(),
         &BTreeMap::new(),
         BTreeMap::new(),
     );
-    step(i, Action::FinaliseBase)
+    step(id, i, Action::FinaliseBase)
 }
 
 /// A step as `strata plan --json` and the build manifest show it.
@@ -220,24 +361,90 @@ pub struct StepView {
     pub hook: String,
     pub key: String,
     pub cached: bool,
+    /// Which cache level holds it (when cached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub elements: Vec<String>,
 }
 
 impl StepView {
-    pub fn of(step: &Step, cached: bool) -> StepView {
+    /// `from`: the cache level that holds the step, or None for a step that would run.
+    pub fn of(step: &Step, from: Option<&str>) -> StepView {
         let elements = match &step.action {
             Action::Hooks { hooks, .. } => hooks.iter().map(|h| h.element.clone()).collect(),
             _ => Vec::new(),
         };
         StepView {
-            phase: step.phase.clone(),
-            hook: step.name.clone(),
+            phase: step.id.phase_name().to_string(),
+            hook: step.id.hook_name().to_string(),
             key: step.key.clone(),
-            cached,
+            cached: from.is_some(),
+            from: from.map(str::to_string),
             elements,
         }
     }
+}
+
+/// The disk step as keyed: its key and inputs, and the hooks of its phases.
+#[derive(Debug, Clone)]
+pub struct DiskStep {
+    pub key: String,
+    pub inputs: DiskKeyInputs,
+    /// The hooks of each phase of the step (block-device.d .. cleanup.d), in order.
+    pub hooks: Vec<(Phase, Vec<PlannedHook>)>,
+}
+
+/// The phases the disk step runs, in order.
+pub const DISK_PHASES: [Phase; 4] = [
+    Phase::BlockDevice,
+    Phase::PreFinalise,
+    Phase::Finalise,
+    Phase::Cleanup,
+];
+
+/// Keys the disk step: one link per disk phase (its hooks and environment, as
+/// [`phase_steps`] keys them at phase granularity) chained from `parent` (the last rootfs
+/// step), then the output types, the disk options and the block-device config.
+/// `key_env(phase)` gives each phase's environment as it enters keys.
+#[allow(clippy::too_many_arguments)]
+pub fn disk_step(
+    ctx: &KeyContext,
+    hooks_dir: &Path,
+    key_env: &dyn Fn(Phase) -> anyhow::Result<BTreeMap<String, String>>,
+    origin: &dyn Fn(&Path) -> Option<String>,
+    parent: Option<&str>,
+    types: Vec<String>,
+    options: BTreeMap<String, String>,
+    block_device_config: &str,
+) -> anyhow::Result<DiskStep> {
+    let ctx = KeyContext {
+        granularity: Granularity::Phase,
+        ..ctx.clone()
+    };
+    let mut chained = parent.unwrap_or_default().to_string();
+    let mut hooks = Vec::new();
+    for phase in DISK_PHASES {
+        let env = key_env(phase)?;
+        for step in phase_steps(&ctx, phase, hooks_dir, &env, origin, Some(&chained))? {
+            chained = step.key.clone();
+            if let Action::Hooks { hooks: h, .. } = step.action {
+                hooks.push((phase, h));
+            }
+        }
+    }
+    let inputs = DiskKeyInputs {
+        version: CACHE_FORMAT_VERSION,
+        parent: chained,
+        types,
+        options,
+        block_device_config: block_device_config.to_string(),
+    };
+    Ok(DiskStep {
+        key: inputs.key(),
+        inputs,
+        hooks,
+    })
 }
 
 #[cfg(test)]
@@ -245,6 +452,47 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn step_ids_print_and_parse_as_recorded() {
+        for (phase, hook) in [
+            ("install.d", "50-foo"),
+            ("install.d", "*"),
+            ("core", "packages"),
+            ("core", "finalise-base"),
+            ("output", "disk"),
+        ] {
+            let id = StepId::parse(phase, hook).unwrap();
+            assert_eq!(id.to_string(), format!("{phase}/{hook}"));
+        }
+        assert_eq!(StepId::parse("nope.d", "x"), None);
+    }
+
+    #[test]
+    fn rebuild_from_parses_phase_and_hook_and_matches_steps() {
+        let r = RebuildFrom::parse("install.d/50-foo").unwrap();
+        assert_eq!(r.phase, Phase::Install);
+        assert_eq!(r.hook.as_deref(), Some("50-foo"));
+        assert_eq!(RebuildFrom::parse("cleanup").unwrap().hook, None);
+        let e = RebuildFrom::parse("nope.d/x").unwrap_err();
+        assert!(e.contains("'nope.d'") && e.contains("install.d"), "{e}");
+        let t = tree();
+        let steps = phase_steps(
+            &ctx(Granularity::Hook),
+            Phase::Install,
+            t.path(),
+            &BTreeMap::new(),
+            &|_| None,
+            None,
+        )
+        .unwrap();
+        let r = RebuildFrom::parse("install.d/20-b").unwrap();
+        let hits: Vec<_> = steps.iter().filter(|s| s.matches(&r)).collect();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].label(), "install.d/20-b");
+        let all = RebuildFrom::parse("install").unwrap();
+        assert!(steps.iter().all(|s| s.matches(&all)));
+    }
 
     fn ctx(g: Granularity) -> KeyContext {
         KeyContext {
@@ -312,7 +560,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(steps.len(), 1);
-        assert_eq!(steps[0].name, "*");
+        assert_eq!(steps[0].id.hook_name(), "*");
         match &steps[0].action {
             Action::Hooks { hooks, .. } => assert_eq!(hooks.len(), 3),
             other => panic!("unexpected action {other:?}"),

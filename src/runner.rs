@@ -6,29 +6,26 @@
 //!         ─► sandbox::spawn(bash -c RUNNER strata-hook SCRIPT ENV_FILE...)
 //!              RUNNER: set -eu; set -o pipefail; . each env file in order
 //!                      (with set -x when DIB_DEBUG_TRACE > 0); exec SCRIPT
-//!         ─► every output line: "[install.d/50-foo] line" above the spinner (Reporter) and,
-//!            timestamped, in the build log; the last 20 lines kept for the error report
+//!         ─► every output line: "[install.d/50-foo] line" above the spinner (progress::Reporter)
+//!            and, timestamped, in the build log; the last 20 lines kept for the error report
 //!         ─► HookOutcome { success, code, signal, seconds, tail }
 //! ```
-//! Ctrl-C: `Reporter::new` installs SIGINT/SIGTERM handlers that only set a flag (a second one
-//! exits at once with 130; the hooks then die by PDEATHSIG). The terminal's SIGINT reaches the
+//! Ctrl-C: `Reporter::new` installs the SIGINT/SIGTERM handlers of [`crate::cancel`], which
+//! only set a flag (a second signal exits at once; the hooks then die by PDEATHSIG). The terminal's SIGINT reaches the
 //! hook through the process group; when the hook has ended, `run_hook` sees the flag and returns
 //! `SandboxError::Interrupted`. A hook that ignores the signal is killed after 5 seconds.
 //! Between steps the caller checks `interrupted()`.
 
 use crate::phase::Phase;
+use crate::progress::Reporter;
 use crate::sandbox::{self, Exec, SandboxError};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// The PATH a chroot hook gets (dib's run_in_target list, without its literal `$PATH` quirk).
 pub const CHROOT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -65,139 +62,9 @@ pub struct HookOutcome {
     pub tail: Vec<String>,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static HANDLERS: std::sync::Once = std::sync::Once::new();
-
-extern "C" fn on_interrupt(_sig: libc::c_int) {
-    if INTERRUPTED.swap(true, Ordering::SeqCst) {
-        // Second signal: leave now; PDEATHSIG takes the hooks and the namespace down.
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// True once SIGINT or SIGTERM arrived (after `Reporter::new` installed the handlers).
+/// True once SIGINT or SIGTERM arrived.
 pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-fn install_interrupt_handlers() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    HANDLERS.call_once(|| {
-        let action = SigAction::new(
-            SigHandler::Handler(on_interrupt),
-            SaFlags::SA_RESTART,
-            SigSet::empty(),
-        );
-        for sig in [Signal::SIGINT, Signal::SIGTERM] {
-            // SAFETY: the handler only touches an atomic and calls _exit.
-            if let Err(e) = unsafe { sigaction(sig, &action) } {
-                tracing::warn!("cannot install a handler for {sig}: {e}");
-            }
-        }
-    });
-}
-
-/// The build's live display (an indicatif spinner on a terminal, plain lines otherwise) and
-/// its log file.
-pub struct Reporter {
-    bar: ProgressBar,
-    tty: bool,
-    quiet: bool,
-    log: Mutex<Option<File>>,
-}
-
-impl Reporter {
-    /// `log`: the per-build log file (appended to). `quiet`: hook output goes to the log only.
-    /// Also installs the SIGINT/SIGTERM handlers (see the module docs).
-    pub fn new(log: Option<&Path>, quiet: bool) -> Result<Reporter, SandboxError> {
-        let file = match log {
-            Some(p) => Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| SandboxError::io("open the build log", p, e))?,
-            ),
-            None => None,
-        };
-        let tty = std::io::stderr().is_terminal();
-        let bar = if tty {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
-                bar.set_style(style);
-            }
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
-        install_interrupt_handlers();
-        if tty {
-            crate::logging::set_progress_bar(Some(bar.clone()));
-        }
-        Ok(Reporter {
-            bar,
-            tty,
-            quiet,
-            log: Mutex::new(file),
-        })
-    }
-
-    /// Shows which hook runs now.
-    pub fn start_step(&self, phase: Phase, hook: &str, element: &str) {
-        self.bar.set_message(format!("{phase}/{hook} ({element})"));
-        if self.tty {
-            self.bar.enable_steady_tick(Duration::from_millis(120));
-        }
-    }
-
-    /// A status message for the terminal (unless quiet) and the log.
-    pub fn println(&self, msg: &str) {
-        self.display(msg);
-        self.log_line(msg);
-    }
-
-    /// A line of hook output, already prefixed.
-    fn hook_line(&self, line: &str) {
-        if !self.quiet {
-            self.display(line);
-        }
-        self.log_line(line);
-    }
-
-    fn display(&self, line: &str) {
-        if self.tty {
-            self.bar.println(line);
-        } else {
-            eprintln!("{line}");
-        }
-    }
-
-    fn log_line(&self, line: &str) {
-        let mut guard = match self.log.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(file) = guard.as_mut() {
-            let stamp = humantime::format_rfc3339_millis(SystemTime::now());
-            if let Err(e) = writeln!(file, "{stamp} {line}") {
-                tracing::warn!("cannot write to the build log: {e}; logging stops");
-                *guard = None;
-            }
-        }
-    }
-
-    /// Clears the spinner.
-    pub fn finish(&self) {
-        self.bar.finish_and_clear();
-        crate::logging::set_progress_bar(None);
-    }
-}
-
-impl Drop for Reporter {
-    fn drop(&mut self) {
-        self.finish();
-    }
+    crate::cancel::requested().is_some()
 }
 
 /// The shell text that sources the env files and execs the hook (`$1` = hook, rest = files).
@@ -314,20 +181,20 @@ pub fn run_hook(run: &HookRun, reporter: &Reporter) -> Result<HookOutcome, Sandb
         cwd,
     };
 
-    reporter.start_step(run.phase, run.hook, run.element);
+    reporter.start_hook(run.phase, run.hook, run.element);
     let started = Instant::now();
     let mut child = sandbox::spawn(&exec, true).map_err(|source| SandboxError::Spawn {
         hook: label.clone(),
         source,
     })?;
-    let prefix = format!("[{}/{}] ", run.phase, run.hook);
+    let step = format!("{}/{}", run.phase, run.hook);
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES + 1);
     let mut emit = |raw: &[u8]| {
         let text = String::from_utf8_lossy(raw);
         let text = text.strip_suffix('\r').unwrap_or(&text);
         // Progress meters redraw with \r: keep what the terminal would finally show.
         let shown = text.rsplit('\r').find(|s| !s.is_empty()).unwrap_or("");
-        reporter.hook_line(&format!("{prefix}{shown}"));
+        reporter.hook_line(&step, shown);
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
@@ -431,51 +298,9 @@ fn died_of_our_interrupt(signal: Option<i32>, code: Option<i32>) -> bool {
     interrupted()
 }
 
-/// dib-run-parts' PROFILING table: one row per script, name padded to 40, seconds `%10.3f`.
-pub fn timing_table(title: &str, rows: &[(String, f64)]) -> String {
-    let mut s = String::new();
-    s.push_str("----------------------- PROFILING -----------------------\n\n");
-    s.push_str(&format!("Target: {title}\n\n"));
-    s.push_str(&format!("{:<40} {:>9}\n", "Script", "Seconds"));
-    s.push_str(&format!(
-        "{:<40} {:>9}\n",
-        "---------------------------------------", "----------"
-    ));
-    s.push('\n');
-    for (name, secs) in rows {
-        s.push_str(&format!("{name:<40} {secs:>10.3}\n"));
-    }
-    s.push('\n');
-    s.push_str("--------------------- END PROFILING ---------------------\n");
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timing_table_matches_dib_layout() {
-        let t = timing_table(
-            "install.d",
-            &[("10-a".into(), 1.5), ("50-long-name".into(), 12.3456)],
-        );
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(
-            lines[0],
-            "----------------------- PROFILING -----------------------"
-        );
-        assert_eq!(lines[2], "Target: install.d");
-        assert_eq!(lines[4], format!("Script{}   Seconds", " ".repeat(34)));
-        assert_eq!(lines[5], format!("{} ----------", "-".repeat(39) + " "));
-        assert_eq!(lines[7], format!("10-a{}      1.500", " ".repeat(36)));
-        assert_eq!(lines[8].len(), 51);
-        assert!(lines[8].ends_with("    12.346"));
-        assert_eq!(
-            lines.last().copied(),
-            Some("--------------------- END PROFILING ---------------------")
-        );
-    }
 
     #[test]
     fn a_hook_death_is_ours_only_by_sigint_or_sigterm_and_only_once_we_were_interrupted() {

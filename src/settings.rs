@@ -1,87 +1,119 @@
-//! Resolved build settings: the CLI options merged with the DIB_* environment, plus the hook
-//! environment contract (what every hook receives, and which of it is volatile).
+//! Resolved build settings: what the user asked for (a [`BuildRequest`], typed, made by the
+//! command layer from the command line) merged with the DIB_* environment, checked once before
+//! anything runs; and the hook environment contract (what every hook receives, and how each
+//! variable enters keys, per [`crate::envvars`]).
 //!
 //! ```text
-//! BuildOptions (clap) + process environment ──► Settings
-//! Settings + BuildPaths ──► base hook environment (BTreeMap), volatile names for key normalising
+//! BuildRequest + process environment ──Settings::resolve──► Settings (with DiskOptions)
+//! Settings + BuildPaths ──► base hook environment (rootfs phases: no disk-only variables)
+//!                       ──► disk_environment (block-device.d .. cleanup.d: with them)
+//! hook environment ──normalise_for_key──► what enters step keys
 //! ```
+//!
+//! No clap type crosses this line: the command layer converts its arguments into a
+//! [`BuildRequest`].
 
-use crate::cli::{BuildOptions, Granularity};
+use crate::envvars::{self, Keying};
 use crate::error::Failure;
+use crate::outputs::OutputType;
 use crate::phase::Phase;
+use crate::plan::{Granularity, RebuildFrom};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Proxy settings: passed to hooks, kept out of keys (how packages are fetched, not what).
-const PROXIES: &[&str] = &[
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "ftp_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "FTP_PROXY",
-];
-
-/// Host variables, besides every `DIB_*` one and [`PROXIES`], that reach hooks unchanged.
-const PASSTHROUGH: &[&str] = &["SOURCE_DATE_EPOCH", "FS_TYPE", "IMAGE_TYPE", "TERM"];
-
 /// The exported bash function `get_image_element_array`, as bash passes functions on.
 pub const IMAGE_ELEMENT_FN: &str = "BASH_FUNC_get_image_element_array%%";
 
-/// Variables whose value differs between machines or runs without changing what a step produces
-/// (besides [`PROXIES`]). They reach hooks with their real value but enter step keys as a
-/// placeholder.
-pub const VOLATILE: &[&str] = &[
-    "TMP_BUILD_DIR",
-    "TMP_IMAGE_DIR",
-    "TMP_HOOKS_PATH",
-    "TMP_MOUNT_PATH",
-    "TARGET_ROOT",
-    "DIB_IMAGE_CACHE",
-    "DIB_LOCKFILES",
-    "STRATA_BIN",
-    "ELEMENTS_PATH",
-    "IMAGE_ELEMENT_YAML",
-    IMAGE_ELEMENT_FN,
-    "DIB_ENV",
-    // What matters in the command line (elements, -a, -p, -o's name) is keyed on its own; the
-    // rest (-t, cache options) must not rebuild the tree. Only dib's manifests record it.
-    "DIB_ARGS",
-    "DIB_DEBUG_TRACE",
-    "DIB_PYTHON_EXEC",
-    "TERM",
-];
+/// The largest size strata takes from the user, in MiB (1 PiB): far beyond any disk image,
+/// and small enough that the size arithmetic cannot overflow.
+pub const MAX_MIB: u64 = 1 << 30;
 
-/// True for a variable whose value enters keys as a placeholder.
-fn is_volatile(name: &str) -> bool {
-    VOLATILE.contains(&name) || PROXIES.contains(&name)
+/// A build as the user asked for it (typed, not yet merged with the environment).
+#[derive(Debug, Clone, Default)]
+pub struct BuildRequest {
+    pub elements: Vec<String>,
+    pub skip_base: bool,
+    pub element_dirs: Vec<PathBuf>,
+    pub image_name: String,
+    pub image_types: Vec<OutputType>,
+    pub arch: Option<String>,
+    pub trace: u8,
+    pub packages: Vec<String>,
+    pub offline: bool,
+    pub image_cache: Option<PathBuf>,
+    pub install_type: Option<String>,
+    pub cache: CacheSettings,
+    pub no_tmpfs: bool,
+    pub min_tmpfs: u64,
+    pub disk: DiskRequest,
 }
 
-/// Where `--rebuild-from` starts forcing reruns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RebuildFrom {
-    pub phase: Phase,
-    pub hook: Option<String>,
+/// The disk options as given on the command line (sizes already parsed).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DiskRequest {
+    /// `--image-size`, in KiB.
+    pub image_size_kib: Option<u64>,
+    /// `--image-extra-size`, in MB.
+    pub image_extra_mb: Option<u64>,
+    pub root_label: Option<String>,
+    pub mkfs_options: Option<String>,
+    pub qemu_img_options: Option<String>,
+    pub max_online_resize: Option<u64>,
+    pub checksum: bool,
+    pub uncompressed: bool,
 }
 
-impl RebuildFrom {
-    pub fn parse(s: &str) -> Result<RebuildFrom, Failure> {
-        let (phase, hook) = match s.split_once('/') {
-            Some((p, h)) if !h.is_empty() => (p, Some(h.to_string())),
-            Some((p, _)) => (p, None),
-            None => (s, None),
-        };
-        let phase = Phase::parse(phase).ok_or_else(|| {
-            Failure::bad_input(format!(
-                "--rebuild-from {s}: '{phase}' is not a phase (one of root.d, extra-data.d, \
-                 pre-install.d, install.d, post-install.d, post-root.d, block-device.d, \
-                 pre-finalise.d, finalise.d, cleanup.d)"
-            ))
-        })?;
-        Ok(RebuildFrom { phase, hook })
+/// How the build uses the cache.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheSettings {
+    pub dir: PathBuf,
+    pub granularity: Granularity,
+    pub ttl: Option<Duration>,
+    /// Neither use nor store cached steps.
+    pub no_cache: bool,
+    pub rebuild_from: Option<RebuildFrom>,
+}
+
+/// The disk options, resolved from the command line and the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskOptions {
+    /// DIB_IMAGE_SIZE / --image-size, in KiB (None: computed from the tree).
+    pub image_size_kib: Option<u64>,
+    /// DIB_IMAGE_EXTRA_SIZE / --image-extra-size, in MB.
+    pub image_extra_mb: Option<u64>,
+    /// DIB_JOURNAL_SIZE, in MB (default 64).
+    pub journal_mb: u64,
+    pub fs_type: String,
+    pub root_label: Option<String>,
+    pub mkfs_options: Option<String>,
+    pub qemu_img_options: Option<String>,
+    pub max_online_resize: Option<u64>,
+    /// `--checksum` or DIB_CHECKSUM.
+    pub checksum: bool,
+    pub uncompressed: bool,
+}
+
+impl DiskOptions {
+    /// The options that change a disk's bytes, by name, for the disk step's key (`--checksum`
+    /// is not one: the checksum files are written beside the outputs).
+    pub fn key_fields(&self) -> BTreeMap<String, String> {
+        let s = |v: &Option<String>| v.clone().unwrap_or_else(|| "\u{0}unset".into());
+        let n = |v: Option<u64>| v.map_or_else(|| "\u{0}unset".into(), |n| n.to_string());
+        [
+            ("image-size-kib", n(self.image_size_kib)),
+            ("image-extra-mb", n(self.image_extra_mb)),
+            ("journal-mb", self.journal_mb.to_string()),
+            ("fs-type", self.fs_type.clone()),
+            ("root-label", s(&self.root_label)),
+            ("mkfs-options", s(&self.mkfs_options)),
+            ("qemu-img-options", s(&self.qemu_img_options)),
+            ("max-online-resize", n(self.max_online_resize)),
+            ("uncompressed", self.uncompressed.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 }
 
@@ -93,58 +125,83 @@ pub struct Settings {
     pub element_dirs: Vec<PathBuf>,
     pub elements_path_env: Option<String>,
     pub image_name: String,
-    pub image_types: Vec<String>,
+    pub image_types: Vec<OutputType>,
     pub arch: String,
     pub trace: u8,
     pub packages: Vec<String>,
     pub offline: bool,
     pub image_cache: PathBuf,
-    pub cache_dir: PathBuf,
-    pub granularity: Granularity,
-    pub cache_ttl: Option<Duration>,
-    pub no_cache: bool,
-    pub rebuild_from: Option<RebuildFrom>,
+    pub cache: CacheSettings,
     pub tmp_dir: PathBuf,
     pub use_tmpfs: bool,
     pub min_tmpfs: u64,
     pub source_date_epoch: Option<i64>,
-    /// The user's variables that hooks receive: every `DIB_*` plus [`PASSTHROUGH`].
+    pub disk: DiskOptions,
+    /// The user's variables that every hook receives: `DIB_*` and the pass-through ones,
+    /// without the disk-only ones.
     pub user_env: BTreeMap<String, String>,
+    /// The disk-only variables (for block-device.d .. cleanup.d).
+    pub disk_env: BTreeMap<String, String>,
 }
 
-/// Output types `strata build -t` accepts today.
-pub const OUTPUT_TYPES: &[&str] = &["tar", "tgz", "squashfs", "qcow2", "raw", "vhd"];
+/// Parses a size in GiB (`--image-size`, DIB_IMAGE_SIZE): a positive finite number, at most
+/// 1 PiB. Returns KiB.
+pub fn parse_gib(s: &str) -> Result<u64, String> {
+    let g: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of GiB"))?;
+    if !g.is_finite() || g <= 0.0 || g > (MAX_MIB / 1024) as f64 {
+        return Err(format!(
+            "'{s}' is not a positive number of GiB up to {}",
+            MAX_MIB / 1024
+        ));
+    }
+    Ok(((g * 1024.0 * 1024.0) as u64).max(1))
+}
+
+/// Parses a whole number of MB (`--image-extra-size`, DIB_IMAGE_EXTRA_SIZE,
+/// DIB_JOURNAL_SIZE), at most 1 PiB.
+pub fn parse_mb(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n <= MAX_MIB)
+        .ok_or_else(|| format!("'{s}' is not a whole number of MB up to {MAX_MIB}"))
+}
+
+/// Parses a whole number (`--max-online-resize`).
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("'{s}' is not a whole number"))
+}
 
 impl Settings {
-    /// Resolves options against an environment (the process's, or a test's).
+    /// Resolves a request against an environment (the process's, or a test's). Everything
+    /// that can be checked without the elements is checked here.
     pub fn resolve(
-        opts: &BuildOptions,
+        req: &BuildRequest,
         env: &BTreeMap<String, String>,
         host_arch: impl FnOnce() -> String,
     ) -> Result<Settings, Failure> {
-        for t in &opts.image_types {
-            if !OUTPUT_TYPES.contains(&t.as_str()) {
-                return Err(Failure::bad_input(format!(
-                    "-t {t}: unsupported output type (supported today: {})",
-                    OUTPUT_TYPES.join(", ")
-                )));
-            }
-        }
-        if opts.image_name.is_empty() {
+        if req.image_name.is_empty() {
             return Err(Failure::bad_input("-o: the image name is empty"));
         }
-        let mut image_name = opts.image_name.clone();
-        if let [only] = opts.image_types.as_slice() {
+        if req.image_types.is_empty() {
+            return Err(Failure::bad_input("-t: no output type given"));
+        }
+        let mut image_name = req.image_name.clone();
+        if let [only] = req.image_types.as_slice() {
             // dib drops a trailing ".<type>" when exactly one type is asked for.
             if let Some(stripped) = image_name.strip_suffix(&format!(".{only}")) {
                 image_name = stripped.to_string();
             }
         }
-        let rebuild_from = opts
-            .rebuild_from
-            .as_deref()
-            .map(RebuildFrom::parse)
-            .transpose()?;
+        let arch = match &req.arch {
+            Some(a) => crate::arch::check(a).map_err(|e| Failure::bad_input(format!("-a {e}")))?,
+            None => host_arch(),
+        };
         let source_date_epoch = match env.get("SOURCE_DATE_EPOCH") {
             Some(v) if !v.is_empty() => {
                 Some(v.parse::<i64>().ok().filter(|t| *t >= 0).ok_or_else(|| {
@@ -156,27 +213,20 @@ impl Settings {
             _ => None,
         };
         let home = env.get("HOME").cloned().unwrap_or_else(|| "/root".into());
-        let image_cache = opts
+        let image_cache = req
             .image_cache
             .clone()
             .unwrap_or_else(|| Path::new(&home).join(".cache/image-create"));
-        let mut user_env: BTreeMap<String, String> = env
+
+        // The user's variables, split into what every hook gets and what only the disk step's
+        // hooks get. Options win over the environment.
+        let mut passed: BTreeMap<String, String> = env
             .iter()
-            .filter(|(k, _)| {
-                k.starts_with("DIB_")
-                    || PASSTHROUGH.contains(&k.as_str())
-                    || PROXIES.contains(&k.as_str())
-            })
+            .filter(|(k, _)| envvars::passed_to_hooks(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if let Some(t) = &opts.install_type {
-            user_env.insert("DIB_DEFAULT_INSTALLTYPE".into(), t.clone());
-        }
-        if let Some(x) = &opts.image_extra_size {
-            user_env.insert("DIB_IMAGE_EXTRA_SIZE".into(), x.clone());
-        }
-        if let Some(x) = &opts.image_size {
-            user_env.insert("DIB_IMAGE_SIZE".into(), x.clone());
+        if let Some(t) = &req.install_type {
+            passed.insert("DIB_DEFAULT_INSTALLTYPE".into(), t.clone());
         }
         // Set from options, never from the user's leftovers.
         for k in [
@@ -185,51 +235,65 @@ impl Settings {
             "DIB_DEBUG_TRACE",
             "DIB_ARGS",
             "DIB_ENV",
+            "DIB_NO_TMPFS",
         ] {
-            user_env.remove(k);
+            passed.remove(k);
         }
+        let disk = resolve_disk(&req.disk, &passed)?;
+        if let Some(kib) = disk.image_size_kib {
+            passed.insert("DIB_IMAGE_SIZE".into(), format_gib(kib));
+        }
+        if let Some(mb) = disk.image_extra_mb {
+            passed.insert("DIB_IMAGE_EXTRA_SIZE".into(), mb.to_string());
+        }
+        if req.disk.checksum {
+            passed.insert("DIB_CHECKSUM".into(), "1".into());
+        }
+        let (disk_env, user_env) = passed
+            .into_iter()
+            .partition(|(k, _)| envvars::keying(k) == Keying::DiskOnly);
+
         Ok(Settings {
-            elements: opts.elements.clone(),
-            skip_base: opts.skip_base,
-            element_dirs: opts.paths.element_path.clone(),
+            elements: req.elements.clone(),
+            skip_base: req.skip_base,
+            element_dirs: req.element_dirs.clone(),
             elements_path_env: env.get("ELEMENTS_PATH").cloned(),
             image_name,
-            image_types: opts.image_types.clone(),
-            arch: opts.arch.clone().unwrap_or_else(host_arch),
-            trace: opts.trace,
-            packages: opts
+            image_types: req.image_types.clone(),
+            arch,
+            trace: req.trace,
+            packages: req
                 .packages
                 .iter()
                 .filter(|p| !p.is_empty())
                 .cloned()
                 .collect(),
-            offline: opts.offline || env.get("DIB_OFFLINE").is_some_and(|v| !v.is_empty()),
+            offline: req.offline || env.get("DIB_OFFLINE").is_some_and(|v| !v.is_empty()),
             image_cache,
-            cache_dir: opts.cache_dir.clone(),
-            granularity: opts.granularity,
-            cache_ttl: opts.cache_ttl,
-            no_cache: opts.no_cache,
-            rebuild_from,
+            cache: req.cache.clone(),
             tmp_dir: env
                 .get("TMP_DIR")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
                 .unwrap_or_else(std::env::temp_dir),
-            use_tmpfs: !opts.no_tmpfs && env.get("DIB_NO_TMPFS").is_none_or(|v| v != "1"),
-            min_tmpfs: opts.min_tmpfs,
+            use_tmpfs: !req.no_tmpfs && env.get("DIB_NO_TMPFS").is_none_or(|v| v != "1"),
+            min_tmpfs: req.min_tmpfs,
             source_date_epoch,
+            disk,
             user_env,
+            disk_env,
         })
     }
 
     /// dib's `DIB_ARGS`, built from the options that shape the image (not from paths or cache
     /// options, so it is the same on every machine).
     pub fn dib_args(&self) -> String {
+        let types: Vec<&str> = self.image_types.iter().map(|t| t.name()).collect();
         let mut args = vec![
             "-o".to_string(),
             image_base_name(&self.image_name),
             "-t".into(),
-            self.image_types.join(","),
+            types.join(","),
             "-a".into(),
             self.arch.clone(),
         ];
@@ -243,6 +307,65 @@ impl Settings {
         args.extend(self.elements.iter().cloned());
         args.join(" ")
     }
+
+    /// True when the build writes a disk image (and so has a disk step).
+    pub fn wants_disk(&self) -> bool {
+        crate::outputs::wants_disk(&self.image_types)
+    }
+}
+
+fn format_gib(kib: u64) -> String {
+    if kib.is_multiple_of(1024 * 1024) {
+        (kib / (1024 * 1024)).to_string()
+    } else {
+        format!("{}", kib as f64 / (1024.0 * 1024.0))
+    }
+}
+
+/// The disk options: the command line first, then DIB_IMAGE_SIZE & co. from the environment.
+fn resolve_disk(req: &DiskRequest, env: &BTreeMap<String, String>) -> Result<DiskOptions, Failure> {
+    let from_env = |name: &str, parse: fn(&str) -> Result<u64, String>| match env
+        .get(name)
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+    {
+        None => Ok(None),
+        Some(v) => parse(v)
+            .map(Some)
+            .map_err(|e| Failure::bad_input(format!("{name}={v}: {e}"))),
+    };
+    let image_size_kib = match req.image_size_kib {
+        Some(k) => Some(k),
+        None => from_env("DIB_IMAGE_SIZE", parse_gib)?,
+    };
+    let image_extra_mb = match req.image_extra_mb {
+        Some(m) => Some(m),
+        None => from_env("DIB_IMAGE_EXTRA_SIZE", parse_mb)?,
+    };
+    let journal_mb = from_env("DIB_JOURNAL_SIZE", parse_mb)?.unwrap_or(64);
+    let checksum = req.checksum
+        || env
+            .get("DIB_CHECKSUM")
+            .is_some_and(|v| !v.is_empty() && v != "0");
+    Ok(DiskOptions {
+        image_size_kib,
+        image_extra_mb,
+        journal_mb,
+        fs_type: env
+            .get("FS_TYPE")
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or_else(|| "ext4".into()),
+        root_label: req
+            .root_label
+            .clone()
+            .or_else(|| env.get("DIB_ROOT_LABEL").filter(|v| !v.is_empty()).cloned()),
+        mkfs_options: req.mkfs_options.clone(),
+        qemu_img_options: req.qemu_img_options.clone(),
+        max_online_resize: req.max_online_resize,
+        checksum,
+        uncompressed: req.uncompressed,
+    })
 }
 
 /// The build's folders, as hooks see them on the host.
@@ -271,7 +394,6 @@ impl BuildPaths {
     }
 }
 
-/// What every hook receives before environment.d runs (dib §1.6), for one element set.
 /// The process environment as text (variables that are not UTF-8 are left out: hooks, dib's
 /// `when` expressions and install types deal in text).
 pub fn process_env() -> BTreeMap<String, String> {
@@ -280,6 +402,20 @@ pub fn process_env() -> BTreeMap<String, String> {
         .collect()
 }
 
+/// One `declare -x NAME="VALUE"` line that bash reads back to exactly VALUE (inside double
+/// quotes, `\`, `"`, `$` and backquotes are escaped).
+fn declare_line(name: &str, value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    for c in value.chars() {
+        if matches!(c, '\\' | '"' | '$' | '`') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    format!("declare -x {name}=\"{quoted}\"\n")
+}
+
+/// What every rootfs hook receives before environment.d runs (dib §1.6), for one element set.
 pub fn base_environment(
     settings: &Settings,
     paths: &BuildPaths,
@@ -293,7 +429,7 @@ pub fn base_environment(
         .user_env
         .iter()
         .filter(|(k, _)| k.starts_with("DIB_"))
-        .map(|(k, v)| format!("declare -x {k}=\"{}\"\n", v.replace('"', "\\\"")))
+        .map(|(k, v)| declare_line(k, v))
         .collect();
     let pairs: [(&str, String); 22] = [
         (
@@ -382,6 +518,25 @@ pub fn base_environment(
     env
 }
 
+/// The environment of the disk step's phases: the rootfs hooks' base environment plus the
+/// disk-only variables (and DIB_ENV listing them too, as dib's does).
+pub fn disk_environment(
+    settings: &Settings,
+    base: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut env = base.clone();
+    env.extend(settings.disk_env.clone());
+    let user: BTreeMap<&String, &String> = settings
+        .user_env
+        .iter()
+        .chain(settings.disk_env.iter())
+        .filter(|(k, _)| k.starts_with("DIB_"))
+        .collect();
+    let dib_env: String = user.iter().map(|(k, v)| declare_line(k, v)).collect();
+    env.insert("DIB_ENV".into(), dib_env);
+    env
+}
+
 /// dib sets DIB_PYTHON_EXEC to the Python running dib; strata uses the host's python3.
 fn default_python() -> String {
     ["/usr/bin/python3", "/usr/local/bin/python3"]
@@ -404,13 +559,13 @@ pub fn phase_environment(
     env
 }
 
-/// The environment as it enters a step key: volatile values replaced by their names, and
+/// The environment as it enters a step key: normalised values replaced by their names, and
 /// `IMAGE_NAME` reduced to its file name (`-o` may carry the output folder, which differs
 /// between machines; what hooks derive from it is the name, as dib's manifests do).
 pub fn normalise_for_key(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     env.iter()
         .map(|(k, v)| {
-            if is_volatile(k) {
+            if envvars::keying(k) == Keying::Normalised {
                 (k.clone(), format!("<{k}>"))
             } else if k == "IMAGE_NAME" {
                 (k.clone(), image_base_name(v))
@@ -431,17 +586,16 @@ fn image_base_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    fn opts(args: &[&str]) -> BuildOptions {
-        #[derive(Parser)]
-        struct T {
-            #[command(flatten)]
-            o: BuildOptions,
-        }
-        let mut v = vec!["t"];
-        v.extend_from_slice(args);
-        T::parse_from(v).o
+    fn req(args: &[&str]) -> BuildRequest {
+        let mut r = BuildRequest {
+            image_name: "image".into(),
+            image_types: vec![OutputType::Qcow2],
+            min_tmpfs: 2,
+            ..BuildRequest::default()
+        };
+        r.elements = args.iter().map(|s| s.to_string()).collect();
+        r
     }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -451,33 +605,43 @@ mod tests {
             .collect()
     }
 
+    fn resolve(r: &BuildRequest, e: &[(&str, &str)]) -> Result<Settings, Failure> {
+        Settings::resolve(r, &env(e), || "amd64".into())
+    }
+
     #[test]
     fn single_type_suffix_is_dropped_like_dib() {
-        let s = Settings::resolve(&opts(&["-o", "x.tar", "-t", "tar", "e"]), &env(&[]), || {
-            "amd64".into()
-        })
-        .unwrap();
+        let mut r = req(&["e"]);
+        r.image_name = "x.tar".into();
+        r.image_types = vec![OutputType::Tar];
+        let s = resolve(&r, &[]).unwrap();
         assert_eq!(s.image_name, "x");
         assert_eq!(s.arch, "amd64");
     }
 
     #[test]
-    fn unknown_output_type_is_bad_input() {
-        let err = Settings::resolve(&opts(&["-t", "vhdx", "e"]), &env(&[]), || "amd64".into())
-            .unwrap_err();
-        assert!(err.message.contains("vhdx"), "{}", err.message);
+    fn an_unknown_arch_is_refused_naming_the_choices() {
+        let mut r = req(&["e"]);
+        r.arch = Some("nosucharch".into());
+        let e = resolve(&r, &[]).unwrap_err();
+        assert!(
+            e.message.contains("nosucharch") && e.message.contains("x86_64"),
+            "{}",
+            e.message
+        );
+        r.arch = Some("aarch64".into());
+        assert_eq!(resolve(&r, &[]).unwrap().arch, "aarch64");
     }
 
     #[test]
     fn user_env_keeps_dib_and_proxies_only() {
-        let s = Settings::resolve(
-            &opts(&["e"]),
-            &env(&[
+        let s = resolve(
+            &req(&["e"]),
+            &[
                 ("DIB_RELEASE", "bookworm"),
                 ("http_proxy", "p"),
                 ("SECRET", "x"),
-            ]),
-            || "amd64".into(),
+            ],
         )
         .unwrap();
         assert_eq!(
@@ -489,35 +653,98 @@ mod tests {
     }
 
     #[test]
-    fn bad_source_date_epoch_is_bad_input() {
-        assert!(
-            Settings::resolve(
-                &opts(&["e"]),
-                &env(&[("SOURCE_DATE_EPOCH", "soon")]),
-                || { "amd64".into() }
-            )
-            .is_err()
+    fn disk_only_variables_reach_only_the_disk_phases() {
+        let mut r = req(&["e"]);
+        r.disk.image_size_kib = Some(3 << 20);
+        r.disk.checksum = true;
+        let s = resolve(
+            &r,
+            &[
+                ("DIB_IMAGE_EXTRA_SIZE", "100"),
+                ("DIB_RELEASE", "bookworm"),
+                ("DIB_BLOCK_DEVICE_CONFIG", "- local_loop: {}"),
+            ],
+        )
+        .unwrap();
+        for k in [
+            "DIB_IMAGE_SIZE",
+            "DIB_IMAGE_EXTRA_SIZE",
+            "DIB_CHECKSUM",
+            "DIB_BLOCK_DEVICE_CONFIG",
+        ] {
+            assert!(
+                !s.user_env.contains_key(k),
+                "{k} must not reach rootfs hooks"
+            );
+            assert!(s.disk_env.contains_key(k), "{k} must reach disk hooks");
+        }
+        assert_eq!(s.disk_env["DIB_IMAGE_SIZE"], "3");
+        assert_eq!(s.disk.image_size_kib, Some(3 << 20));
+        assert_eq!(s.disk.image_extra_mb, Some(100));
+        assert!(s.disk.checksum);
+        let base = base_environment(
+            &s,
+            &BuildPaths::placeholder(),
+            "e",
+            "e: /x/e\n",
+            "/x",
+            Path::new("/bin/strata"),
         );
-        assert!(
-            Settings::resolve(&opts(&["e"]), &env(&[("SOURCE_DATE_EPOCH", "-5")]), || {
-                "amd64".into()
-            })
-            .is_err()
-        );
+        assert!(!base.contains_key("DIB_IMAGE_SIZE"));
+        assert!(!base["DIB_ENV"].contains("DIB_IMAGE_SIZE"));
+        let disk = disk_environment(&s, &base);
+        assert_eq!(disk["DIB_IMAGE_SIZE"], "3");
+        assert!(disk["DIB_ENV"].contains("DIB_IMAGE_SIZE"));
+        assert!(disk["DIB_ENV"].contains("DIB_RELEASE"));
     }
 
     #[test]
-    fn rebuild_from_parses_phase_and_hook() {
-        let r = RebuildFrom::parse("install.d/50-foo").unwrap();
-        assert_eq!(r.phase, Phase::Install);
-        assert_eq!(r.hook.as_deref(), Some("50-foo"));
-        assert_eq!(RebuildFrom::parse("cleanup").unwrap().hook, None);
-        assert!(RebuildFrom::parse("nope.d/x").is_err());
+    fn no_tmpfs_does_not_change_what_enters_keys() {
+        let a = resolve(&req(&["e"]), &[]).unwrap();
+        let mut r = req(&["e"]);
+        r.no_tmpfs = true;
+        let b = resolve(&r, &[]).unwrap();
+        assert!(a.use_tmpfs && !b.use_tmpfs);
+        let env = |s: &Settings| {
+            normalise_for_key(&base_environment(
+                s,
+                &BuildPaths::placeholder(),
+                "e",
+                "",
+                "",
+                Path::new("/s"),
+            ))
+        };
+        assert_eq!(env(&a), env(&b));
+    }
+
+    #[test]
+    fn bad_sizes_and_epochs_are_refused_before_anything_runs() {
+        for (k, v) in [
+            ("DIB_IMAGE_SIZE", "-1"),
+            ("DIB_IMAGE_SIZE", "inf"),
+            ("DIB_IMAGE_SIZE", "nan"),
+            ("DIB_IMAGE_SIZE", "1e30"),
+            ("DIB_IMAGE_EXTRA_SIZE", "1.5"),
+            ("DIB_JOURNAL_SIZE", "lots"),
+            ("SOURCE_DATE_EPOCH", "soon"),
+            ("SOURCE_DATE_EPOCH", "-5"),
+        ] {
+            let e = resolve(&req(&["e"]), &[(k, v)]).unwrap_err();
+            assert!(
+                e.message.contains(k) && e.message.contains(v),
+                "{k}={v}: {}",
+                e.message
+            );
+        }
+        assert_eq!(parse_gib("1.5").unwrap(), 1536 * 1024);
+        assert!(parse_gib("0").is_err());
+        assert_eq!(parse_mb(" 512 ").unwrap(), 512);
     }
 
     #[test]
     fn hooks_can_call_get_image_element_array() {
-        let s = Settings::resolve(&opts(&["e"]), &env(&[]), || "amd64".into()).unwrap();
+        let s = resolve(&req(&["e"]), &[]).unwrap();
         let base = base_environment(
             &s,
             &BuildPaths::placeholder(),
@@ -534,6 +761,21 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "/y/b");
+    }
+
+    #[test]
+    fn dib_env_reads_back_every_value_exactly() {
+        let tricky = r#"a "quoted" $HOME `date` back\slash \" end\"#;
+        let s = resolve(&req(&["e"]), &[("DIB_TRICKY", tricky)]).unwrap();
+        let base = base_environment(&s, &BuildPaths::placeholder(), "e", "", "", Path::new("/s"));
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg("unset DIB_TRICKY; eval \"$DIB_ENV\"; printf %s \"$DIB_TRICKY\"")
+            .env_clear()
+            .env("DIB_ENV", &base["DIB_ENV"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), tricky);
     }
 
     #[test]

@@ -1,7 +1,64 @@
-//! Host programs strata runs itself (mkfs, mcopy, bash, …): finding them on a PATH.
+//! Host programs strata runs itself (mkfs, mcopy, qemu-img, mksquashfs, …): finding them on a
+//! PATH, and running them so that SIGINT/SIGTERM stops them promptly.
+//!
+//! ```text
+//! output(cmd) ──spawn (stdout/stderr piped, read on two threads)──► poll every 50 ms:
+//!     exited ──► Output      cancelled ──► kill, wait ──► Err(Cancelled)
+//! ```
 
 use std::ffi::OsStr;
+use std::io::{self, Read};
 use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// Runs `cmd` to the end like `Command::output`, but kills it and returns a `Cancelled` io
+/// error as soon as SIGINT/SIGTERM arrives ([`crate::cancel`]). stdin is closed.
+pub fn output(cmd: &mut Command) -> io::Result<Output> {
+    crate::cancel::check_io()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if let Some(c) = crate::cancel::requested() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other(c));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
 
 /// The first executable file named `name` in the `:`-separated folders of `path_env`.
 pub fn find_program(name: &str, path_env: Option<&OsStr>) -> Option<PathBuf> {
@@ -37,5 +94,14 @@ mod tests {
         assert_eq!(find_program("tool", Some(&path)), Some(b.join("tool")));
         assert_eq!(find_program("tool", None), None);
         assert!(on_host_path("sh").is_some());
+    }
+
+    #[test]
+    fn output_collects_both_streams_and_the_status() {
+        let out =
+            output(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"])).unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
     }
 }

@@ -1,5 +1,48 @@
-//! The subcommands: each turns parsed CLI arguments into library calls and prints the result.
+//! The subcommands: each turns parsed command-line arguments into library calls, prints the
+//! result, and picks the exit status. This is the only layer that sees clap types: it turns
+//! them into a [`crate::settings::BuildRequest`] for everything below.
 
+pub mod build;
 pub mod cache;
 pub mod dib;
 pub mod elements;
+pub mod face;
+
+use crate::cli::BuildOptions;
+use crate::settings::{BuildRequest, CacheSettings, DiskRequest};
+
+/// The build as the user asked for it, from the command line.
+pub fn request(o: &BuildOptions) -> BuildRequest {
+    BuildRequest {
+        elements: o.elements.clone(),
+        skip_base: o.skip_base,
+        element_dirs: o.paths.element_path.clone(),
+        image_name: o.image_name.clone(),
+        image_types: o.image_types.clone(),
+        arch: o.arch.clone(),
+        trace: o.trace,
+        packages: o.packages.clone(),
+        offline: o.offline,
+        image_cache: o.image_cache.clone(),
+        install_type: o.install_type.clone(),
+        cache: CacheSettings {
+            dir: o.cache_dir.clone(),
+            granularity: o.granularity,
+            ttl: o.cache_ttl,
+            no_cache: o.no_cache,
+            rebuild_from: o.rebuild_from.clone(),
+        },
+        no_tmpfs: o.no_tmpfs,
+        min_tmpfs: o.min_tmpfs,
+        disk: DiskRequest {
+            image_size_kib: o.image_size,
+            image_extra_mb: o.image_extra_size,
+            root_label: o.root_label.clone(),
+            mkfs_options: o.mkfs_options.clone(),
+            qemu_img_options: o.qemu_img_options.clone(),
+            max_online_resize: o.max_online_resize,
+            checksum: o.checksum,
+            uncompressed: o.uncompressed,
+        },
+    }
+}

@@ -15,8 +15,8 @@
 //! - An element is any directory (or symlink to one) directly inside a search path entry. Its
 //!   name is the basename of its *real* path, as dib does: a symlink `alias -> real` is known
 //!   only as `real`.
-//! - An element in an earlier entry overrides one of the same name in a later entry; this is
-//!   logged at info level naming both paths.
+//! - An element in an earlier entry overrides one of the same name in a later entry; each
+//!   override is logged at debug level naming both paths, with one summary line at info.
 //! - A search path entry that is not a directory is an error naming it. So is an element folder
 //!   whose name is not UTF-8, and two entries of one folder that resolve to the same element
 //!   name (dib picks one at random).
@@ -110,6 +110,7 @@ impl Catalog {
     pub fn scan(dirs: &[PathBuf]) -> Result<Catalog, ElementError> {
         let mut catalog = Catalog::default();
         let mut seen_dirs: Vec<PathBuf> = Vec::new();
+        let mut overridden: Vec<String> = Vec::new();
         for dir in dirs {
             if !dir.is_dir() {
                 return Err(ElementError::NotADirectory { path: dir.clone() });
@@ -124,18 +125,30 @@ impl Catalog {
             seen_dirs.push(real);
             for element in scan_dir(dir)? {
                 match catalog.elements.get(&element.name) {
-                    Some(earlier) if earlier.path != element.path => info!(
-                        "element '{}' at {} overrides {}",
-                        element.name,
-                        earlier.path.display(),
-                        element.path.display()
-                    ),
+                    Some(earlier) if earlier.path != element.path => {
+                        debug!(
+                            "element '{}' at {} overrides {}",
+                            element.name,
+                            earlier.path.display(),
+                            element.path.display()
+                        );
+                        overridden.push(element.name.clone());
+                    }
                     Some(_) => {}
                     None => {
                         catalog.elements.insert(element.name.clone(), element);
                     }
                 }
             }
+        }
+        if !overridden.is_empty() {
+            overridden.sort();
+            overridden.dedup();
+            info!(
+                "{} elements earlier on the element search path override ones of the same name \
+                 later on it (-v lists them)",
+                overridden.len()
+            );
         }
         Ok(catalog)
     }

@@ -19,6 +19,7 @@
 pub mod deps;
 pub mod discover;
 pub mod env;
+pub mod extensions;
 pub mod hooks;
 pub mod packages;
 pub mod pkgmap;

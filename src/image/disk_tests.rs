@@ -200,7 +200,7 @@ fn qcow2_checks(raw: &Path, dir: &Path) {
         "qemu-img check: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    crate::image::write_checksums(&q).unwrap();
+    crate::outputs::checksums::write(&q).unwrap();
     assert!(dir.join("image.qcow2.sha256").exists());
 }
 

@@ -17,7 +17,7 @@
 //!        again from its files (repack.rs), so the raw bytes repeat
 //! vfat on a kernel without vfat: a staging tmpfs at its mount point, written into the file
 //!        system with mtools before unmounting (staged.rs)
-//! convert(raw, "qcow2", out, ..) ──► write_checksums(out)
+//! convert(raw, "qcow2", out, ..)   qemu-img, stopped on SIGINT/SIGTERM
 //! ```
 //!
 //! With `Params::seed` set, every identifier (MBR disk id, GPT disk and partition GUIDs, file
@@ -28,9 +28,9 @@
 //! ext file system by one made again from its files (see `repack.rs`).
 
 mod config;
+mod convert;
 mod disk;
 mod loopdev;
-mod output;
 mod partition;
 mod repack;
 mod size;
@@ -39,8 +39,8 @@ mod staged;
 use std::path::PathBuf;
 
 pub use config::{BlockDeviceConfig, default_config, parse_config};
+pub use convert::{convert, copy_tree};
 pub use disk::{Disk, Rebuild, create};
-pub use output::{convert, copy_tree, refresh_checksums, write_checksums};
 pub use size::{ESP_MIB, image_bytes, image_size_for_tree};
 
 /// What the block-device layer needs from the build (dib's `params.yaml`).
@@ -83,6 +83,9 @@ pub enum ImageError {
     /// The loop device or a partition device could not be set up or released.
     #[error("{0}")]
     Device(String),
+    /// SIGINT/SIGTERM arrived while a tool ran.
+    #[error("{0}")]
+    Cancelled(#[from] crate::cancel::Cancelled),
 }
 
 impl ImageError {
@@ -103,13 +106,19 @@ impl ImageError {
 /// command, its status and what it printed.
 pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<String, ImageError> {
     let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| ImageError::Command {
-            command: shown.clone(),
-            detail: format!("cannot run it: {e}"),
-        })?;
+    cmd.env("LC_ALL", "C");
+    let out = crate::tools::output(cmd).map_err(|e| {
+        match e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<crate::cancel::Cancelled>())
+        {
+            Some(c) => ImageError::Cancelled(*c),
+            None => ImageError::Command {
+                command: shown.clone(),
+                detail: format!("cannot run it: {e}"),
+            },
+        }
+    })?;
     if !out.status.success() {
         return Err(ImageError::Command {
             command: shown,
@@ -123,15 +132,17 @@ pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<String, ImageE
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Derives a 16-byte identifier for `purpose`/`name` from the build's seed.
+/// Derives a 16-byte identifier for `purpose`/`name` from the build's seed (strata's one key
+/// derivation, `crate::key::Keyed::ImageId`).
 pub(crate) fn derive_id(seed: &[u8; 32], purpose: &str, name: &str) -> [u8; 16] {
-    let mut hasher = blake3::Hasher::new_derive_key("strata image identifiers v1");
-    hasher.update(seed);
-    hasher.update(purpose.as_bytes());
-    hasher.update(&[0]);
-    hasher.update(name.as_bytes());
+    let key = crate::key::Keyed::ImageId {
+        seed,
+        purpose,
+        name,
+    }
+    .bytes();
     let mut out = [0u8; 16];
-    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    out.copy_from_slice(&key[..16]);
     out
 }
 

@@ -138,6 +138,52 @@ pub(crate) fn unmount_all_under(path: &Path) -> Result<(), SandboxError> {
     }
 }
 
+/// Unmounts whatever hooks left mounted strictly below `root` (dib's `unmount_image` before
+/// the tree leaves the chroot phases), deepest first, logging one line per mount. Returns the
+/// mount points it unmounted; fails (naming them) if any is still there afterwards.
+pub fn unmount_below(root: &Path) -> Result<Vec<PathBuf>, SandboxError> {
+    let below = |root: &Path| -> Result<Vec<PathBuf>, SandboxError> {
+        Ok(mounts_at_or_under(root)
+            .map_err(|e| SandboxError::io("read the mount table for", root, e))?
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p != root)
+            .collect())
+    };
+    let mut done = Vec::new();
+    let mut points = below(root)?;
+    // Deepest first; among equal depths the later (upper) mount first.
+    points.reverse();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        match umount2(&point, MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                tracing::info!("unmounted {} (left mounted by a hook)", point.display());
+                done.push(point);
+            }
+            Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(source) => {
+                return Err(SandboxError::Unmount {
+                    target: point,
+                    source,
+                });
+            }
+        }
+    }
+    let left = below(root)?;
+    if !left.is_empty() {
+        return Err(SandboxError::StillMounted {
+            path: root.to_path_buf(),
+            mounts: left
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    Ok(done)
+}
+
 /// The id of the mount `path` (not followed if a symlink) lives on, if the kernel reports it.
 fn mount_id(path: &Path) -> Option<u64> {
     let c = CString::new(path.as_os_str().as_bytes()).ok()?;

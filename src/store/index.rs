@@ -17,6 +17,9 @@ use super::{
     StoreError, check_digest,
 };
 
+/// The fewest hex digits a key prefix given by a user may have (`cache rm`, `cache explain`).
+pub const MIN_KEY_PREFIX: usize = 6;
+
 /// `MIGRATIONS[i]` takes the schema from version i to i + 1.
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the first schema.
@@ -275,12 +278,34 @@ pub(super) fn all_outputs(conn: &Connection) -> rusqlite::Result<Vec<OutputRecor
 }
 
 /// Why a step cannot be used, if it cannot.
-pub(super) enum Broken {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broken {
+    /// The step names a layer the index lacks.
     NoLayerRow(String),
+    /// The layer's blob is not on disk.
     NoBlob(LayerRecord),
+    /// The layer's blob has another size than recorded (truncated?).
     WrongSize(LayerRecord, u64),
     /// The blob's bytes do not hash to its name.
     Corrupt(LayerRecord),
+    /// The layer was refused when applied (unsafe entry, or content other than its diff id).
+    Refused(LayerRecord),
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::NoLayerRow(d) => write!(f, "its layer {d} is not in the index"),
+            Broken::NoBlob(l) => write!(f, "the blob of layer {} is missing", l.diff_id),
+            Broken::WrongSize(l, n) => write!(
+                f,
+                "the blob of layer {} is {n} bytes, not {} (truncated?)",
+                l.diff_id, l.blob_size
+            ),
+            Broken::Corrupt(l) => write!(f, "the blob of layer {} is corrupt", l.diff_id),
+            Broken::Refused(l) => write!(f, "layer {} was refused when applied", l.diff_id),
+        }
+    }
 }
 
 impl Store {
@@ -300,6 +325,23 @@ impl Store {
     /// on disk with the recorded size. A step whose blob is missing or truncated is dropped
     /// (with its descendants, which were built on top of it) with a warning, and is a miss.
     pub fn lookup_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        match self.inspect_step(key)? {
+            None => Ok(None),
+            Some((step, None)) => Ok(Some(step)),
+            Some((step, Some(broken))) => {
+                self.drop_broken_step(&step, broken)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The step with this key and, if it cannot be used, why (its layers, their rows and
+    /// their blobs' presence and sizes are checked; blob contents are not). Changes nothing:
+    /// this is what a read-only view of the cache uses.
+    pub fn inspect_step(
+        &self,
+        key: &str,
+    ) -> Result<Option<(StepRecord, Option<Broken>)>, StoreError> {
         let conn = self.conn();
         let Some(step) = get_step_in(&conn, key).map_err(self.sql())? else {
             return Ok(None);
@@ -314,26 +356,21 @@ impl Store {
                 break;
             }
         }
-        let Some(broken) = broken else {
-            return Ok(Some(step));
-        };
-        drop(conn);
-        self.drop_broken_step(&step, broken)?;
-        Ok(None)
+        Ok(Some((step, broken)))
     }
 
-    /// Drops the step `key` (and the steps built on it) because the blob of `layer`, one of
-    /// its layers, does not hash to its name; the blob and the layer row go too, so the step's
-    /// next run writes them again. The caller has said why. Like `lookup_step`'s repairs this
-    /// is one transaction under the build's shared lock.
-    pub fn drop_corrupt_step(&self, key: &str, layer: LayerRecord) -> Result<(), StoreError> {
+    /// Drops the step `key` (and the steps built on it) for the reason `broken` found by
+    /// [`Store::inspect_step`] or by the caller (a corrupt or refused layer: its blob and layer
+    /// row go too, so the step's next run writes them again). Checked again under the write
+    /// lock first: another build may have repaired it meanwhile.
+    pub fn drop_step(&self, key: &str, broken: Broken) -> Result<(), StoreError> {
         let Some(step) = get_step_in(&self.conn(), key).map_err(self.sql())? else {
             return Ok(());
         };
-        self.drop_broken_step(&step, Broken::Corrupt(layer))
+        self.drop_broken_step(&step, broken)
     }
 
-    pub(super) fn drop_broken_step(
+    pub(crate) fn drop_broken_step(
         &self,
         step: &StepRecord,
         broken: Broken,
@@ -352,7 +389,7 @@ impl Store {
                     None => true,
                 }
             }
-            Broken::Corrupt(_) => true,
+            Broken::Corrupt(_) | Broken::Refused(_) => true,
         };
         if !still_broken || get_step_in(&tx, key).map_err(self.sql())?.is_none() {
             return Ok(());
@@ -362,7 +399,10 @@ impl Store {
                 "cache step {key} ({}/{}) names layer {diff_id}, which the index lacks; dropping the step, it will run again",
                 step.phase, step.hook
             ),
-            Broken::NoBlob(layer) | Broken::WrongSize(layer, _) | Broken::Corrupt(layer) => {
+            Broken::NoBlob(layer)
+            | Broken::WrongSize(layer, _)
+            | Broken::Corrupt(layer)
+            | Broken::Refused(layer) => {
                 let path = self.blob_path(&layer.blob_digest);
                 match &broken {
                     Broken::WrongSize(_, len) => warn!(
@@ -376,6 +416,10 @@ impl Store {
                         layer.diff_id,
                         step.phase,
                         step.hook
+                    ),
+                    Broken::Refused(_) => warn!(
+                        "cache layer {} of step {key} ({}/{}) was refused when applied; removing it and the steps that need it, they will run again",
+                        layer.diff_id, step.phase, step.hook
                     ),
                     _ => {}
                 }
@@ -554,6 +598,13 @@ impl Store {
             .map_err(self.sql())
     }
 
+    /// The layer with this diff id, if indexed and its blob is on disk with the right size.
+    pub fn usable_layer(&self, diff_id: &str) -> Result<Option<LayerRecord>, StoreError> {
+        Ok(self
+            .layer_for(diff_id)?
+            .filter(|l| self.check_layer(l.clone()).is_none()))
+    }
+
     /// The layer with this diff id, if indexed.
     pub fn layer_for(&self, diff_id: &str) -> Result<Option<LayerRecord>, StoreError> {
         layer_in(&self.conn(), diff_id).map_err(self.sql())
@@ -572,8 +623,13 @@ impl Store {
     /// The full key of the one step whose key starts with `prefix` (an exact key always wins).
     pub fn resolve_key(&self, prefix: &str) -> Result<String, StoreError> {
         let conn = self.conn();
-        if get_step_in(&conn, prefix).map_err(self.sql())?.is_some() {
+        if !prefix.is_empty() && get_step_in(&conn, prefix).map_err(self.sql())?.is_some() {
             return Ok(prefix.to_string());
+        }
+        if prefix.len() < MIN_KEY_PREFIX || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::BadKeyPrefix {
+                prefix: prefix.to_string(),
+            });
         }
         let mut matches: Vec<String> = conn
             .prepare_cached(

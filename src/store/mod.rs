@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 pub use blobs::{BlobWriter, VerifiedBlob};
+pub use index::Broken;
 pub use maint::{GcReport, RmReport, Usage, VerifyReport};
 
 /// Version of the index schema, kept in `PRAGMA user_version`. Bump it and add a migration in
@@ -103,6 +104,11 @@ pub enum StoreError {
         "cache: step {key} names layer {diff_id}, which is neither given nor in the index; pass its LayerRecord to record_step"
     )]
     MissingLayer { key: String, diff_id: String },
+    #[error(
+        "{prefix:?} is not a key prefix: give at least {} hex digits of a key (`strata cache ls` lists them)",
+        index::MIN_KEY_PREFIX
+    )]
+    BadKeyPrefix { prefix: String },
     #[error("cache {}: no step or output has key {key}; `strata cache ls` lists them", root.display())]
     UnknownKey { key: String, root: PathBuf },
     #[error("cache {}: key prefix {prefix} matches several steps ({}); give more digits", root.display(), matches.join(", "))]
@@ -121,19 +127,6 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The exit status this error should end strata with: bad input for what the user typed
-    /// (a size, a key), the cache status for everything else.
-    pub fn exit(&self) -> crate::error::Exit {
-        use crate::error::Exit;
-        match self {
-            StoreError::BadSize { .. }
-            | StoreError::UnknownKey { .. }
-            | StoreError::AmbiguousKey { .. }
-            | StoreError::BadDigest { .. } => Exit::BadInput,
-            _ => Exit::Cache,
-        }
-    }
-
     pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.to_path_buf();
         move |source| StoreError::Io {
@@ -273,6 +266,11 @@ impl Store {
             options,
             live_tmp: Arc::default(),
         })
+    }
+
+    /// The cache folder.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Where the blob with this digest lives (whether or not it exists). The digest should be a

@@ -231,10 +231,17 @@ fn records_round_trip() {
     assert_eq!(s.resolve_key("k1").unwrap(), "k1");
     assert!(matches!(
         s.resolve_key("k"),
-        Err(StoreError::AmbiguousKey { .. })
+        Err(StoreError::BadKeyPrefix { .. })
     ));
+    // An empty or short prefix never matches anything (`cache rm ''` must not remove a step).
+    for bad in ["", "abc", "zzzzzzzz"] {
+        assert!(matches!(
+            s.resolve_key(bad),
+            Err(StoreError::BadKeyPrefix { .. })
+        ));
+    }
     assert!(matches!(
-        s.resolve_key("zz"),
+        s.resolve_key("abcdef"),
         Err(StoreError::UnknownKey { .. })
     ));
 }
@@ -838,7 +845,6 @@ fn garbage_index_is_one_clear_error() {
     std::fs::write(dir.path().join("index.sqlite"), vec![b'x'; 8192]).unwrap();
     let err = Store::open(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::DamagedIndex { .. }), "{err}");
-    assert_eq!(err.exit(), crate::error::Exit::Cache);
     let msg = err.to_string();
     assert!(
         msg.contains(&dir.path().join("index.sqlite").display().to_string()),

@@ -34,6 +34,7 @@ fn edit_hook(f: &BuildFixture, rel: &str, body: &str) {
 
 #[test]
 fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let m = f.build_ok(&[]);
     assert_eq!(m.ran(), all_steps());
@@ -94,6 +95,7 @@ fn cold_build_runs_every_hook_in_dib_order_and_writes_the_tar() {
 
 #[test]
 fn cache_mounts_keep_downloads_on_the_host_and_out_of_the_image() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     let list = f.tar_list(&f.out("img.tar"));
@@ -119,6 +121,7 @@ fn cache_mounts_keep_downloads_on_the_host_and_out_of_the_image() {
 
 #[test]
 fn identical_rerun_runs_nothing_and_writes_the_same_tar() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
     let second = f.build_ok(&[]);
@@ -129,6 +132,7 @@ fn identical_rerun_runs_nothing_and_writes_the_same_tar() {
 
 #[test]
 fn a_deleted_or_altered_output_is_written_again_on_a_no_op_rerun() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
     let tar = f.out("img.tar");
@@ -154,6 +158,7 @@ fn a_deleted_or_altered_output_is_written_again_on_a_no_op_rerun() {
 
 #[test]
 fn editing_the_last_install_hook_reruns_it_and_later_steps_only() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
     edit_hook(
@@ -178,6 +183,7 @@ fn editing_the_last_install_hook_reruns_it_and_later_steps_only() {
 
 #[test]
 fn editing_an_environment_file_reruns_everything() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     fs::write(
@@ -196,6 +202,7 @@ fn editing_an_environment_file_reruns_everything() {
 
 #[test]
 fn a_hook_added_to_an_install_type_folder_is_linked_and_run_on_the_next_build() {
+    crate::require_root!();
     let f = BuildFixture::new();
     crate::harness::copy_tree(
         &crate::harness::repo().join("elements/install-types"),
@@ -227,6 +234,7 @@ fn a_hook_added_to_an_install_type_folder_is_linked_and_run_on_the_next_build() 
 
 #[test]
 fn checksum_covers_tree_outputs_too() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.run_ok(&mut f.build_cmd_typed("img", "tar,tgz", &["--checksum"]));
     for t in ["tar", "tgz"] {
@@ -244,6 +252,7 @@ fn checksum_covers_tree_outputs_too() {
 
 #[test]
 fn a_dib_variable_is_part_of_the_key() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     f.run_ok(f.build_cmd(&[]).env("DIB_FIXTURE_GREETING", "bonjour"));
@@ -256,6 +265,7 @@ fn a_dib_variable_is_part_of_the_key() {
 
 #[test]
 fn phase_granularity_caches_one_step_per_phase() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let m = f.build_ok(&["--granularity", "phase"]);
     assert!(
@@ -278,6 +288,7 @@ fn phase_granularity_caches_one_step_per_phase() {
 
 #[test]
 fn a_failing_hook_names_itself_and_a_fixed_rerun_resumes_there() {
+    crate::require_root!();
     let f = BuildFixture::new();
     edit_hook(
         &f,
@@ -312,6 +323,7 @@ fn a_failing_hook_names_itself_and_a_fixed_rerun_resumes_there() {
 
 #[test]
 fn rebuild_from_and_no_cache_force_reruns() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     let m = f.build_ok(&["--rebuild-from", "post-install.d"]);
@@ -323,6 +335,7 @@ fn rebuild_from_and_no_cache_force_reruns() {
 
 #[test]
 fn two_builds_at_once_share_one_cache() {
+    crate::require_root!();
     let f = BuildFixture::new();
     // Same image name (it is part of the keys), different output folders.
     fs::create_dir_all(f.out("a")).unwrap();
@@ -349,6 +362,7 @@ fn two_builds_at_once_share_one_cache() {
 
 #[test]
 fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let hold = f.path().join("tmp/hold");
     fs::write(&hold, "").unwrap();
@@ -418,6 +432,7 @@ fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn a_flipped_byte_in_a_blob_is_detected_dropped_and_rebuilt() {
+    crate::require_root!();
     // SOURCE_DATE_EPOCH makes the fixture reproducible, so a rebuild must give the same bytes.
     let sde = [("SOURCE_DATE_EPOCH", "1700000000")];
     let f = BuildFixture::new();
@@ -446,6 +461,7 @@ fn a_flipped_byte_in_a_blob_is_detected_dropped_and_rebuilt() {
 
 #[test]
 fn a_damaged_cached_output_is_written_again_from_the_layers() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
     let outputs = strata()
@@ -481,6 +497,7 @@ fn a_damaged_cached_output_is_written_again_from_the_layers() {
 
 #[test]
 fn plan_lists_steps_with_keys_and_cache_state() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let before = f.plan(&[]);
     let rows = before.as_array().unwrap();
@@ -509,6 +526,7 @@ fn plan_lists_steps_with_keys_and_cache_state() {
 
 #[test]
 fn plan_reports_a_corrupt_layer_as_a_miss_and_changes_nothing() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     let blobs = flip_a_byte_in_every_blob(&f);
@@ -533,7 +551,105 @@ fn plan_reports_a_corrupt_layer_as_a_miss_and_changes_nothing() {
 }
 
 #[test]
+fn plan_with_a_deleted_layer_blob_changes_nothing() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let db = || rusqlite::Connection::open(f.cache().join("index.sqlite")).unwrap();
+    let count = |table: &str| -> i64 {
+        db().query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    let (steps, layers) = (count("steps"), count("layers"));
+    // Delete the blob of the first step's layer.
+    let blob: String = db()
+        .query_row(
+            "SELECT l.blob FROM steps s JOIN layers l ON l.diff_id = s.layer
+             WHERE s.parent IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let path = f.cache().join("blobs/blake3").join(&blob[..2]).join(&blob);
+    fs::remove_file(&path).unwrap();
+    let rows = f.plan(&[]);
+    assert_eq!(rows[0]["cached"], false, "{rows}");
+    assert_eq!((count("steps"), count("layers")), (steps, layers));
+}
+
+#[test]
+fn disk_only_options_do_not_change_the_rootfs_steps_keys() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    let keys = |extra: &[&str], env: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut build = f.build_cmd_typed("img", "raw", extra);
+        build.envs(env.iter().copied());
+        f.plan_of(&build)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    format!(
+                        "{}/{}",
+                        r["phase"].as_str().unwrap(),
+                        r["hook"].as_str().unwrap()
+                    ),
+                    r["key"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let plain = keys(&[], &[]);
+    let disk_options = keys(
+        &[
+            "--image-size",
+            "3",
+            "--image-extra-size",
+            "20",
+            "--checksum",
+            "--no-tmpfs",
+        ],
+        &[("DIB_CHECKSUM", "1")],
+    );
+    let (last, rootfs) = plain.split_last().unwrap();
+    let (last2, rootfs2) = disk_options.split_last().unwrap();
+    assert_eq!(
+        rootfs, rootfs2,
+        "a disk-only option changed a rootfs step's key"
+    );
+    assert_eq!(last.0, "output/disk");
+    assert_ne!(
+        last.1, last2.1,
+        "the disk step's key must cover the disk size"
+    );
+    // --no-tmpfs changes where the tree lives, not what hooks see: no key at all. --checksum
+    // (DIB_CHECKSUM, which disk hooks can read) changes the disk step's key only.
+    assert_eq!(keys(&["--no-tmpfs"], &[]), plain);
+    let sums = keys(&["--checksum"], &[]);
+    assert_eq!(sums[..sums.len() - 1], plain[..plain.len() - 1]);
+}
+
+#[test]
+fn a_failing_packages_step_reports_its_own_error_even_when_unmounting_fails() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    let out = f.build(&["-p", "unmount-proc-and-fail"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default();
+    assert!(
+        line.contains("packages (-p)") && line.contains("exit status 5"),
+        "the hook's failure must win over the unmount error: {err}"
+    );
+}
+
+#[test]
 fn explain_names_the_changed_variable() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     let out = f
@@ -553,6 +669,7 @@ fn explain_names_the_changed_variable() {
 
 #[test]
 fn missing_element_is_one_line_and_status_2() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let out = f.build(&["fixture-nope"]);
     assert_eq!(out.status.code(), Some(2));
@@ -571,6 +688,7 @@ fn missing_element_is_one_line_and_status_2() {
 
 #[test]
 fn cache_ttl_treats_older_steps_as_misses() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     let fresh = f.build_ok(&["--cache-ttl", "1h"]);
@@ -582,6 +700,7 @@ fn cache_ttl_treats_older_steps_as_misses() {
 
 #[test]
 fn a_cache_inputs_host_file_is_part_of_the_key() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let host_file = f.path().join("host-input.conf");
     fs::write(&host_file, "v1").unwrap();
@@ -598,6 +717,7 @@ fn a_cache_inputs_host_file_is_part_of_the_key() {
 
 #[test]
 fn cache_commands_list_size_explain_remove_and_collect() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let first = f.build_ok(&[]);
     let cache = |args: &[&str]| {
@@ -655,6 +775,7 @@ fn cache_commands_list_size_explain_remove_and_collect() {
 
 #[test]
 fn bad_cache_arguments_are_one_line_errors() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.build_ok(&[]);
     for args in [
@@ -751,6 +872,7 @@ fn unsquash_cat(p: &Path, member: &str) -> String {
 
 #[test]
 fn tar_tgz_and_squashfs_agree_and_are_kept_or_restored_on_a_no_op_rerun() {
+    crate::require_root!();
     let f = BuildFixture::new();
     // The harness asks for tar; these add to it.
     let args = ["-t", "tgz,squashfs"];
@@ -815,6 +937,7 @@ fn tar_tgz_and_squashfs_agree_and_are_kept_or_restored_on_a_no_op_rerun() {
 
 #[test]
 fn with_source_date_epoch_two_cold_builds_write_identical_tgz_and_squashfs() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let (tgz, squash) = (f.out("img.tgz"), f.out("img.squash"));
     let mut digests = Vec::new();
@@ -854,6 +977,7 @@ fn with_source_date_epoch_two_cold_builds_write_identical_tgz_and_squashfs() {
 
 #[test]
 fn squashfs_without_mksquashfs_fails_in_one_line_before_any_hook_runs() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let empty = f.path().join("empty-path");
     fs::create_dir_all(&empty).unwrap();
@@ -879,6 +1003,7 @@ fn squashfs_without_mksquashfs_fails_in_one_line_before_any_hook_runs() {
 
 #[test]
 fn packages_offline_and_trace_options_reach_the_hooks() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let m = f.build_ok(&["-p", "vim,curl", "-p", "jq", "--offline"]);
     // The -p step runs right after install.d, in the chroot, through install-packages.

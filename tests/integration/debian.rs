@@ -43,6 +43,7 @@ fn ran(m: &serde_json::Value) -> usize {
 #[test]
 #[ignore = "slow: a real debootstrap build (run with --ignored)"]
 fn debian_minimal_builds_a_debian_rootfs_and_reruns_from_the_cache() {
+    crate::require_root!();
     let dir = tempfile::Builder::new()
         .prefix("strata-deb.")
         .tempdir()
@@ -138,6 +139,7 @@ fn debian_minimal_builds_a_debian_rootfs_and_reruns_from_the_cache() {
 #[test]
 #[ignore = "slow: dib's own elements from PyPI build debian-minimal (run with --ignored)"]
 fn dib_own_elements_build_debian_minimal_unchanged() {
+    crate::require_root!();
     let status = Command::new("bash")
         .arg(repo().join("tests/dib_build.sh"))
         .status()

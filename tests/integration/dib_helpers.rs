@@ -23,9 +23,9 @@ fn search() -> String {
 /// The binary with a clean environment, so nothing from the test runner leaks into `when`,
 /// install types or pkg-map defaults.
 fn strata() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    let mut c = crate::util::strata();
     c.env_clear();
-    c
+    Command::from_std(c)
 }
 
 const ELEMENTS: &str = "pkgs-base pkgs-build overridden no-map";

@@ -140,6 +140,7 @@ fn blake3_of(p: &Path) -> String {
 
 #[test]
 fn mbr_raw_qcow2_and_tar_from_one_build_read_back_as_configured_and_rerun_from_the_cache() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     let args = disk_args(&el, "block-device-mbr", &[]);
@@ -287,6 +288,7 @@ fn mbr_raw_qcow2_and_tar_from_one_build_read_back_as_configured_and_rerun_from_t
 
 #[test]
 fn gpt_layout_with_root_label_and_checksums() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     let args = disk_args(
@@ -342,6 +344,7 @@ fn gpt_layout_with_root_label_and_checksums() {
 
 #[test]
 fn rebuild_from_a_disk_phase_reruns_the_disk_step_in_plan_and_build() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     let args = disk_args(&el, "block-device-mbr", &[]);
@@ -362,6 +365,7 @@ fn rebuild_from_a_disk_phase_reruns_the_disk_step_in_plan_and_build() {
 /// file included), so switching `-t` between them reuses every one.
 #[test]
 fn a_disk_build_reuses_every_rootfs_step_of_a_tree_build() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     let elements = ["--element-path", &el, "fixture-app", "block-device-mbr"];
@@ -379,6 +383,7 @@ fn a_disk_build_reuses_every_rootfs_step_of_a_tree_build() {
 /// the mounted ext4 root and the ESP.
 #[test]
 fn two_cold_builds_with_source_date_epoch_give_the_same_raw_image() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     let args = disk_args(&el, "block-device-efi", &[]);
@@ -429,6 +434,7 @@ fn two_cold_builds_with_source_date_epoch_give_the_same_raw_image() {
 /// vfat (as on strata's CI) /boot/efi is staged and written into the ESP with mtools.
 #[test]
 fn efi_layout_builds_with_what_finalise_wrote_in_the_esp() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     f.build_ok(&disk_args(&el, "block-device-efi", &[]));
@@ -467,6 +473,7 @@ fn efi_layout_builds_with_what_finalise_wrote_in_the_esp() {
 
 #[test]
 fn a_failing_hook_in_the_disk_step_gives_the_hook_error_and_leaves_no_loop_device() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     fs::write(f.path().join("fail-disk"), "").unwrap();
@@ -496,6 +503,7 @@ fn a_failing_hook_in_the_disk_step_gives_the_hook_error_and_leaves_no_loop_devic
 
 #[test]
 fn an_absurd_image_size_is_one_line_of_bad_input() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     for size in ["inf", "20000000000000"] {
@@ -516,6 +524,7 @@ fn an_absurd_image_size_is_one_line_of_bad_input() {
 
 #[test]
 fn an_invalid_block_device_config_is_bad_input_naming_its_origin() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     let mut cmd = f.build_cmd(&disk_args(&el, "block-device-mbr", &[]));
@@ -545,6 +554,7 @@ fn an_invalid_block_device_config_is_bad_input_naming_its_origin() {
 
 #[test]
 fn sigkill_during_the_disk_step_leaves_no_loop_device_and_no_mount() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     let hold = f.path().join("hold-disk");
@@ -629,6 +639,7 @@ impl Drop for Qemu {
 #[test]
 #[ignore = "builds vm debian-minimal from the network and boots it under qemu (minutes); CI runs it with --ignored"]
 fn vm_debian_minimal_boots_to_a_login_prompt() {
+    crate::require_root!();
     let (dir, qcow2, _) = build_vm(&["vm", "debian-minimal"], None);
     boot_to_login(dir.path(), &qcow2, Firmware::Bios);
 }
@@ -640,6 +651,7 @@ fn vm_debian_minimal_boots_to_a_login_prompt() {
 #[test]
 #[ignore = "builds vm debian-minimal from the network and boots it under qemu (minutes); CI runs it with --ignored"]
 fn vm_efi_debian_minimal_with_source_date_epoch_boots_under_uefi_and_bios() {
+    crate::require_root!();
     let (dir, qcow2, log) = build_vm(
         &["vm", "block-device-efi", "debian-minimal"],
         Some("1700000000"),
@@ -774,6 +786,7 @@ fn boot_to_login(dir: &Path, qcow2: &Path, firmware: Firmware) -> String {
 
 #[test]
 fn disk_image_create_defaults_to_a_qcow2_image_like_dib() {
+    crate::require_root!();
     let f = BuildFixture::new();
     f.run_ok(
         crate::harness::strata()
@@ -805,6 +818,7 @@ fn disk_image_create_defaults_to_a_qcow2_image_like_dib() {
 
 #[test]
 fn tgz_and_squashfs_come_from_the_finished_disk_beside_the_qcow2() {
+    crate::require_root!();
     let f = BuildFixture::new();
     let el = shipped_elements();
     // The harness adds tar.

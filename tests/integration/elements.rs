@@ -1,7 +1,7 @@
 //! `strata elements` on fixture trees: resolution order, defaults, overrides, hooks, errors;
 //! and environment.d capture on a materialized fixture hook tree.
 
-use crate::util::{fixture, lines, run, strata};
+use crate::util::{fixture, lines, run, strata_with_fixture_elements};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -9,7 +9,7 @@ use strata::elements::{deps, discover, env, hooks};
 
 /// Runs `strata ARGS` expecting exit 2 and a single `error:` line containing `want`.
 fn fails_with(args: &[&str], want: &str) -> String {
-    let (stdout, stderr) = run(strata().args(args), 2);
+    let (stdout, stderr) = run(strata_with_fixture_elements().args(args), 2);
     assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
     let stderr = stderr.trim_end();
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
@@ -24,7 +24,7 @@ fn errors_dir() -> String {
 
 #[test]
 fn elements_are_printed_deps_first_ties_by_name_with_base_added() {
-    let (out, _) = run(strata().args(["elements", "app"]), 0);
+    let (out, _) = run(strata_with_fixture_elements().args(["elements", "app"]), 0);
     assert_eq!(
         lines(&out),
         ["base", "core", "lib-a", "lib-z", "os-minimal", "app"]
@@ -33,13 +33,19 @@ fn elements_are_printed_deps_first_ties_by_name_with_base_added() {
 
 #[test]
 fn dash_n_skips_base() {
-    let (out, _) = run(strata().args(["elements", "-n", "app"]), 0);
+    let (out, _) = run(
+        strata_with_fixture_elements().args(["elements", "-n", "app"]),
+        0,
+    );
     assert_eq!(lines(&out), ["core", "lib-a", "lib-z", "os-minimal", "app"]);
 }
 
 #[test]
 fn vm_without_a_block_device_gets_the_default_for_the_host_arch() {
-    let (out, _) = run(strata().args(["elements", "vm", "os-minimal"]), 0);
+    let (out, _) = run(
+        strata_with_fixture_elements().args(["elements", "vm", "os-minimal"]),
+        0,
+    );
     let default = match strata::arch::host_arch().as_str() {
         "arm64" | "aarch64" => "block-device-efi",
         _ => "block-device-mbr",
@@ -50,7 +56,13 @@ fn vm_without_a_block_device_gets_the_default_for_the_host_arch() {
 #[test]
 fn vm_with_a_named_block_device_element_gets_no_default() {
     let (out, _) = run(
-        strata().args(["elements", "-n", "vm", "os-minimal", "block-device-efi"]),
+        strata_with_fixture_elements().args([
+            "elements",
+            "-n",
+            "vm",
+            "os-minimal",
+            "block-device-efi",
+        ]),
         0,
     );
     assert_eq!(lines(&out), ["block-device-efi", "os-minimal", "vm"]);
@@ -59,7 +71,7 @@ fn vm_with_a_named_block_device_element_gets_no_default() {
 #[test]
 fn provided_virtual_names_are_not_listed_and_their_provider_comes_first() {
     let (out, _) = run(
-        strata().args(["elements", "needs-virt", "virt-provider"]),
+        strata_with_fixture_elements().args(["elements", "needs-virt", "virt-provider"]),
         0,
     );
     assert_eq!(
@@ -70,10 +82,18 @@ fn provided_virtual_names_are_not_listed_and_their_provider_comes_first() {
 
 #[test]
 fn output_is_the_same_every_run() {
-    let first = run(strata().args(["elements", "--hooks", "app", "vm"]), 0).0;
+    let first = run(
+        strata_with_fixture_elements().args(["elements", "--hooks", "app", "vm"]),
+        0,
+    )
+    .0;
     for _ in 0..3 {
         assert_eq!(
-            run(strata().args(["elements", "--hooks", "app", "vm"]), 0).0,
+            run(
+                strata_with_fixture_elements().args(["elements", "--hooks", "app", "vm"]),
+                0
+            )
+            .0,
             first
         );
     }
@@ -82,7 +102,13 @@ fn output_is_the_same_every_run() {
 #[test]
 fn dependency_cycles_terminate() {
     let (out, _) = run(
-        strata().args(["elements", "-n", "--element-path", &errors_dir(), "cycle-a"]),
+        strata_with_fixture_elements().args([
+            "elements",
+            "-n",
+            "--element-path",
+            &errors_dir(),
+            "cycle-a",
+        ]),
         0,
     );
     assert_eq!(lines(&out), ["os-minimal", "cycle-a", "cycle-b"]);
@@ -166,7 +192,7 @@ fn a_search_path_entry_that_is_not_a_directory_is_an_error() {
     );
     let file = fixture("builtin/base/README.rst");
     let (_, stderr) = run(
-        strata()
+        strata_with_fixture_elements()
             .env("ELEMENTS_PATH", &file)
             .args(["elements", "os-minimal"]),
         2,
@@ -176,7 +202,7 @@ fn a_search_path_entry_that_is_not_a_directory_is_an_error() {
         "{stderr}"
     );
     let (_, stderr) = run(
-        strata()
+        strata_with_fixture_elements()
             .env("STRATA_ELEMENTS_DIR", &missing)
             .args(["elements", "os-minimal"]),
         2,
@@ -246,7 +272,7 @@ fn a_non_utf8_element_name_is_an_error() {
 fn an_earlier_path_entry_overrides_a_later_one_and_says_so() {
     let over = fixture("override");
     let (out, stderr) = run(
-        strata().args([
+        strata_with_fixture_elements().args([
             "elements",
             "--hooks",
             "-n",
@@ -256,13 +282,30 @@ fn an_earlier_path_entry_overrides_a_later_one_and_says_so() {
         ]),
         0,
     );
+    // One summary line at info level; each override is named at debug level (-v).
     assert!(
-        stderr.contains(&format!(
+        stderr.contains("1 elements earlier on the element search path override"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("overrides"), "{stderr}");
+    let (_, verbose) = run(
+        strata_with_fixture_elements().args([
+            "-v",
+            "elements",
+            "-n",
+            "--element-path",
+            &over.display().to_string(),
+            "os-minimal",
+        ]),
+        0,
+    );
+    assert!(
+        verbose.contains(&format!(
             "element 'os-minimal' at {} overrides {}",
             over.join("os-minimal").display(),
             fixture("builtin/os-minimal").display()
         )),
-        "{stderr}"
+        "{verbose}"
     );
     assert!(out.contains("10-override-root"), "{out}");
     assert!(!out.contains("10-os-root"), "{out}");
@@ -270,7 +313,7 @@ fn an_earlier_path_entry_overrides_a_later_one_and_says_so() {
     // --element-path is searched before ELEMENTS_PATH, which is searched before the built-in.
     let empty = tempfile::tempdir().unwrap();
     let (out, _) = run(
-        strata()
+        strata_with_fixture_elements()
             .env("STRATA_ELEMENTS_DIR", empty.path())
             .env("ELEMENTS_PATH", fixture("builtin"))
             .args(["elements", "--json", "-n", "--element-path"])
@@ -284,7 +327,7 @@ fn an_earlier_path_entry_overrides_a_later_one_and_says_so() {
         over.join("os-minimal").display().to_string()
     );
     let (out, _) = run(
-        strata()
+        strata_with_fixture_elements()
             .env("ELEMENTS_PATH", &over)
             .args(["elements", "--json", "-n", "os-minimal"]),
         0,
@@ -299,7 +342,7 @@ fn an_earlier_path_entry_overrides_a_later_one_and_says_so() {
 #[test]
 fn hooks_are_listed_per_phase_in_dib_run_parts_order() {
     let (out, _) = run(
-        strata().args([
+        strata_with_fixture_elements().args([
             "elements",
             "--hooks",
             "-n",
@@ -357,7 +400,7 @@ fn the_same_hook_in_two_elements_is_an_error_naming_both() {
 #[test]
 fn json_lists_elements_with_paths_and_hooks_by_phase_in_build_order() {
     let (out, _) = run(
-        strata().args(["elements", "--json", "--hooks", "app", "vm"]),
+        strata_with_fixture_elements().args(["elements", "--json", "--hooks", "app", "vm"]),
         0,
     );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -398,7 +441,10 @@ fn json_lists_elements_with_paths_and_hooks_by_phase_in_build_order() {
     ];
     assert_eq!(install, want.map(|(a, b)| (a.to_string(), b.to_string())));
     // Without --hooks there is no "hooks" key.
-    let (out, _) = run(strata().args(["elements", "--json", "os-minimal"]), 0);
+    let (out, _) = run(
+        strata_with_fixture_elements().args(["elements", "--json", "os-minimal"]),
+        0,
+    );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v.get("hooks").is_none());
     assert_eq!(v["elements"].as_array().unwrap().len(), 2);
@@ -502,7 +548,7 @@ fn dib_compat_script_agrees_with_dib() {
 #[test]
 fn elements_takes_the_target_architecture_like_build() {
     let list = |extra: &[&str]| {
-        let out = strata()
+        let out = strata_with_fixture_elements()
             .args(["elements", "-n"])
             .args(extra)
             .args(["vm", "debian-minimal"])

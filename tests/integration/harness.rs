@@ -25,9 +25,7 @@ pub fn steps_then(tail: &[&'static str]) -> Vec<&'static str> {
     [SHARED_STEPS, tail].concat()
 }
 
-pub fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
+pub use crate::util::strata;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -126,7 +124,11 @@ impl BuildFixture {
 
     /// `strata plan --json` with the options `build_cmd(extra)` would use.
     pub fn plan(&self, extra: &[&str]) -> serde_json::Value {
-        let build = self.build_cmd(extra);
+        self.plan_of(&self.build_cmd(extra))
+    }
+
+    /// `strata plan --json` with the arguments and environment of a `build` command.
+    pub fn plan_of(&self, build: &Command) -> serde_json::Value {
         let mut c = strata();
         c.arg("plan").arg("--json").args(build.get_args().skip(1));
         for (k, v) in build.get_envs() {

@@ -13,7 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata::phase::Phase;
-use strata::runner::{HookOutcome, HookRun, Reporter, run_hook};
+use strata::progress::{Mode, Reporter};
+use strata::runner::{HookOutcome, HookRun, run_hook};
 use strata::sandbox::{
     BuildDir, ChrootMounts, HOST_RESOLV_FALLBACK, RESOLV_ASIDE, enter_private_namespace,
     mount_points_under,
@@ -103,7 +104,7 @@ fn host_run<'a>(script: &Path, env_files: Vec<PathBuf>) -> HookRun<'a> {
 }
 
 fn quiet_reporter() -> Reporter {
-    Reporter::new(None, true).unwrap()
+    Reporter::new(None, true, Mode::Plain).unwrap()
 }
 
 /// Mount points containing `needle` in the mount table of any thread of any process.
@@ -207,6 +208,7 @@ fn unique_token() -> String {
 #[test]
 #[ignore = "helper process for the other sandbox tests; does nothing on its own"]
 fn helper_process() {
+    crate::require_root!();
     let Ok(role) = std::env::var(HELPER_ENV) else {
         return;
     };
@@ -276,6 +278,7 @@ fn helper_process() {
 
 #[test]
 fn a_mount_made_in_the_private_namespace_never_reaches_the_host() {
+    crate::require_root!();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("mnt")).unwrap();
     let mnt = dir.path().join("mnt");
@@ -300,6 +303,7 @@ fn a_mount_made_in_the_private_namespace_never_reaches_the_host() {
 
 #[test]
 fn sigkill_of_strata_kills_every_hook_process_and_frees_every_mount() {
+    crate::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let token = unique_token();
     let mut helper = start_helper("sigkill", dir.path(), &token, false);
@@ -338,6 +342,7 @@ fn sigkill_of_strata_kills_every_hook_process_and_frees_every_mount() {
 
 #[test]
 fn ctrl_c_stops_the_hook_and_run_hook_reports_interrupted() {
+    crate::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let mut helper = start_helper("interrupt", dir.path(), &unique_token(), true);
     wait_for_file(&dir.path().join("ready"), &mut helper);
@@ -361,6 +366,7 @@ fn ctrl_c_stops_the_hook_and_run_hook_reports_interrupted() {
 
 #[test]
 fn a_hook_ignoring_the_interrupt_is_killed_after_the_grace_period() {
+    crate::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let mut helper = start_helper("interrupt-ignored", dir.path(), &unique_token(), true);
     wait_for_file(&dir.path().join("ready"), &mut helper);
@@ -432,16 +438,19 @@ fn sentinel_survives_cleanup(tmpfs: bool) {
 
 #[test]
 fn build_dir_cleanup_never_deletes_through_a_bind_mount() {
+    crate::require_root!();
     sentinel_survives_cleanup(false);
 }
 
 #[test]
 fn tmpfs_build_dir_cleanup_never_deletes_through_a_bind_mount() {
+    crate::require_root!();
     sentinel_survives_cleanup(true);
 }
 
 #[test]
 fn dropping_a_build_dir_cleans_it_up() {
+    crate::require_root!();
     private_ns();
     let parent = tempfile::tempdir().unwrap();
     let path = {
@@ -555,26 +564,31 @@ echo "# written by a hook" >> /etc/resolv.conf
 
 #[test]
 fn chroot_mounts_work_and_leave_the_tree_identical_without_resolv_conf() {
+    crate::require_root!();
     chroot_mounts_round_trip(Resolv::Missing);
 }
 
 #[test]
 fn chroot_mounts_work_and_leave_the_tree_identical_with_a_resolv_conf_file() {
+    crate::require_root!();
     chroot_mounts_round_trip(Resolv::File);
 }
 
 #[test]
 fn chroot_mounts_work_and_leave_the_tree_identical_with_a_dangling_resolv_conf_link() {
+    crate::require_root!();
     chroot_mounts_round_trip(Resolv::DanglingLink);
 }
 
 #[test]
 fn chroot_mounts_never_mount_through_a_resolv_conf_link_to_the_host() {
+    crate::require_root!();
     chroot_mounts_round_trip(Resolv::HostLink);
 }
 
 #[test]
 fn chroot_mounts_create_missing_mount_points_and_remove_them_again() {
+    crate::require_root!();
     private_ns();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -599,6 +613,7 @@ fn chroot_mounts_create_missing_mount_points_and_remove_them_again() {
 
 #[test]
 fn chroot_mounts_refuse_a_symlinked_mount_point_and_undo_the_rest() {
+    crate::require_root!();
     private_ns();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -636,6 +651,7 @@ fn run_script(body: &str, env_files: &[(&str, &str)]) -> (HookOutcome, tempfile:
 
 #[test]
 fn a_succeeding_hook_reports_success_and_its_output() {
+    crate::require_root!();
     let (o, _d) = run_script(
         "#!/bin/bash\necho one\necho two >&2\nprintf 'no newline'\n",
         &[],
@@ -649,6 +665,7 @@ fn a_succeeding_hook_reports_success_and_its_output() {
 
 #[test]
 fn a_failing_hook_reports_its_status_and_the_last_20_lines() {
+    crate::require_root!();
     let (o, _d) = run_script(
         "#!/bin/bash\nfor i in $(seq 1 30); do echo line$i; done\nexit 7\n",
         &[],
@@ -662,6 +679,7 @@ fn a_failing_hook_reports_its_status_and_the_last_20_lines() {
 
 #[test]
 fn output_lines_keep_empty_lines_and_a_line_without_end_is_cut_into_pieces() {
+    crate::require_root!();
     // 200,000 bytes with no newline (a progress meter redrawn with \r), then ordinary lines.
     let (o, _d) = run_script(
         "#!/bin/bash\nhead -c 200000 /dev/zero | tr '\\0' x\nprintf '\\nafter\\n\\nlast'\n",
@@ -687,6 +705,7 @@ fn output_lines_keep_empty_lines_and_a_line_without_end_is_cut_into_pieces() {
 
 #[test]
 fn a_hook_killed_by_a_signal_reports_the_signal() {
+    crate::require_root!();
     let (o, _d) = run_script("#!/bin/bash\necho bye\nkill -TERM $$\n", &[]);
     assert!(!o.success);
     assert_eq!(o.signal, Some(libc::SIGTERM));
@@ -695,6 +714,7 @@ fn a_hook_killed_by_a_signal_reports_the_signal() {
 
 #[test]
 fn env_files_are_sourced_in_the_given_order_before_the_hook() {
+    crate::require_root!();
     let (o, _d) = run_script(
         "#!/bin/bash\necho \"order=$ORDER\"\n",
         &[
@@ -708,6 +728,7 @@ fn env_files_are_sourced_in_the_given_order_before_the_hook() {
 
 #[test]
 fn a_failing_env_file_stops_before_the_hook() {
+    crate::require_root!();
     let (o, d) = run_script(
         "#!/bin/bash\ntouch \"$0.ran\"\n",
         &[("10-fail", "echo about to fail\nexit 3\n")],
@@ -720,6 +741,7 @@ fn a_failing_env_file_stops_before_the_hook() {
 
 #[test]
 fn an_env_file_using_an_unset_variable_fails_under_set_u() {
+    crate::require_root!();
     let (o, _d) = run_script(
         "#!/bin/bash\necho hook ran\n",
         &[("10-unset", "export X=$STRATA_SURELY_UNSET_VARIABLE\n")],
@@ -735,6 +757,7 @@ fn an_env_file_using_an_unset_variable_fails_under_set_u() {
 
 #[test]
 fn a_host_hook_gets_exactly_the_given_environment() {
+    crate::require_root!();
     let (o, _d) = run_script("#!/bin/bash\necho \"tmpdir=$TMPDIR\"\nenv | sort\n", &[]);
     assert!(o.success, "{:?}", o.tail);
     assert_eq!(o.tail[0], "tmpdir=/tmp");
@@ -748,6 +771,7 @@ fn a_host_hook_gets_exactly_the_given_environment() {
 
 #[test]
 fn debug_trace_shows_the_sourced_env_files() {
+    crate::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let hook = dir.path().join("root.d/50-test");
     write_exec(&hook, "#!/bin/bash\necho hook\n");
@@ -768,12 +792,13 @@ fn debug_trace_shows_the_sourced_env_files() {
 
 #[test]
 fn output_lines_are_prefixed_and_appended_to_the_log() {
+    crate::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("build.log");
     std::fs::write(&log, "earlier line\n").unwrap();
     let hook = dir.path().join("root.d/50-test");
     write_exec(&hook, "#!/bin/bash\necho hello\necho world >&2\n");
-    let reporter = Reporter::new(Some(&log), true).unwrap();
+    let reporter = Reporter::new(Some(&log), true, Mode::Plain).unwrap();
     reporter.println("status message");
     let o = run_hook(&host_run(&hook, vec![]), &reporter).unwrap();
     assert!(o.success);
@@ -789,6 +814,7 @@ fn output_lines_are_prefixed_and_appended_to_the_log() {
 
 #[test]
 fn a_missing_hook_is_a_failed_outcome_not_a_crash() {
+    crate::require_root!();
     let dir = tempfile::tempdir().unwrap();
     let o = run_hook(
         &host_run(&dir.path().join("nope"), vec![]),
@@ -801,6 +827,7 @@ fn a_missing_hook_is_a_failed_outcome_not_a_crash() {
 
 #[test]
 fn a_chroot_without_bash_runs_the_hook_through_sh() {
+    crate::require_root!();
     private_ns();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");

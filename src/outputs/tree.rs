@@ -1,135 +1,70 @@
 //! Tree outputs (`tar`, `tgz`, `squashfs`): written from a finished root folder (the restored
-//! rootfs, or the mounted disk), each stored in the cache as a zstd blob under a key the caller
-//! chooses, and written back from that blob on a no-op rebuild.
+//! rootfs, or the mounted disk), each kept in the cache as a zstd blob under a key the caller
+//! chooses, and written back from that blob on a no-op rebuild; and the sparse, verified copy
+//! of any cached output blob back into a file.
 //!
 //! ```text
-//! check_tools(types, PATH, SOURCE_DATE_EPOCH)   before any hook runs (a missing tool: exit 3)
-//! write(store, root, scan, [(type, key)], ..)
+//! write(cache, root, scan, [(type, key)], ..)
 //!   tar, tgz   ONE deterministic tar stream (layer::write_tar) ─┬─► NAME.tar            (+ blob)
 //!                                                               └─► gzip -9 ─► NAME.tgz (+ blob)
 //!              (flate2: no file name, mtime 0, so NAME.tgz is gunzip-equal to NAME.tar)
 //!   squashfs   mksquashfs ROOT NAME.squash -comp xz -noappend [-all-time T -mkfs-time T]
 //!              -e proc/* sys/*  ─► hashed ─► blob
-//! restore(store, blob digest, path)              the blob back into the file, hashed
+//! keep(cache, key, reader, copy_to)   one pass: blake3 + zstd blob (+ a sparse copy)
+//! restore(cache, digest, path)        blob ─► temp file beside path (sparse) ─► digest checked
+//!                                     ─► renamed into place (a bad blob never leaves a file)
 //! ```
 //!
 //! The squashfs file is `NAME.squash`, as dib names it. With SOURCE_DATE_EPOCH set, every time
 //! in it is that value (mksquashfs has no clamp: the tar keeps older mtimes, the squashfs does
 //! not); without it, mksquashfs records the files' times and the current time.
 //! dib's `DIB_GZIP_BIN` is not used: the gzip stream is made in-process, so its bytes do not
-//! depend on the host's gzip.
+//! depend on the host's gzip. Every loop here stops on SIGINT/SIGTERM ([`crate::cancel`]).
 
+use super::{OutputType, Timings, Written};
+use crate::cache::{BlobSink, StepCache};
 use crate::error::{Exit, Failure};
+use crate::fsutil::{now, temp_beside};
 use crate::layer::{self, Changeset, PackOptions, Scan};
-use crate::store::{BlobWriter, Store};
 use anyhow::{Context, Result};
-use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-/// The output types written from a root folder.
-pub const TREE_TYPES: &[&str] = &["tar", "tgz", "squashfs"];
-
-/// True for `tar`, `tgz` and `squashfs`.
-pub fn is_tree_type(t: &str) -> bool {
-    TREE_TYPES.contains(&t)
-}
-
-/// True when writing `types` needs a scan of the root (the tar stream of `tar` / `tgz`).
-pub fn needs_scan<S: AsRef<str>>(types: &[S]) -> bool {
-    types.iter().any(|t| matches!(t.as_ref(), "tar" | "tgz"))
-}
-
-/// The file an output type is written to: `NAME.<type>`, except `NAME.squash` for squashfs.
-pub fn path(image_name: &str, t: &str) -> PathBuf {
-    let ext = if t == "squashfs" { "squash" } else { t };
-    PathBuf::from(format!("{image_name}.{ext}"))
-}
-
-/// Host tools some output types need: (type, program, Debian package).
-const TOOLS: &[(&str, &str, &str)] = &[
-    ("squashfs", "mksquashfs", "squashfs-tools"),
-    ("qcow2", "qemu-img", "qemu-utils"),
-    ("vhd", "qemu-img", "qemu-utils"),
-];
-
-/// dib's tool checks, made before anything runs: every requested type's host tool must be on
-/// `path_env` (exit status 3 otherwise), and a squashfs's SOURCE_DATE_EPOCH must fit its 32-bit
-/// times.
-pub fn check_tools(
-    types: &[String],
-    path_env: Option<&OsStr>,
-    source_date_epoch: Option<i64>,
-) -> Result<(), Failure> {
-    for (ty, tool, package) in TOOLS {
-        if types.iter().any(|t| t == ty) && crate::tools::find_program(tool, path_env).is_none() {
-            return Err(Failure::new(
-                Exit::Environment,
-                format!(
-                    "-t {ty} needs {tool}, which is not on PATH: install the Debian package {package}"
-                ),
-            ));
-        }
-    }
-    if types.iter().any(|t| t == "squashfs")
-        && let Some(sde) = source_date_epoch
-        && u32::try_from(sde).is_err()
-    {
-        return Err(Failure::bad_input(format!(
-            "SOURCE_DATE_EPOCH={sde}: -t squashfs stores times as unsigned 32-bit seconds; \
-             use a value from 0 to {}",
-            u32::MAX
-        )));
-    }
-    Ok(())
-}
-
-/// What took how long (seconds), for the build's timing table.
-pub type Timings = Vec<(String, f64)>;
-
-/// One output written.
-#[derive(Debug, Clone)]
-pub struct Written {
-    pub r#type: String,
-    pub path: PathBuf,
-    pub blake3: String,
-}
-
 /// Writes the tree outputs `wanted` (type, cache key) of the folder `root` as `NAME.<ext>`,
-/// storing each as a blob under its key when there is a store. `scan` (of `root`) is needed
-/// for `tar` and `tgz` (see [`needs_scan`]). Returns the outputs in `wanted` order and their
+/// keeping each as a blob under its key in `cache`. `scan` (of `root`) is needed for `tar`
+/// and `tgz` ([`OutputType::needs_scan`]). Returns the outputs in `wanted` order and their
 /// timings.
 pub fn write(
-    store: Option<&Store>,
+    cache: &dyn StepCache,
     root: &Path,
     scan: Option<&Scan>,
-    wanted: &[(String, String)],
+    wanted: &[(OutputType, String)],
     image_name: &str,
     opts: &PackOptions,
 ) -> Result<(Vec<Written>, Timings)> {
     let mut written = Vec::new();
     let mut timings = Vec::new();
-    let key_of = |ty: &str| {
+    let key_of = |ty: OutputType| {
         wanted
             .iter()
-            .find(|(t, _)| t == ty)
+            .find(|(t, _)| *t == ty)
             .map(|(_, k)| k.as_str())
     };
-    let (tar_key, tgz_key) = (key_of("tar"), key_of("tgz"));
+    let (tar_key, tgz_key) = (key_of(OutputType::Tar), key_of(OutputType::Tgz));
     if tar_key.is_some() || tgz_key.is_some() {
         let started = Instant::now();
         let scan = scan.context("a tar output needs a scan of the root folder")?;
         let mut fan = Fan {
             tar: tar_key
-                .map(|_| FileSink::create(&path(image_name, "tar"), store, opts))
+                .map(|_| FileSink::create(&OutputType::Tar.path(image_name), cache, opts))
                 .transpose()?,
             tgz: match tgz_key {
                 Some(_) => {
-                    let sink = FileSink::create(&path(image_name, "tgz"), store, opts)?;
+                    let sink = FileSink::create(&OutputType::Tgz.path(image_name), cache, opts)?;
                     // OS 3 (Unix) as gzip writes it; no name, mtime 0: reproducible bytes.
                     Some(
                         flate2::GzBuilder::new()
@@ -148,22 +83,25 @@ pub fn write(
             .map(|(t, _)| t)
             .collect();
         if let (Some(sink), Some(key)) = (fan.tar, tar_key) {
-            written.push(sink.finish(store, key, "tar", image_name)?);
+            written.push(sink.finish(cache, key, OutputType::Tar, image_name)?);
         }
         if let (Some(gz), Some(key)) = (fan.tgz, tgz_key) {
-            let sink = gz
-                .finish()
-                .with_context(|| format!("cannot write {}", path(image_name, "tgz").display()))?;
-            written.push(sink.finish(store, key, "tgz", image_name)?);
+            let sink = gz.finish().with_context(|| {
+                format!(
+                    "cannot write {}",
+                    OutputType::Tgz.path(image_name).display()
+                )
+            })?;
+            written.push(sink.finish(cache, key, OutputType::Tgz, image_name)?);
         }
         timings.push((
             format!("output {}", label.join("+")),
             started.elapsed().as_secs_f64(),
         ));
     }
-    if let Some(key) = key_of("squashfs") {
+    if let Some(key) = key_of(OutputType::Squashfs) {
         let started = Instant::now();
-        written.push(write_squashfs(store, root, key, image_name, opts)?);
+        written.push(write_squashfs(cache, root, key, image_name, opts)?);
         timings.push(("output squashfs".into(), started.elapsed().as_secs_f64()));
     }
     written.sort_by_key(|w| wanted.iter().position(|(t, _)| *t == w.r#type));
@@ -173,14 +111,14 @@ pub fn write(
 /// `mksquashfs ROOT NAME.squash -comp xz -noappend` into a temp file beside the output, then
 /// hashed (and stored) and renamed into place.
 fn write_squashfs(
-    store: Option<&Store>,
+    cache: &dyn StepCache,
     root: &Path,
     key: &str,
     image_name: &str,
     opts: &PackOptions,
 ) -> Result<Written> {
-    let dest = path(image_name, "squashfs");
-    let tmp = crate::build::temp_beside(&dest)?;
+    let dest = OutputType::Squashfs.path(image_name);
+    let tmp = temp_beside(&dest)?;
     let mut cmd = Command::new("mksquashfs");
     cmd.arg(root)
         .arg(tmp.path())
@@ -202,12 +140,22 @@ fn write_squashfs(
     // Like dib's tar: leave out what lives under the API file systems' mount points.
     cmd.args(["-wildcards", "-e", "proc/*", "sys/*"]);
     let shown = format!("mksquashfs {} {}", root.display(), dest.display());
-    let out = cmd.output().map_err(|e| {
-        Failure::new(
-            Exit::Environment,
-            format!("cannot run mksquashfs ({e}); install the Debian package squashfs-tools"),
-        )
-    })?;
+    let out = match crate::tools::output(&mut cmd) {
+        Ok(out) => out,
+        Err(e)
+            if e.get_ref()
+                .is_some_and(|i| i.is::<crate::cancel::Cancelled>()) =>
+        {
+            return Err(e.into());
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                Exit::Environment,
+                format!("cannot run mksquashfs ({e}); install the Debian package squashfs-tools"),
+            )
+            .into());
+        }
+    };
     if !out.status.success() {
         let text = String::from_utf8_lossy(&out.stderr);
         let last = text
@@ -217,40 +165,30 @@ fn write_squashfs(
             .unwrap_or("no message");
         anyhow::bail!("{shown} failed ({}): {}", out.status, last.trim());
     }
-    crate::build::set_mode(tmp.path(), 0o644)
+    crate::fsutil::set_mode(tmp.path(), 0o644)
         .with_context(|| format!("cannot set the mode of {}", tmp.path().display()))?;
-    let blake3 = store_file(store, key, tmp.path())?;
+    let blake3 = store_file(cache, key, tmp.path())?;
     tmp.persist(&dest)
         .with_context(|| format!("cannot write {}", dest.display()))?;
     Ok(Written {
-        r#type: "squashfs".into(),
+        r#type: OutputType::Squashfs,
         path: dest,
         blake3,
+        cached: false,
     })
 }
 
-/// The cache key of one output of type `t`, from the key of what it is made of (the last
-/// step's key for tree outputs, the disk step's key for disk builds).
-pub fn type_key(base: &str, t: &str) -> String {
-    blake3::Hasher::new_derive_key("strata 2026-11 output key v1")
-        .update(base.as_bytes())
-        .update(b"\0")
-        .update(t.as_bytes())
-        .finalize()
-        .to_hex()
-        .to_string()
-}
-
-/// Hashes the file at `p` and, with a store, keeps it as a zstd blob under `key`.
-fn store_file(store: Option<&Store>, key: &str, p: &Path) -> Result<String> {
+/// Hashes the file at `p` and keeps it as a zstd blob under `key` (if the cache keeps any).
+fn store_file(cache: &dyn StepCache, key: &str, p: &Path) -> Result<String> {
     let mut src = fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
-    keep(store, key, &mut src, None)
+    keep(cache, key, &mut src, None)
 }
 
-/// Reads `src` once: hashes it, keeps it zstd-compressed as an output blob under `key` (with a
-/// store), and writes it sparse to `copy_to` (when given). Returns the blake3 of the content.
+/// Reads `src` once: hashes it, keeps it zstd-compressed as an output blob under `key` (if the
+/// cache keeps any), and writes it sparse to `copy_to` (when given). Returns the blake3 of the
+/// content.
 pub fn keep(
-    store: Option<&Store>,
+    cache: &dyn StepCache,
     key: &str,
     src: &mut impl Read,
     copy_to: Option<&Path>,
@@ -260,10 +198,7 @@ pub fn keep(
         Some(p) => Some((SparseFile::create(p)?, p)),
         None => None,
     };
-    let mut blob = match store {
-        Some(s) => Some(s.blob_writer()?),
-        None => None,
-    };
+    let mut blob: Option<Box<dyn BlobSink>> = cache.blob_sink()?;
     {
         let mut enc = match blob.as_mut() {
             Some(b) => {
@@ -275,6 +210,7 @@ pub fn keep(
         };
         let mut buf = vec![0u8; 1 << 20];
         loop {
+            crate::cancel::check()?;
             let n = read_full(src, &mut buf)?;
             if n == 0 {
                 break;
@@ -295,32 +231,34 @@ pub fn keep(
     if let Some((f, p)) = sparse {
         f.persist(p)?;
     }
-    if let (Some(store), Some(blob)) = (store, blob) {
+    if let Some(blob) = blob {
         let (digest, size) = blob.finish()?;
-        store.put_output(key, &digest, size, crate::build::now())?;
+        cache.put_output(key, &digest, size, now())?;
     }
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// The output cached under `out_key`, written to `path` (and marked used at `now`): its blake3,
-/// or None when there is none or its blob turns out damaged (a warning says so, ending with
-/// `then`, what the build does instead).
+/// The output cached under `out_key`, written to `path` (and marked used): its blake3, or None
+/// when there is none or its blob turns out damaged (a warning says so, ending with `then`,
+/// what the build does instead).
 pub fn restore_cached(
-    store: &Store,
+    cache: &dyn StepCache,
     out_key: &str,
-    kind: &str,
+    kind: OutputType,
     path: &Path,
-    now: i64,
     then: &str,
 ) -> Result<Option<String>> {
-    let Some(rec) = store.get_output(out_key)? else {
+    let Some(rec) = cache.get_output(out_key)? else {
         return Ok(None);
     };
-    match restore(store, &rec.blob_digest, path) {
+    match restore(cache, &rec.blob_digest, path) {
         Ok(digest) => {
-            store.touch_output(out_key, now)?;
+            if cache.writable() {
+                cache.touch_output(out_key, now())?;
+            }
             Ok(Some(digest))
         }
+        Err(e) if crate::cancel::find(&e).is_some() => Err(e),
         Err(e) => {
             tracing::warn!(
                 "cached {kind} output is corrupt ({}); {then}",
@@ -331,17 +269,19 @@ pub fn restore_cached(
     }
 }
 
-/// Writes a cached output blob (zstd) to `path`, sparse; on a damaged blob, reads it to the
-/// end so the store sees the digest mismatch and deletes it. Returns the blake3 of what was
-/// written.
-pub fn restore(store: &Store, digest: &str, path: &Path) -> Result<String> {
-    let mut blob = store.open_blob(digest)?;
+/// Writes a cached output blob (zstd) to `path`, sparse: into a temp file beside it that is
+/// renamed into place only once the blob's digest checked out, so a damaged blob never leaves
+/// a bad file under the output's name (the cache sees the mismatch and deletes the blob).
+/// Returns the blake3 of what was written.
+pub fn restore(cache: &dyn StepCache, digest: &str, path: &Path) -> Result<String> {
+    let mut blob = cache.open_blob(digest)?;
+    let mut out = SparseFile::create(path)?;
     let written = (|| -> Result<String> {
         let mut dec = zstd::Decoder::new(&mut blob)?;
-        let mut out = SparseFile::create(path)?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
+            crate::cancel::check()?;
             let n = read_full(&mut dec, &mut buf)?;
             if n == 0 {
                 break;
@@ -349,12 +289,12 @@ pub fn restore(store: &Store, digest: &str, path: &Path) -> Result<String> {
             hasher.update(&buf[..n]);
             out.write(&buf[..n])?;
         }
-        out.persist(path)?;
         Ok(hasher.finalize().to_hex().to_string())
     })();
     let checked = blob.finish();
     let digest = written?;
-    checked?;
+    checked.with_context(|| format!("the cached copy of {} is damaged", path.display()))?;
+    out.persist(path)?;
     Ok(digest)
 }
 
@@ -379,6 +319,7 @@ struct Fan {
 
 impl Write for Fan {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        crate::cancel::check_io()?;
         if let Some(t) = self.tar.as_mut() {
             t.write_all(buf)?;
         }
@@ -398,18 +339,18 @@ impl Write for Fan {
 }
 
 /// One output file being written: a temp file beside it, hashed, and copied into a zstd blob
-/// when there is a store.
+/// when the cache keeps outputs.
 struct FileSink {
     file: Hashing<BufWriter<tempfile::NamedTempFile>>,
-    blob: Option<zstd::Encoder<'static, BlobWriter>>,
+    blob: Option<zstd::Encoder<'static, Box<dyn BlobSink>>>,
 }
 
 impl FileSink {
-    fn create(dest: &Path, store: Option<&Store>, opts: &PackOptions) -> Result<FileSink> {
-        let tmp = crate::build::temp_beside(dest)?;
-        let blob = match store {
-            Some(s) => {
-                let mut enc = zstd::Encoder::new(s.blob_writer()?, opts.level)?;
+    fn create(dest: &Path, cache: &dyn StepCache, opts: &PackOptions) -> Result<FileSink> {
+        let tmp = temp_beside(dest)?;
+        let blob = match cache.blob_sink()? {
+            Some(sink) => {
+                let mut enc = zstd::Encoder::new(sink, opts.level)?;
                 enc.multithread(opts.workers.max(1))?;
                 Some(enc)
             }
@@ -424,18 +365,18 @@ impl FileSink {
         })
     }
 
-    /// Stores the blob under `key`, renames the file into place, returns what was written.
+    /// Keeps the blob under `key`, renames the file into place, returns what was written.
     fn finish(
         self,
-        store: Option<&Store>,
+        cache: &dyn StepCache,
         key: &str,
-        ty: &str,
+        ty: OutputType,
         image_name: &str,
     ) -> Result<Written> {
-        let dest = path(image_name, ty);
-        if let (Some(store), Some(enc)) = (store, self.blob) {
+        let dest = ty.path(image_name);
+        if let Some(enc) = self.blob {
             let (digest, size) = enc.finish()?.finish()?;
-            store.put_output(key, &digest, size, crate::build::now())?;
+            cache.put_output(key, &digest, size, now())?;
         }
         let blake3 = self.file.hasher.finalize().to_hex().to_string();
         let tmp = self
@@ -447,9 +388,10 @@ impl FileSink {
         tmp.persist(&dest)
             .with_context(|| format!("cannot write {}", dest.display()))?;
         Ok(Written {
-            r#type: ty.into(),
+            r#type: ty,
             path: dest,
             blake3,
+            cached: false,
         })
     }
 }
@@ -482,7 +424,7 @@ impl SparseFile {
     const BLOCK: usize = 4096;
 
     fn create(dest: &Path) -> Result<SparseFile> {
-        let tmp = crate::build::temp_beside(dest)?;
+        let tmp = temp_beside(dest)?;
         Ok(SparseFile { tmp, pos: 0 })
     }
 
@@ -539,8 +481,11 @@ impl<W: Write> Write for Hashing<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::{Local, NoCache};
+    use crate::store::Store;
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     fn tree(dir: &Path) -> PathBuf {
         let root = dir.join("root");
@@ -579,11 +524,12 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn wanted(types: &[&str]) -> Vec<(String, String)> {
-        types
-            .iter()
-            .map(|t| (t.to_string(), format!("key-of-{t}")))
-            .collect()
+    fn wanted(types: &[OutputType]) -> Vec<(OutputType, String)> {
+        types.iter().map(|t| (*t, format!("key-of-{t}"))).collect()
+    }
+
+    fn local(dir: &Path) -> Local {
+        Local::new(Store::open(&dir.join("cache")).unwrap())
     }
 
     fn opts(sde: Option<i64>) -> PackOptions {
@@ -595,63 +541,25 @@ mod tests {
     }
 
     #[test]
-    fn squashfs_is_named_squash_and_the_rest_by_type() {
-        assert_eq!(path("out/img", "squashfs"), Path::new("out/img.squash"));
-        assert_eq!(path("img", "tgz"), Path::new("img.tgz"));
-        assert_eq!(path("img", "tar"), Path::new("img.tar"));
-        assert!(needs_scan(&["squashfs", "tgz"]));
-        assert!(!needs_scan(&["squashfs"]));
-        assert!(is_tree_type("tgz") && !is_tree_type("qcow2"));
-    }
-
-    #[test]
-    fn a_missing_tool_is_an_environment_failure_naming_tool_and_package() {
-        let dir = tempfile::tempdir().unwrap();
-        let types = vec!["tar".to_string(), "squashfs".to_string()];
-        let e = check_tools(&types, Some(dir.path().as_os_str()), None).unwrap_err();
-        assert_eq!(e.exit, Exit::Environment);
-        assert!(e.message.contains("mksquashfs"), "{}", e.message);
-        assert!(e.message.contains("squashfs-tools"), "{}", e.message);
-        assert!(!e.message.contains('\n'));
-        // A non-executable file of that name does not count; an executable one does.
-        let tool = dir.path().join("mksquashfs");
-        fs::write(&tool, "#!/bin/sh\n").unwrap();
-        fs::set_permissions(&tool, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(check_tools(&types, Some(dir.path().as_os_str()), None).is_err());
-        fs::set_permissions(&tool, fs::Permissions::from_mode(0o755)).unwrap();
-        check_tools(&types, Some(dir.path().as_os_str()), None).unwrap();
-        // No tool needed for tar / tgz, even with no PATH at all.
-        check_tools(&["tar".into(), "tgz".into()], None, None).unwrap();
-        let q = check_tools(&["qcow2".into()], Some(dir.path().as_os_str()), None).unwrap_err();
-        assert!(q.message.contains("qemu-img") && q.message.contains("qemu-utils"));
-        // squashfs times are 32-bit.
-        let late = check_tools(&types, Some(dir.path().as_os_str()), Some(1 << 33)).unwrap_err();
-        assert_eq!(late.exit, Exit::BadInput);
-        assert!(
-            late.message.contains("SOURCE_DATE_EPOCH"),
-            "{}",
-            late.message
-        );
-        check_tools(&["tar".into()], None, Some(-5)).unwrap();
-    }
-
-    #[test]
     fn tar_tgz_and_squashfs_from_one_tree_stored_and_restored() {
         let dir = tempfile::tempdir().unwrap();
         let root = tree(dir.path());
-        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let cache = local(dir.path());
         let name = dir.path().join("img").display().to_string();
         let scan = layer::scan(&root, &Default::default()).unwrap();
-        let want = wanted(&["squashfs", "tgz", "tar"]);
+        let want = wanted(&[OutputType::Squashfs, OutputType::Tgz, OutputType::Tar]);
         let (written, timings) =
-            write(Some(&store), &root, Some(&scan), &want, &name, &opts(None)).unwrap();
-        let types: Vec<&str> = written.iter().map(|w| w.r#type.as_str()).collect();
-        assert_eq!(types, ["squashfs", "tgz", "tar"]);
+            write(&cache, &root, Some(&scan), &want, &name, &opts(None)).unwrap();
+        let types: Vec<OutputType> = written.iter().map(|w| w.r#type).collect();
+        assert_eq!(
+            types,
+            [OutputType::Squashfs, OutputType::Tgz, OutputType::Tar]
+        );
         assert_eq!(timings.len(), 2, "{timings:?}");
         let (tar, tgz, squash) = (
-            path(&name, "tar"),
-            path(&name, "tgz"),
-            path(&name, "squashfs"),
+            OutputType::Tar.path(&name),
+            OutputType::Tgz.path(&name),
+            OutputType::Squashfs.path(&name),
         );
         for w in &written {
             assert_eq!(b3(&w.path), w.blake3, "{}", w.r#type);
@@ -673,15 +581,15 @@ mod tests {
         assert!(!list.contains("proc/1"), "{list}");
         assert!(!list.contains("sys/kernel"), "{list}");
 
-        // Every output is in the store under its key, and restores byte for byte.
+        // Every output is in the cache under its key, and restores byte for byte.
         for w in &written {
-            let rec = store
+            let rec = cache
                 .get_output(&format!("key-of-{}", w.r#type))
                 .unwrap()
                 .unwrap();
             fs::remove_file(&w.path).unwrap();
             assert_eq!(
-                restore(&store, &rec.blob_digest, &w.path).unwrap(),
+                restore(&cache, &rec.blob_digest, &w.path).unwrap(),
                 w.blake3
             );
             assert_eq!(b3(&w.path), w.blake3);
@@ -689,10 +597,80 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_cached_output_never_appears_under_the_output_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = local(dir.path());
+        let data = vec![7u8; 3 << 20];
+        keep(&cache, "k", &mut &data[..], None).unwrap();
+        let rec = cache.get_output("k").unwrap().unwrap();
+        // Flip a byte of the blob, keeping its size.
+        let blob = cache.store().blob_path(&rec.blob_digest);
+        let mut bytes = fs::read(&blob).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&blob, bytes).unwrap();
+        let dest = dir.path().join("img.raw");
+        assert!(restore(&cache, &rec.blob_digest, &dest).is_err());
+        assert!(!dest.exists(), "a bad output was left under its name");
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| {
+                n.to_string_lossy()
+                    .starts_with(crate::fsutil::OUTPUT_TEMP_PREFIX)
+            })
+            .collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
+    }
+
+    #[test]
+    fn sparse_copy_keeps_content_and_leaves_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 8 << 20];
+        data[5000] = 1; // in the 2nd block
+        data[(6 << 20) + 10] = 7;
+        let last = data.len() - 1;
+        data[last] = 9;
+        let dest = dir.path().join("out.raw");
+        let digest = keep(&NoCache, "k", &mut &data[..], Some(&dest)).unwrap();
+        assert_eq!(digest, blake3::hash(&data).to_hex().to_string());
+        assert_eq!(fs::read(&dest).unwrap(), data);
+        let md = fs::metadata(&dest).unwrap();
+        assert_eq!(md.len(), data.len() as u64);
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "not sparse: {} blocks",
+            md.blocks()
+        );
+        // A file ending in a hole still has its full length.
+        let zeros = vec![0u8; 3 << 20];
+        let dest2 = dir.path().join("zeros.raw");
+        keep(&NoCache, "k", &mut &zeros[..], Some(&dest2)).unwrap();
+        assert_eq!(fs::metadata(&dest2).unwrap().len(), 3 << 20);
+    }
+
+    #[test]
+    fn stored_output_restores_byte_identical_and_sparse() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = local(dir.path());
+        let mut data = vec![0u8; 4 << 20];
+        data[123] = 42;
+        data[3 << 20] = 1;
+        let digest = keep(&cache, "out-key", &mut &data[..], None).unwrap();
+        let rec = cache.get_output("out-key").unwrap().unwrap();
+        let dest = dir.path().join("back.raw");
+        assert_eq!(restore(&cache, &rec.blob_digest, &dest).unwrap(), digest);
+        assert_eq!(fs::read(&dest).unwrap(), data);
+        assert!(fs::metadata(&dest).unwrap().blocks() * 512 < 1 << 20);
+    }
+
+    #[test]
     fn with_source_date_epoch_the_outputs_do_not_depend_on_file_times() {
         let dir = tempfile::tempdir().unwrap();
         let root = tree(dir.path());
-        let want = wanted(&["tgz", "squashfs"]);
+        let want = wanted(&[OutputType::Tgz, OutputType::Squashfs]);
         let mut digests = Vec::new();
         for round in 0..2 {
             if round == 1 {
@@ -709,7 +687,7 @@ mod tests {
             let scan = layer::scan(&root, &Default::default()).unwrap();
             let name = dir.path().join(format!("img{round}")).display().to_string();
             let (written, _) = write(
-                None,
+                &NoCache,
                 &root,
                 Some(&scan),
                 &want,
@@ -728,10 +706,10 @@ mod tests {
         let name = dir.path().join("img").display().to_string();
         let missing = dir.path().join("no-such-root");
         let e = write(
-            None,
+            &NoCache,
             &missing,
             None,
-            &wanted(&["squashfs"]),
+            &wanted(&[OutputType::Squashfs]),
             &name,
             &opts(None),
         )
@@ -739,7 +717,7 @@ mod tests {
         .to_string();
         assert!(e.contains("mksquashfs"), "{e}");
         assert!(!e.contains('\n'), "{e}");
-        assert!(!path(&name, "squashfs").exists());
+        assert!(!OutputType::Squashfs.path(&name).exists());
         // No temp file left beside the output.
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");

@@ -1,14 +1,13 @@
-//! Image outputs: `qemu-img convert` of the raw image, `.md5`/`.sha256` checksum files, and
-//! copying a tree into the mounted file systems.
+//! Disk conversions: `qemu-img convert` of the raw image, and copying a tree into the mounted
+//! file systems.
 //!
 //! ```text
 //! raw ──convert(fmt)──► <out>-new ──rename──► <out>       (dib's compress_and_save_image)
-//! <out> ──write_checksums──► <out>.md5, <out>.sha256      (md5sum / sha256sum, in parallel)
 //! tree ──copy_tree──► mounted root                         (cp -a --sparse=always)
 //! ```
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use super::ImageError;
 use super::partition::one_line;
@@ -52,14 +51,23 @@ pub fn convert(
     }
     cmd.arg(raw).arg(&tmp);
     let shown = format!("qemu-img convert {} -> {}", raw.display(), tmp.display());
-    let result = cmd
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| ImageError::Command {
-            command: shown.clone(),
-            detail: format!("cannot run qemu-img ({e}); install qemu-utils"),
-        })?;
+    cmd.env("LC_ALL", "C");
+    let result = match crate::tools::output(&mut cmd) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            if let Some(c) = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<crate::cancel::Cancelled>())
+            {
+                return Err(ImageError::Cancelled(*c));
+            }
+            return Err(ImageError::Command {
+                command: shown,
+                detail: format!("cannot run qemu-img ({e}); install qemu-utils"),
+            });
+        }
+    };
     if !result.status.success() {
         let _ = std::fs::remove_file(&tmp);
         return Err(ImageError::Command {
@@ -73,67 +81,6 @@ pub fn convert(
             e,
         )
     })
-}
-
-/// [`write_checksums`], unless both files are already newer than `path` (an output a no-op
-/// rebuild left in place keeps its checksums; one written again gets new ones).
-pub fn refresh_checksums(path: &Path) -> std::io::Result<()> {
-    let written = std::fs::metadata(path)?.modified()?;
-    let current = |ext: &str| {
-        let mut p = path.as_os_str().to_os_string();
-        p.push(ext);
-        std::fs::metadata(p)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t >= written)
-    };
-    if current(".md5") && current(".sha256") {
-        return Ok(());
-    }
-    write_checksums(path)
-}
-
-/// Writes `<path>.md5` and `<path>.sha256` in the `md5sum`/`sha256sum` format, naming the file
-/// without its directory so the pair can be moved together.
-pub fn write_checksums(path: &Path) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other(format!("{} has no file name", path.display())))?;
-    let mut children = Vec::new();
-    for (tool, ext) in [("md5sum", "md5"), ("sha256sum", "sha256")] {
-        let mut target = name.to_os_string();
-        target.push(".");
-        target.push(ext);
-        let target = dir.join(target);
-        let file = std::fs::File::create(&target)?;
-        let child = Command::new(tool)
-            .arg("--")
-            .arg(name)
-            .current_dir(dir)
-            .stdout(file)
-            .stderr(Stdio::piped())
-            .spawn()?;
-        children.push((tool, target, child));
-    }
-    let mut failure = None;
-    for (tool, target, child) in children {
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&target);
-            failure.get_or_insert(std::io::Error::other(format!(
-                "{tool} {}: {}",
-                path.display(),
-                one_line(&out.stderr, &out.stdout)
-            )));
-        }
-    }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 /// Copies the contents of `src` (dot files included) into `dst`, preserving owners, modes,
@@ -152,45 +99,6 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), ImageError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn checksums_match_the_tools_format() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("image.qcow2");
-        std::fs::write(&f, b"hello\n").unwrap();
-        write_checksums(&f).unwrap();
-        let md5 = std::fs::read_to_string(dir.path().join("image.qcow2.md5")).unwrap();
-        assert_eq!(md5, "b1946ac92492d2347c6235b4d2611184  image.qcow2\n");
-        let sha = std::fs::read_to_string(dir.path().join("image.qcow2.sha256")).unwrap();
-        assert_eq!(
-            sha,
-            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03  image.qcow2\n"
-        );
-        assert!(write_checksums(&dir.path().join("missing")).is_err());
-    }
-
-    #[test]
-    fn checksums_are_refreshed_only_for_an_output_newer_than_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("image.raw");
-        let md5 = dir.path().join("image.raw.md5");
-        std::fs::write(&f, b"one\n").unwrap();
-        refresh_checksums(&f).unwrap();
-        let first = std::fs::read_to_string(&md5).unwrap();
-        // Left alone while current (a planted value proves it was not rewritten).
-        std::fs::write(&md5, "kept\n").unwrap();
-        refresh_checksums(&f).unwrap();
-        assert_eq!(std::fs::read_to_string(&md5).unwrap(), "kept\n");
-        // The output written again: new checksums.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        std::fs::write(&f, b"two\n").unwrap();
-        refresh_checksums(&f).unwrap();
-        let again = std::fs::read_to_string(&md5).unwrap();
-        assert!(
-            again != first && again.ends_with("  image.raw\n"),
-            "{again}"
-        );
-    }
 
     #[test]
     fn convert_round_trips_through_qcow2() {

@@ -1,0 +1,262 @@
+//! The step cache seam: one trait for everything the executor asks of a cache, and its levels
+//! (the local store, a read-only view, "no cache", and a multi-level composition).
+//!
+//! ```text
+//!                     ┌── Local(Store)        content-addressed blobs + SQLite index
+//! executor ──► dyn StepCache ─┼── ReadOnly(level)     what `plan` and `--explain` use
+//!                     ├── NoCache             `--no-cache`: every lookup misses, nothing kept
+//!                     └── MultiLevel[L0, L1…] L0 first, later levels on a miss; a hit from a
+//!                                             later level is copied (verified) into L0
+//! ```
+//!
+//! # The contract
+//!
+//! * **Lookup** ([`StepCache::lookup`]) answers [`Lookup::Hit`] only when the step and every
+//!   layer it names can be read now: the index rows exist and every blob is present with its
+//!   recorded size and (for the local store) hashes to its name. [`Lookup::Miss`] means the
+//!   key is not there. [`Lookup::Unusable`] means it is there but cannot be used (a missing,
+//!   truncated or corrupt blob); the caller treats it as a miss and, on a writable cache, asks
+//!   for it to be dropped ([`StepCache::drop_step`]), which drops its descendants too (their
+//!   layers are diffs on top of it). `Err` is for the cache itself failing (an unreadable index,
+//!   an I/O error), never for a missing entry.
+//! * **Who checks digests**: a level checks a blob's digest while it is read
+//!   ([`BlobRead::finish`] fails on a mismatch); the reader of a layer (the executor) checks the
+//!   layer's diff id (blake3 of the uncompressed tar) after applying it. A hit copied from a
+//!   later level into the first is checked against both its blob digest and its diff id before
+//!   it is recorded, so nothing unverified from a remote level is ever applied. The claim "key K
+//!   gave diff id D" is only as good as the level that holds it (a remote level may require
+//!   signed records).
+//! * **Read-only**: a read-only cache ([`ReadOnly`]) never writes, deletes or touches anything:
+//!   its [`StepCache::writable`] is false, [`StepCache::blob_sink`] gives none, and every
+//!   mutating call returns [`CacheError::ReadOnly`]. Callers check `writable()` first.
+//! * **No cache** ([`NoCache`]): every lookup misses; nothing is kept; mutating calls succeed
+//!   doing nothing.
+//! * **Failures of later levels** never break a build: [`MultiLevel`] drops a level that fails
+//!   for the rest of its life, with one warning, and carries on with the others.
+
+mod local;
+mod multi;
+mod none;
+mod readonly;
+
+pub use local::Local;
+pub use multi::MultiLevel;
+pub use none::NoCache;
+pub use readonly::ReadOnly;
+
+pub use crate::store::{BuildRecord, LayerRecord, OutputRecord, StepRecord, StoreError};
+
+use std::io::{self, Read, Write};
+
+/// What can go wrong in a cache. Each message is one line naming the cache and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A write was asked of a read-only view (a bug in the caller).
+    #[error("the cache {cache} is read-only here; cannot {action}")]
+    ReadOnly { cache: String, action: &'static str },
+    /// A blob a level named cannot be found there.
+    #[error("{cache}: blob {digest} is not there")]
+    NoBlob { cache: String, digest: String },
+    /// A copied layer did not match its digest or diff id.
+    #[error("{cache}: layer {diff_id} of step {key} does not match its {what}; refused")]
+    Mismatch {
+        cache: String,
+        key: String,
+        diff_id: String,
+        what: &'static str,
+    },
+    #[error("{cache}: {message}")]
+    Other { cache: String, message: String },
+}
+
+/// The answer to a lookup.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    Hit(Hit),
+    Miss,
+    /// The step is there but cannot be used; `broken` says why (for [`StepCache::drop_step`]).
+    Unusable {
+        step: StepRecord,
+        broken: crate::store::Broken,
+        level: String,
+    },
+}
+
+/// A usable cached step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub step: StepRecord,
+    /// The layers the step names (rootfs layer first), each with the blob that holds it.
+    pub layers: Vec<LayerRecord>,
+    /// The level it came from (for messages and `plan`).
+    pub level: String,
+}
+
+impl Hit {
+    /// The layer record of diff id `diff_id`, if the step names it.
+    pub fn layer(&self, diff_id: &str) -> Option<&LayerRecord> {
+        self.layers.iter().find(|l| l.diff_id == diff_id)
+    }
+}
+
+/// A blob being read: compressed bytes, checked against the blob's digest. A reader that may
+/// stop before the end (a zstd decoder stops at the end of its frame) must call `finish`.
+pub trait BlobRead: Read + Send {
+    /// Reads whatever is left and checks the digest. Returns the blob's size.
+    fn finish(self: Box<Self>) -> io::Result<u64>;
+}
+
+impl BlobRead for crate::store::VerifiedBlob {
+    fn finish(self: Box<Self>) -> io::Result<u64> {
+        crate::store::VerifiedBlob::finish(*self)
+    }
+}
+
+/// A blob being written into a cache; `finish` makes it visible and returns (digest, size).
+pub trait BlobSink: Write + Send {
+    fn finish(self: Box<Self>) -> Result<(String, u64), CacheError>;
+}
+
+impl BlobSink for crate::store::BlobWriter {
+    fn finish(self: Box<Self>) -> Result<(String, u64), CacheError> {
+        Ok(crate::store::BlobWriter::finish(*self)?)
+    }
+}
+
+/// What the executor asks of a step cache. See the module docs for the contract.
+pub trait StepCache: Send + Sync {
+    /// A short name for messages: `local cache ./cache`, `registry host/repo`.
+    fn name(&self) -> String;
+
+    /// True when the cache keeps what it is given (steps, layers, outputs).
+    fn writable(&self) -> bool;
+
+    /// Looks a step up by key.
+    fn lookup(&self, key: &str) -> Result<Lookup, CacheError>;
+
+    /// True when this cache holds a usable copy of the layer (indexed, blob present).
+    fn has_layer(&self, _diff_id: &str) -> Result<bool, CacheError> {
+        Ok(false)
+    }
+
+    /// Drops an unusable step and its descendants (see [`Lookup::Unusable`]).
+    fn drop_step(&self, key: &str, broken: crate::store::Broken) -> Result<(), CacheError>;
+
+    /// Marks a step used now (for least-recently-used eviction).
+    fn touch_step(&self, key: &str, now: i64) -> Result<(), CacheError>;
+
+    /// The most recently used step at the same position (phase and hook) with another key, to
+    /// explain a miss. None when the cache has none (or keeps no such history).
+    fn nearest_step(
+        &self,
+        phase: &str,
+        hook: &str,
+        key: &str,
+    ) -> Result<Option<StepRecord>, CacheError>;
+
+    /// Opens a blob this cache holds (a layer's or an output's), checked while read.
+    fn open_blob(&self, digest: &str) -> Result<Box<dyn BlobRead>, CacheError>;
+
+    /// A writer for a new blob, or None when this cache keeps nothing.
+    fn blob_sink(&self) -> Result<Option<Box<dyn BlobSink>>, CacheError>;
+
+    /// Records a step and its layers (whose blobs were written through [`Self::blob_sink`]).
+    fn record_step(&self, step: &StepRecord, layers: &[LayerRecord]) -> Result<(), CacheError>;
+
+    /// The output cached under `key`, if any.
+    fn get_output(&self, key: &str) -> Result<Option<OutputRecord>, CacheError>;
+
+    /// Records an output blob (written through [`Self::blob_sink`]) under `key`.
+    fn put_output(&self, key: &str, digest: &str, size: u64, now: i64) -> Result<(), CacheError>;
+
+    /// Marks an output used now.
+    fn touch_output(&self, key: &str, now: i64) -> Result<(), CacheError>;
+
+    /// Keeps a record of one build (the local store's history). Default: nothing.
+    fn record_build(&self, _build: &BuildRecord) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    /// Waits for background work (e.g. pushes) to end. Default: nothing to wait for.
+    fn flush(&self) -> Result<(), CacheError> {
+        Ok(())
+    }
+}
+
+/// Copies the blob of `layer` from `from` into `to`, checking the copy against the blob
+/// digest and the layer's diff id (blake3 of the uncompressed tar) on the way; only a copy
+/// that matches both is kept. `key` names the step (for the error).
+pub fn copy_layer(
+    from: &dyn StepCache,
+    to: &dyn StepCache,
+    key: &str,
+    layer: &LayerRecord,
+) -> Result<(), CacheError> {
+    let Some(mut sink) = to.blob_sink()? else {
+        return Err(CacheError::ReadOnly {
+            cache: to.name(),
+            action: "copy a layer in",
+        });
+    };
+    let mismatch = |what| CacheError::Mismatch {
+        cache: from.name(),
+        key: key.to_string(),
+        diff_id: layer.diff_id.clone(),
+        what,
+    };
+    let io_err = |e: io::Error| CacheError::Other {
+        cache: from.name(),
+        message: format!("cannot copy layer {}: {e}", layer.diff_id),
+    };
+    let mut blob = from.open_blob(&layer.blob_digest)?;
+    // Tee the compressed bytes into the sink and a decoder that hashes the tar.
+    let mut tar_hash = blake3::Hasher::new();
+    {
+        let tee = Tee {
+            inner: &mut blob,
+            copy: &mut sink,
+        };
+        let mut dec = zstd::Decoder::new(tee).map_err(io_err)?;
+        dec.window_log_max(31).map_err(io_err)?;
+        io::copy(&mut dec, &mut tar_hash).map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                mismatch("blob digest")
+            } else {
+                io_err(e)
+            }
+        })?;
+    }
+    // The decoder may stop at its frame's end: copy (and check) the rest too.
+    let mut rest = Vec::new();
+    blob.read_to_end(&mut rest)
+        .map_err(|_| mismatch("blob digest"))?;
+    sink.write_all(&rest).map_err(io_err)?;
+    blob.finish().map_err(|_| mismatch("blob digest"))?;
+    if tar_hash.finalize().to_hex().as_str() != layer.diff_id {
+        return Err(mismatch("diff id"));
+    }
+    let (digest, size) = sink.finish()?;
+    if digest != layer.blob_digest || size != layer.blob_size {
+        return Err(mismatch("blob digest"));
+    }
+    Ok(())
+}
+
+/// A reader that copies what it reads into a writer.
+struct Tee<'a, R: Read + ?Sized, W: Write + ?Sized> {
+    inner: &'a mut R,
+    copy: &'a mut W,
+}
+
+impl<R: Read + ?Sized, W: Write + ?Sized> Read for Tee<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests;

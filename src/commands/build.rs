@@ -1,0 +1,318 @@
+//! `strata build` and `strata plan`: settings from the command line and the environment, the
+//! cache levels, the executor, and what they print (progress, timing table, plan table,
+//! manifest).
+//!
+//! ```text
+//! BuildArgs ──request()──► Settings::resolve ──► Prepared::new (elements; bad input stops here)
+//!   ──► check_tools ──► cache levels (local | none) ──► BuildDir (tmpfs) ──► Executor
+//!   ──► walk + outputs ──(a refused cached layer: drop its step, start again)──► checksums
+//!   ──► NAME.strata.json ──► build history ──► timing table, summary, build-end event
+//! PlanArgs ──► the same up to the cache (read-only) ──► Executor in plan mode ──► table / JSON
+//! ```
+
+use super::request;
+use crate::cache::{Local, NoCache, ReadOnly, StepCache};
+use crate::cli::{BuildArgs, PlanArgs};
+use crate::error::{Exit, Failure};
+use crate::exec::prepare::Prepared;
+use crate::exec::snapshot::RefusedLayer;
+use crate::exec::{Executor, Mode};
+use crate::fsutil::now;
+use crate::key;
+use crate::manifest::{self, Manifest, ManifestElement};
+use crate::outputs::{self, Written};
+use crate::progress::{self, Event, Reporter};
+use crate::sandbox::{self, BuildDir};
+use crate::settings::{self, BuildPaths, Settings};
+use crate::store::{Broken, BuildRecord, Store};
+use anyhow::{Context, Result};
+use std::time::Instant;
+
+/// The cache a build reads and writes: the local store, or none with `--no-cache`.
+fn open_cache(settings: &Settings) -> Result<Box<dyn StepCache>> {
+    if settings.cache.no_cache {
+        return Ok(Box::new(NoCache));
+    }
+    Ok(Box::new(Local::new(Store::open(&settings.cache.dir)?)))
+}
+
+/// The cache `plan` looks at: read-only, and nothing is created when there is none yet.
+fn open_cache_read_only(settings: &Settings) -> Result<Box<dyn StepCache>> {
+    if settings.cache.no_cache || !settings.cache.dir.join("index.sqlite").exists() {
+        return Ok(Box::new(NoCache));
+    }
+    Ok(Box::new(ReadOnly(Local::new(Store::open(
+        &settings.cache.dir,
+    )?))))
+}
+
+fn resolve(args: &crate::cli::BuildOptions) -> Result<Prepared> {
+    let settings = Settings::resolve(
+        &request(args),
+        &settings::process_env(),
+        crate::arch::host_arch,
+    )?;
+    Prepared::new(settings)
+}
+
+/// What one attempt at the build produced: the outputs (or why not), and the steps walked and
+/// the timings either way.
+struct Walked {
+    outputs: Result<Vec<Written>>,
+    steps: Vec<crate::manifest::ManifestStep>,
+    timings: Vec<(String, f64)>,
+}
+
+/// `strata build`.
+pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
+    let started = Instant::now();
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Failure::new(
+            Exit::Environment,
+            "strata build must run as root: it mounts, chroots and creates device nodes (try sudo)",
+        )
+        .into());
+    }
+    // First, while single-threaded: everything mounted from here on dies with this process.
+    sandbox::enter_private_namespace()?;
+    let prep = resolve(&args.options)?;
+    let settings = &prep.settings;
+    outputs::check_tools(
+        &settings.image_types,
+        std::env::var_os("PATH").as_deref(),
+        settings.source_date_epoch,
+    )?;
+    let reporter = Reporter::new(args.logfile.as_deref(), false, progress)?;
+    reporter.event(&Event::BuildStart {
+        image: &settings.image_name,
+        types: settings.image_types.iter().map(|t| t.name()).collect(),
+        elements: &settings.elements,
+    });
+    let cache = open_cache(settings)?;
+    std::fs::create_dir_all(&settings.tmp_dir)
+        .with_context(|| format!("cannot create TMP_DIR {}", settings.tmp_dir.display()))?;
+    std::fs::create_dir_all(&settings.image_cache).with_context(|| {
+        format!(
+            "cannot create the image cache {}",
+            settings.image_cache.display()
+        )
+    })?;
+
+    // A cached layer refused while restoring is dropped with its step, and the build starts
+    // again in a fresh folder: the steps before it are still cached, so it resumes there.
+    let mut attempt = 0;
+    let walked = loop {
+        attempt += 1;
+        let walked = walk_once(&prep, cache.as_ref(), &reporter, args.explain)?;
+        if let Err(e) = &walked.outputs
+            && attempt < 16
+            && let Some(refused) = e.chain().find_map(|c| c.downcast_ref::<RefusedLayer>())
+        {
+            tracing::warn!("{refused}; dropping it from the cache and building it again");
+            cache.drop_step(&refused.key, Broken::Refused(refused.layer.clone()))?;
+            continue;
+        }
+        break walked;
+    };
+    let Walked {
+        outputs,
+        steps,
+        timings,
+    } = walked;
+    let steps_for_summary = steps.clone();
+    let result = outputs.and_then(|outputs| {
+        if settings.disk.checksum {
+            for o in &outputs {
+                crate::cancel::check()?;
+                outputs::checksums::refresh(&o.path)
+                    .with_context(|| format!("cannot write checksums of {}", o.path.display()))?;
+            }
+        }
+        let manifest = build_manifest(&prep, steps, outputs, started)?;
+        let text = manifest.write(&Manifest::path_for(&settings.image_name))?;
+        if args.json {
+            println!("{text}");
+        }
+        crate::cancel::check()?;
+        Ok(())
+    });
+    let flushed = cache.flush();
+    let outcome = match &result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!(
+            "failed: {}",
+            crate::error::render(e).lines().next().unwrap_or_default()
+        ),
+    };
+    // Recorded, but a failure to record never hides the build's own error.
+    let recorded = if cache.writable() {
+        cache.record_build(&BuildRecord {
+            elements: prep.image_element.clone(),
+            arguments: settings.dib_args(),
+            outcome,
+            step_keys: steps_for_summary.iter().map(|s| s.key.clone()).collect(),
+            started: now() - started.elapsed().as_secs() as i64,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    } else {
+        Ok(())
+    };
+    let mut timings = timings;
+    timings.push(("total".into(), started.elapsed().as_secs_f64()));
+    reporter.finish();
+    if reporter.mode() != progress::Mode::Json {
+        eprintln!("{}", progress::timing_table("build", &timings));
+    }
+    let cached = steps_for_summary.iter().filter(|s| s.cached).count();
+    let total = steps_for_summary.len();
+    if reporter.mode() != progress::Mode::Json && result.is_ok() {
+        eprintln!("{total} steps: {cached} cached, {} run", total - cached);
+    }
+    let exit = match &result {
+        Ok(()) => 0,
+        Err(e) => crate::error::exit_code(e),
+    };
+    reporter.event(&Event::BuildEnd {
+        outcome: match (&result, crate::cancel::requested()) {
+            (Ok(()), _) => "ok",
+            (Err(_), Some(_)) => "cancelled",
+            (Err(_), None) => "failed",
+        },
+        exit,
+        seconds: started.elapsed().as_secs_f64(),
+        steps: total,
+        cached,
+    });
+    result?;
+    flushed?;
+    recorded?;
+    Ok(())
+}
+
+/// One walk in a fresh build folder: the steps, then the outputs. The build folder is cleaned
+/// up whatever happens; a failure to clean up is returned only when the walk succeeded.
+fn walk_once(
+    prep: &Prepared,
+    cache: &dyn StepCache,
+    reporter: &Reporter,
+    explain: bool,
+) -> Result<Walked> {
+    let settings = &prep.settings;
+    let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
+    let build_dir = BuildDir::create(&settings.tmp_dir, "strata_build.", use_tmpfs)?;
+    let paths = BuildPaths::under(&build_dir.path);
+    let mut exec = Executor::new(
+        prep,
+        cache,
+        paths.clone(),
+        Mode::Build { explain },
+        reporter,
+    );
+    let result = (|| -> Result<Vec<Written>> {
+        for d in [&paths.image_dir, &paths.mount_dir] {
+            std::fs::create_dir_all(d)?;
+        }
+        prep.tree
+            .materialize(&paths.hooks_dir)
+            .context("cannot write the merged hook tree")?;
+        // Nothing is restored until the first miss; from then on the tree is live and cached
+        // steps (possible after a --cache-ttl rerun) are applied as they come.
+        exec.walk()?;
+        exec.outputs()
+    })();
+    let cleanup = build_dir.cleanup();
+    let outputs = match (result, cleanup) {
+        (Ok(w), Ok(())) => Ok(w),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(e), _) => Err(e),
+    };
+    Ok(Walked {
+        outputs,
+        steps: std::mem::take(&mut exec.steps),
+        timings: std::mem::take(&mut exec.timings),
+    })
+}
+
+fn build_manifest(
+    prep: &Prepared,
+    steps: Vec<crate::manifest::ManifestStep>,
+    outputs: Vec<Written>,
+    started: Instant,
+) -> Result<Manifest> {
+    let settings = &prep.settings;
+    let elements = prep
+        .elements
+        .iter()
+        .map(|e| {
+            Ok(ManifestElement {
+                name: e.name.clone(),
+                digest: key::element_digest(&e.path)
+                    .with_context(|| format!("cannot read element {}", e.name))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rootfs_digest = manifest::rootfs_digest(steps.iter().filter_map(|s| s.diff_id.as_deref()));
+    Ok(Manifest {
+        schema: manifest::SCHEMA,
+        strata_version: env!("CARGO_PKG_VERSION").to_string(),
+        cache_format_version: key::CACHE_FORMAT_VERSION,
+        image_name: settings.image_name.clone(),
+        arch: settings.arch.clone(),
+        arguments: settings.dib_args(),
+        source_date_epoch: settings.source_date_epoch,
+        elements,
+        steps,
+        rootfs_digest: Some(rootfs_digest),
+        outputs,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `strata plan`: every step with its key and whether (and where) it is cached, without
+/// running or changing anything.
+pub fn plan(args: PlanArgs) -> Result<()> {
+    let prep = resolve(&args.options)?;
+    let cache = open_cache_read_only(&prep.settings)?;
+    let scratch = tempfile::Builder::new().prefix("strata-plan.").tempdir()?;
+    let paths = BuildPaths::under(scratch.path());
+    prep.tree
+        .materialize(&paths.hooks_dir)
+        .context("cannot write the merged hook tree")?;
+    let reporter = Reporter::silent();
+    let mut exec = Executor::new(&prep, cache.as_ref(), paths, Mode::Plan, &reporter);
+    exec.walk()?;
+    print_plan(&exec.views, args.json)
+}
+
+fn print_plan(views: &[crate::plan::StepView], json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(views)?)?;
+        return Ok(());
+    }
+    for v in views {
+        let state = if v.cached { "cached" } else { "run" };
+        let from = match &v.from {
+            Some(f) if !f.starts_with("local cache") => format!("  (from {f})"),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "{:<7} {}  {}/{}{from}",
+            state,
+            &v.key[..16],
+            v.phase,
+            v.hook
+        )?;
+    }
+    let cached = views.iter().filter(|v| v.cached).count();
+    writeln!(
+        out,
+        "{} steps: {} cached, {} to run",
+        views.len(),
+        cached,
+        views.len() - cached
+    )?;
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Snapshots: bringing the tree up to date with cached steps (lazily, once, at the first step
+//! that runs), and turning what a step changed into layers kept in the cache.
+//!
+//! ```text
+//! cached step ──remember(hit)──► pending (its hook-tree layer is applied right away: later
+//!                                phases list their hooks from that folder)
+//! first miss  ──restore()──► every pending rootfs layer, oldest first:
+//!                cache.open_blob ─► layer::unpack (diff id recomputed) ─► blob digest checked
+//!                a layer that is refused (unsafe entry, wrong diff id, damaged blob)
+//!                ──► RefusedLayer (the caller drops that step and builds again)
+//! run a step  ──before()──► scans of the tree and the hook folder (kept from the last step)
+//!             ──after()───► scan again ─ diff ─ pack ─► cache.blob_sink ─► LayerRecords
+//! ```
+//!
+//! Mount points below the tree (cache mounts, hooks' own mounts) are left out of every scan.
+
+use crate::cache::{Hit, LayerRecord, StepCache};
+use crate::layer::{self, LayerError, PackOptions, Scan, ScanOptions, UnpackOptions};
+use crate::sandbox;
+use crate::settings::BuildPaths;
+use anyhow::{Context, Result};
+use std::io::Read;
+use std::path::Path;
+use std::time::Instant;
+
+/// A cached layer that could not be applied: its step (and what was built on it) must be
+/// dropped from the cache and built again.
+#[derive(Debug, thiserror::Error)]
+#[error("the cached layer {} of step {step} ({}) was refused: {reason}", layer.diff_id, &key[..key.len().min(12)])]
+pub struct RefusedLayer {
+    pub key: String,
+    pub step: String,
+    pub layer: LayerRecord,
+    pub reason: String,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Restored {
+    pub steps: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// The layers one step produced.
+#[derive(Debug, Clone, Default)]
+pub struct StepLayers {
+    /// The rootfs change (None: the step changed nothing there).
+    pub rootfs: Option<LayerRecord>,
+    /// The hook-tree change (usually None).
+    pub hooks: Option<LayerRecord>,
+}
+
+impl StepLayers {
+    pub fn records(&self) -> Vec<LayerRecord> {
+        self.rootfs
+            .iter()
+            .chain(self.hooks.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// Compressed bytes written.
+    pub fn bytes(&self) -> u64 {
+        self.records().iter().map(|l| l.blob_size).sum()
+    }
+}
+
+/// The scans a step's layers are diffed against.
+pub struct Before {
+    root: Scan,
+    hooks: Scan,
+}
+
+/// The tree's state with respect to the cache.
+pub struct Snapshots<'a> {
+    cache: &'a dyn StepCache,
+    paths: BuildPaths,
+    pack: PackOptions,
+    /// Cached steps whose rootfs layers are not applied yet.
+    pending: Vec<Hit>,
+    /// True once the tree reflects every step so far.
+    restored: bool,
+    /// A scan of the tree as it is now, when known.
+    scan: Option<Scan>,
+}
+
+impl<'a> Snapshots<'a> {
+    pub fn new(cache: &'a dyn StepCache, paths: BuildPaths, pack: PackOptions) -> Snapshots<'a> {
+        Snapshots {
+            cache,
+            paths,
+            pack,
+            pending: Vec::new(),
+            restored: false,
+            scan: None,
+        }
+    }
+
+    /// True when steps that run are snapshotted (the cache keeps layers).
+    pub fn keeps_layers(&self) -> bool {
+        self.cache.writable()
+    }
+
+    /// A cached step: its hook-tree layer is applied now, its rootfs layer waits for
+    /// [`Snapshots::restore`] (or is applied now if the tree is already live).
+    pub fn remember(&mut self, hit: Hit) -> Result<Option<Restored>> {
+        if let Some(diff) = &hit.step.hooks_layer {
+            let layer = hit
+                .layer(diff)
+                .cloned()
+                .with_context(|| format!("the cache named no blob for layer {diff}"))?;
+            apply(self.cache, &hit, &layer, &self.paths.hooks_dir)?;
+        }
+        self.pending.push(hit);
+        if self.restored {
+            self.restored = false;
+            return self.restore().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Brings the tree up to date with every cached step so far (once).
+    pub fn restore(&mut self) -> Result<Restored> {
+        let mut done = Restored::default();
+        if self.restored {
+            return Ok(done);
+        }
+        let started = Instant::now();
+        for hit in std::mem::take(&mut self.pending) {
+            if let Some(diff) = &hit.step.layer {
+                let layer = hit
+                    .layer(diff)
+                    .cloned()
+                    .with_context(|| format!("the cache named no blob for layer {diff}"))?;
+                apply(self.cache, &hit, &layer, &self.paths.mount_dir)?;
+                done.bytes += layer.blob_size;
+            }
+            done.steps += 1;
+        }
+        done.seconds = started.elapsed().as_secs_f64();
+        self.restored = true;
+        if done.steps > 0 {
+            self.scan = None;
+        }
+        Ok(done)
+    }
+
+    /// A scan of the tree as it is now (kept from the last step when possible).
+    pub fn take_scan(&mut self) -> Result<Scan> {
+        match self.scan.take() {
+            Some(s) => Ok(s),
+            None => scan_excluding_mounts(&self.paths.mount_dir),
+        }
+    }
+
+    /// Keeps a scan of the tree as it is now, for the next step or the outputs.
+    pub fn keep_scan(&mut self, scan: Scan) {
+        self.scan = Some(scan);
+    }
+
+    /// Forgets the kept scan (the tree changed behind the snapshots' back).
+    pub fn forget_scan(&mut self) {
+        self.scan = None;
+    }
+
+    /// The scans a step that is about to run will be diffed against (None without layers).
+    pub fn before(&mut self) -> Result<Option<Before>> {
+        if !self.keeps_layers() {
+            return Ok(None);
+        }
+        Ok(Some(Before {
+            root: self.take_scan()?,
+            hooks: scan_excluding_mounts(&self.paths.hooks_dir)?,
+        }))
+    }
+
+    /// Packs what the step changed (tree and hook folder) into the cache.
+    pub fn after(&mut self, before: Option<Before>) -> Result<StepLayers> {
+        let Some(before) = before else {
+            return Ok(StepLayers::default());
+        };
+        let after_root = scan_excluding_mounts(&self.paths.mount_dir)?;
+        let rootfs = self.store(&self.paths.mount_dir, &before.root, &after_root)?;
+        let after_hooks = scan_excluding_mounts(&self.paths.hooks_dir)?;
+        let hooks = self.store(&self.paths.hooks_dir, &before.hooks, &after_hooks)?;
+        self.scan = Some(after_root);
+        Ok(StepLayers { rootfs, hooks })
+    }
+
+    /// Packs what changed between two scans of `root` into a blob (None if nothing changed).
+    fn store(&self, root: &Path, before: &Scan, after: &Scan) -> Result<Option<LayerRecord>> {
+        let changes = layer::diff(before, after);
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let Some(mut sink) = self.cache.blob_sink()? else {
+            return Ok(None);
+        };
+        let info = layer::pack(root, &changes, &mut sink, &self.pack)?;
+        let (digest, blob_size) = sink.finish()?;
+        Ok(Some(LayerRecord {
+            diff_id: info.diff_id,
+            blob_digest: digest,
+            size: info.tar_size,
+            blob_size,
+        }))
+    }
+}
+
+/// Applies one cached layer of `hit` onto `target`: blob digest and diff id are checked; a
+/// layer that is refused becomes a [`RefusedLayer`].
+fn apply(cache: &dyn StepCache, hit: &Hit, layer: &LayerRecord, target: &Path) -> Result<()> {
+    crate::cancel::check()?;
+    let refused = |reason: String| RefusedLayer {
+        key: hit.step.key.clone(),
+        step: format!("{}/{}", hit.step.phase, hit.step.hook),
+        layer: layer.clone(),
+        reason,
+    };
+    let mut blob = cache.open_blob(&layer.blob_digest)?;
+    let opts = UnpackOptions {
+        expected_diff_id: Some(layer.diff_id.clone()),
+        ..UnpackOptions::default()
+    };
+    let unpacked = layer::unpack(CancelRead(&mut blob), target, &opts);
+    // The decoder may stop before EOF; the blob's digest is only checked at its end.
+    let checked = blob.finish();
+    match unpacked {
+        Ok(_) => {}
+        Err(e @ (LayerError::Unsafe { .. } | LayerError::DiffIdMismatch { .. })) => {
+            return Err(refused(e.to_string()).into());
+        }
+        Err(LayerError::Corrupt(msg)) => {
+            if let Some(c) = crate::cancel::requested() {
+                return Err(c.into());
+            }
+            return Err(refused(format!("the layer is not a readable zstd tar ({msg})")).into());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if let Err(e) = checked {
+        return Err(refused(e.to_string()).into());
+    }
+    Ok(())
+}
+
+/// A reader that stops with a cancellation error once SIGINT/SIGTERM arrived.
+struct CancelRead<'r, R: ?Sized>(&'r mut R);
+
+impl<R: Read + ?Sized> Read for CancelRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        crate::cancel::check_io()?;
+        self.0.read(buf)
+    }
+}
+
+/// Scans `dir`, leaving out whatever is mounted below it.
+pub fn scan_excluding_mounts(dir: &Path) -> Result<Scan> {
+    let exclude = sandbox::mount_points_under(dir)?
+        .into_iter()
+        .filter_map(|m| m.strip_prefix(dir).ok().map(Path::to_path_buf))
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    layer::scan(dir, &ScanOptions { exclude })
+        .with_context(|| format!("cannot scan {}", dir.display()))
+}

@@ -1,0 +1,148 @@
+//! File helpers shared by the executor and the outputs: the clock, modes, and temp files beside
+//! their destination that are locked while alive, so a later run can tell a dead writer's
+//! leftovers from a live writer's work.
+//!
+//! ```text
+//! temp_beside(dest) ──► DIR/.strata-out.XXXX (0644, flock held) ──persist──► dest (atomic)
+//! sweep_dead(DIR, ".strata-out.") ──► every such file nobody holds a lock on is removed
+//! ```
+//!
+//! A writer killed by SIGKILL leaves its temp file, but the kernel drops its lock; a live
+//! writer (in this or another process, container or namespace on the same kernel) keeps it.
+//! So "dead" is decided by the lock, never by a pid.
+
+use anyhow::{Context, Result};
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The prefix of every temp file strata writes beside an output.
+pub const OUTPUT_TEMP_PREFIX: &str = ".strata-out.";
+
+/// Seconds since 1970.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// The folder a file path lives in (`.` for a bare name).
+pub fn parent_or_dot(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A temp file beside `path` (so the final rename is atomic), mode 0644, exclusively locked
+/// for as long as it is open.
+pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = parent_or_dot(path);
+    loop {
+        let tmp = tempfile::Builder::new()
+            .prefix(OUTPUT_TEMP_PREFIX)
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        tmp.as_file()
+            .try_lock()
+            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", tmp.path().display()))?;
+        // A sweep may have taken the file for a leftover between its creation and the lock:
+        // then the name no longer leads to our file, and we start again with a new one.
+        if !same_file(tmp.as_file(), tmp.path()) {
+            continue;
+        }
+        // Outputs are ordinary files (tempfile creates them 0600).
+        set_mode(tmp.path(), 0o644)?;
+        return Ok(tmp);
+    }
+}
+
+/// True when `path` names the file open as `file`.
+pub fn same_file(file: &fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file beside it, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Removes the files in `dir` whose name starts with `prefix` and that no live process holds a
+/// lock on (leftovers of killed writers). Returns how many were removed. Folders are left
+/// alone; a file that cannot be opened is skipped.
+pub fn sweep_dead(dir: &Path, prefix: &str) -> io::Result<usize> {
+    let mut removed = 0;
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !name.as_encoded_bytes().starts_with(prefix.as_bytes()) {
+            continue;
+        }
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = fs::File::open(&path) else {
+            continue;
+        };
+        if file.try_lock().is_ok() {
+            // Nobody holds it: its writer is gone. Removed while we hold the lock, so a writer
+            // cannot be starting on it (a new temp file always gets a new name).
+            if fs::remove_file(&path).is_ok() {
+                tracing::debug!("removed {}, left by a build that died", path.display());
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_temp_file_survives_a_sweep_and_a_dead_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = temp_beside(&dir.path().join("img.tar")).unwrap();
+        // A leftover: a temp file whose writer is gone (no lock held).
+        let dead = dir.path().join(format!("{OUTPUT_TEMP_PREFIX}dead"));
+        fs::write(&dead, "partial").unwrap();
+        fs::write(dir.path().join("img.tar"), "kept").unwrap();
+        assert_eq!(sweep_dead(dir.path(), OUTPUT_TEMP_PREFIX).unwrap(), 1);
+        assert!(live.path().exists());
+        assert!(!dead.exists());
+        assert!(dir.path().join("img.tar").exists());
+        // Persisting keeps the content and the mode.
+        let target = dir.path().join("out.tar");
+        let mut live = live;
+        live.write_all(b"x").unwrap();
+        live.persist(&target).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert_eq!(sweep_dead(&dir.path().join("missing"), "x").unwrap(), 0);
+    }
+}
