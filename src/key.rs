@@ -352,14 +352,14 @@ fn in_phase_dir(path: &Path, dir: &Path) -> bool {
 pub fn cache_inputs(
     element: &str,
     dir: &Path,
-) -> Result<BTreeMap<String, String>, crate::error::Failure> {
+) -> Result<BTreeMap<String, String>, crate::exit::Failure> {
     let file = dir.join("cache-inputs");
     let mut out = BTreeMap::new();
     let text = match fs::read_to_string(&file) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => {
-            return Err(crate::error::Failure::bad_input(format!(
+            return Err(crate::exit::Failure::bad_input(format!(
                 "element {element}: cannot read {}: {e}",
                 file.display()
             )));
@@ -371,7 +371,7 @@ pub fn cache_inputs(
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
     {
         let paths = glob::glob(line).map_err(|e| {
-            crate::error::Failure::bad_input(format!(
+            crate::exit::Failure::bad_input(format!(
                 "element {element}: {}: bad glob '{line}': {e}",
                 file.display()
             ))

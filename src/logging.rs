@@ -2,31 +2,19 @@
 //! progress display so log lines never tear it; with `--progress json`, every log line is a
 //! `log` event (see `crate::progress`), so stderr stays one JSON object per line.
 
-use indicatif::ProgressBar;
 use std::io::{self, IsTerminal, Write};
-use std::sync::Mutex;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// The progress bar on screen, if any: log lines are written while it is hidden.
-static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
-
-/// Registers (or, with None, forgets) the bar that log output must be drawn around.
-pub fn set_progress_bar(bar: Option<ProgressBar>) {
-    let mut guard = ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner());
-    *guard = bar;
-}
-
 /// stderr, suspending the active progress bar around each write.
 struct Stderr;
 
 impl Write for Stderr {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let bar = ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match bar {
+        match crate::progress::active_bar() {
             Some(bar) => bar.suspend(|| io::stderr().write_all(buf))?,
             None => io::stderr().write_all(buf)?,
         }

@@ -35,6 +35,20 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+/// The progress bar on screen, if any: log lines are written while it is hidden.
+static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Registers (or, with None, forgets) the bar that log output must be drawn around.
+fn set_active_bar(bar: Option<ProgressBar>) {
+    let mut guard = ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner());
+    *guard = bar;
+}
+
+/// The bar log output must be drawn around, if one is on screen.
+pub fn active_bar() -> Option<ProgressBar> {
+    ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// The version of the JSON event schema.
 pub const EVENT_SCHEMA: u32 = 1;
 
@@ -168,7 +182,7 @@ impl Reporter {
         };
         crate::cancel::install_handlers();
         if tty {
-            crate::logging::set_progress_bar(Some(bar.clone()));
+            set_active_bar(Some(bar.clone()));
         }
         Ok(Reporter {
             bar,
@@ -267,7 +281,7 @@ impl Reporter {
     pub fn finish(&self) {
         self.bar.finish_and_clear();
         if self.tty {
-            crate::logging::set_progress_bar(None);
+            set_active_bar(None);
         }
     }
 }

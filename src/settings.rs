@@ -14,7 +14,7 @@
 //! [`BuildRequest`].
 
 use crate::envvars::{self, Keying};
-use crate::error::Failure;
+use crate::exit::Failure;
 use crate::outputs::OutputType;
 use crate::phase::Phase;
 use crate::plan::{Granularity, RebuildFrom};

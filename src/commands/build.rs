@@ -13,10 +13,10 @@
 use super::request;
 use crate::cache::{Local, NoCache, ReadOnly, StepCache};
 use crate::cli::{BuildArgs, PlanArgs};
-use crate::error::{Exit, Failure};
 use crate::exec::prepare::Prepared;
 use crate::exec::snapshot::RefusedLayer;
 use crate::exec::{Executor, Mode};
+use crate::exit::{Exit, Failure};
 use crate::fsutil::now;
 use crate::key;
 use crate::manifest::{self, Manifest, ManifestElement};

@@ -1,7 +1,7 @@
 //! `strata cache …`: list, size, collect, verify, remove and explain cached steps.
 
 use crate::cli::{CacheArgs, CacheCommand};
-use crate::error::Failure;
+use crate::exit::Failure;
 use crate::key::{self, KeyInputs};
 use crate::store::{self, Store};
 use anyhow::Result;

@@ -25,7 +25,7 @@
 use crate::cli::DibCommand;
 use crate::elements::packages::{self, PACKAGE_PHASES, PackageError};
 use crate::elements::pkgmap::{self, PkgMap};
-use crate::error::{Exit, Failure};
+use crate::exit::{Exit, Failure};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;

@@ -8,8 +8,21 @@ pub mod dib;
 pub mod elements;
 pub mod face;
 
-use crate::cli::BuildOptions;
+use crate::cli::{BuildOptions, Cli, Command};
 use crate::settings::{BuildRequest, CacheSettings, DiskRequest};
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Build(args) => build::build(args, cli.progress),
+        Command::Plan(args) => build::plan(args),
+        Command::Cache(args) => cache::run(args),
+        Command::Dib(args) => dib::run(args.command),
+        Command::Elements(args) => elements::run(&args),
+        Command::Completions { shell } => face::completions(shell),
+        Command::Man { dir } => face::man(dir.as_deref()),
+    }
+}
 
 /// The build as the user asked for it, from the command line.
 pub fn request(o: &BuildOptions) -> BuildRequest {

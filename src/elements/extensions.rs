@@ -1,6 +1,6 @@
 //! strata's optional extension to the element format: `cache-mounts` (image folders that get a
 //! host cache folder bound on them during every step, like BuildKit's cache mounts). The other
-//! extension, `cache-inputs`, is read where keys are made (`crate::key::cache_inputs`).
+//! extension, `cache-inputs`, is read where keys are made (the `key` module).
 //!
 //! ```text
 //! <element>/cache-mounts: one absolute image path per line (# comments, blank lines ignored)

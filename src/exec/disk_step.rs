@@ -41,7 +41,7 @@
 use super::hooks::{self, run_phase_hooks};
 use crate::cache::StepCache;
 use crate::elements::Element;
-use crate::error::{Exit, Failure};
+use crate::exit::{Exit, Failure};
 use crate::image::{self, Params};
 use crate::layer::{self, ScanOptions};
 use crate::outputs::{self, OutputType, Written};

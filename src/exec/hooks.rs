@@ -10,7 +10,7 @@
 //! ```
 
 use crate::elements;
-use crate::error::{Exit, Failure};
+use crate::exit::{Exit, Failure};
 use crate::phase::Phase;
 use crate::plan::PlannedHook;
 use crate::progress::Reporter;

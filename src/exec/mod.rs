@@ -23,7 +23,7 @@ pub mod prepare;
 pub mod snapshot;
 
 use crate::cache::{Hit, Lookup, StepCache};
-use crate::error::{Exit, Failure};
+use crate::exit::{Exit, Failure};
 use crate::fsutil::now;
 use crate::key::{self, KeyInputs};
 use crate::layer::PackOptions;

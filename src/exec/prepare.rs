@@ -12,7 +12,7 @@
 
 use super::disk_step::{self, ConfigSource};
 use crate::elements::{self, Element};
-use crate::error::Failure;
+use crate::exit::Failure;
 use crate::key;
 use crate::phase::Phase;
 use crate::plan::KeyContext;

@@ -14,7 +14,7 @@
 pub mod checksums;
 pub mod tree;
 
-use crate::error::{Exit, Failure};
+use crate::exit::{Exit, Failure};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsStr;
 use std::fmt;

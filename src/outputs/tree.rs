@@ -23,7 +23,7 @@
 
 use super::{OutputType, Timings, Written};
 use crate::cache::{BlobSink, StepCache};
-use crate::error::{Exit, Failure};
+use crate::exit::{Exit, Failure};
 use crate::fsutil::{now, temp_beside};
 use crate::layer::{self, Changeset, PackOptions, Scan};
 use anyhow::{Context, Result};
@@ -262,7 +262,7 @@ pub fn restore_cached(
         Err(e) => {
             tracing::warn!(
                 "cached {kind} output is corrupt ({}); {then}",
-                crate::error::render(&e)
+                crate::exit::render(&e)
             );
             Ok(None)
         }

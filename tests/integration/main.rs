@@ -5,6 +5,7 @@ mod debian;
 mod dib_helpers;
 mod disk;
 mod elements;
+mod face;
 mod harness;
 mod sandbox;
 mod util;
