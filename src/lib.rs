@@ -26,6 +26,7 @@ pub mod logging;
 pub mod output;
 pub mod phase;
 pub mod plan;
+pub mod registry;
 pub mod runner;
 pub mod sandbox;
 pub mod settings;
