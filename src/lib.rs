@@ -32,6 +32,7 @@ pub mod outputs;
 pub mod phase;
 pub mod plan;
 pub mod progress;
+pub mod registry;
 pub mod runner;
 pub mod sandbox;
 pub mod settings;
