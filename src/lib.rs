@@ -24,6 +24,7 @@ pub mod key;
 pub mod layer;
 pub mod logging;
 pub mod output;
+pub mod outputs;
 pub mod phase;
 pub mod plan;
 pub mod runner;

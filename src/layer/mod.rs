@@ -29,7 +29,7 @@ mod unpack;
 use std::path::PathBuf;
 
 pub use diff::{Change, ChangeKind, Changeset, diff};
-pub use pack::{LayerInfo, PackOptions, pack, write_tar};
+pub use pack::{LayerInfo, PackOptions, pack, write_tar, write_tar_dense};
 pub use scan::{FileKind, Meta, Scan, ScanOptions, scan};
 pub use unpack::{UnpackOptions, UnpackStats, unpack};
 
