@@ -21,8 +21,10 @@
 //! - The layer is gzip (`tar+gzip`) by default: every runtime reads it (Debian 12's umoci and
 //!   docker refuse zstd layers). [`Compression::Zstd`] (`tar+zstd`, `pack.level`, multithreaded
 //!   with `pack.workers`, so the bytes do not depend on the core count) and
-//!   [`Compression::None`] (`tar`) are options. gzip: flate2 at [`ImageOptions::gzip_level`], no
-//!   file name, mtime 0, OS byte 3, so its bytes depend only on the tar and the level.
+//!   [`Compression::None`] (`tar`) are options. gzip is one member made in parallel like pigz
+//!   (1 MiB blocks deflated by flate2 at [`ImageOptions::gzip_level`] in `pack.workers` threads,
+//!   joined by sync flushes; no file name, mtime 0, OS byte 3): its bytes depend only on the
+//!   tar and the level, never on the thread count.
 //! - Times: with `source_date_epoch` the config's `created` and its history entry are that
 //!   instant (RFC 3339, UTC, clamped to 1970..9999) and the archive's own entries carry it as
 //!   mtime; without it `created` is left out (the image-spec makes it optional: "unknown") and
@@ -51,6 +53,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -372,6 +375,26 @@ pub fn write(
     if cancelled() {
         return Err(OciError::Cancelled);
     }
+    // The gzip workers live in this scope; an early return drops their job queues, which
+    // ends them before the scope joins them.
+    std::thread::scope(|scope| {
+        write_in(
+            scope, root, scan, image_name, formats, opts, platform, cancelled,
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_in<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    root: &Path,
+    scan: &Scan,
+    image_name: &str,
+    formats: Formats,
+    opts: &ImageOptions,
+    platform: Platform,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Written, OciError> {
     let mtime = opts
         .source_date_epoch
         .map_or(0, |e| e.clamp(0, MAX_CREATED as i64) as u64);
@@ -379,7 +402,7 @@ pub fn write(
     let oci_dest = oci_path(image_name);
     let docker_dest = docker_path(image_name);
     let mut layout = if formats.oci {
-        Some(LayoutBuilder::create(&oci_dest, opts)?)
+        Some(LayoutBuilder::create(&oci_dest, opts, scope)?)
     } else {
         None
     };
@@ -832,7 +855,7 @@ impl Write for Counted {
 /// The layout's layer blob being written.
 enum BlobSink {
     Plain(Counted),
-    Gzip(flate2::write::GzEncoder<Counted>),
+    Gzip(ParGz),
     Zstd(zstd::Encoder<'static, Counted>),
 }
 
@@ -853,6 +876,142 @@ impl BlobSink {
         };
         c.w.flush()?;
         Ok(c)
+    }
+}
+
+/// Input bytes per gzip block. Fixed: the output depends on it, never on the thread count.
+const GZ_BLOCK: usize = 1 << 20;
+/// Blocks queued per worker before the writer waits for the oldest.
+const GZ_QUEUE: usize = 2;
+
+type GzWorker = (SyncSender<Vec<u8>>, Receiver<io::Result<Vec<u8>>>);
+
+/// Parallel gzip, one member (as pigz, without the dictionary carry-over): the stream is cut
+/// into [`GZ_BLOCK`] pieces, each raw-deflated on its own (in `workers` threads, round robin)
+/// and ended with a sync flush, so the pieces concatenate into one deflate stream; an empty
+/// final block, the CRC-32 and the length close it. The header has no name, mtime 0, OS 3.
+/// The bytes depend only on the input and the level.
+struct ParGz {
+    out: Counted,
+    /// Per worker: its job queue (input blocks) and its results, in the order sent.
+    workers: Vec<GzWorker>,
+    buf: Vec<u8>,
+    sent: usize,
+    written: usize,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl ParGz {
+    fn new<'scope>(
+        mut out: Counted,
+        level: u32,
+        workers: usize,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) -> io::Result<ParGz> {
+        out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])?;
+        let level = flate2::Compression::new(level.min(9));
+        let workers = (0..workers.max(1))
+            .map(|_| {
+                let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(GZ_QUEUE);
+                let (done_tx, done_rx) = std::sync::mpsc::sync_channel(GZ_QUEUE + 1);
+                scope.spawn(move || {
+                    let mut c = flate2::Compress::new(level, false);
+                    for block in job_rx {
+                        let r = deflate_block(&mut c, &block);
+                        c.reset();
+                        if done_tx.send(r).is_err() {
+                            break;
+                        }
+                    }
+                });
+                (job_tx, done_rx)
+            })
+            .collect();
+        Ok(ParGz {
+            out,
+            workers,
+            buf: Vec::with_capacity(GZ_BLOCK),
+            sent: 0,
+            written: 0,
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        })
+    }
+
+    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        self.crc.update(data);
+        self.len += data.len() as u64;
+        while !data.is_empty() {
+            let take = (GZ_BLOCK - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == GZ_BLOCK {
+                self.send()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn gone() -> io::Error {
+        io::Error::other("a gzip worker thread ended early")
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let block = std::mem::replace(&mut self.buf, Vec::with_capacity(GZ_BLOCK));
+        if self.sent - self.written >= self.workers.len() * GZ_QUEUE {
+            self.write_next()?;
+        }
+        let n = self.workers.len();
+        self.workers[self.sent % n]
+            .0
+            .send(block)
+            .map_err(|_| Self::gone())?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Writes the oldest block still being compressed, waiting for it.
+    fn write_next(&mut self) -> io::Result<()> {
+        let n = self.workers.len();
+        let block = self.workers[self.written % n]
+            .1
+            .recv()
+            .map_err(|_| Self::gone())??;
+        self.out.write_all(&block)?;
+        self.written += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<Counted> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        while self.written < self.sent {
+            self.write_next()?;
+        }
+        // An empty final block (fixed Huffman, end-of-block only), then the gzip trailer.
+        self.out.write_all(&[3, 0])?;
+        self.out
+            .write_all(&self.crc.clone().finalize().to_le_bytes())?;
+        self.out.write_all(&(self.len as u32).to_le_bytes())?;
+        Ok(self.out)
+    }
+}
+
+/// Raw deflate of one block, ended with a sync flush (byte-aligned, not final).
+fn deflate_block(c: &mut flate2::Compress, input: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 8 + 64);
+    let start = c.total_in();
+    loop {
+        let done = (c.total_in() - start) as usize;
+        c.compress_vec(&input[done..], &mut out, flate2::FlushCompress::Sync)
+            .map_err(io::Error::other)?;
+        // A flush is complete once all input is in and the output did not fill up.
+        if (c.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+            return Ok(out);
+        }
+        out.reserve(out.capacity().max(4096));
     }
 }
 
@@ -903,7 +1062,11 @@ struct LayoutBuilder {
 }
 
 impl LayoutBuilder {
-    fn create(dest: &Path, opts: &ImageOptions) -> Result<LayoutBuilder, OciError> {
+    fn create<'scope>(
+        dest: &Path,
+        opts: &ImageOptions,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) -> Result<LayoutBuilder, OciError> {
         let parent = parent_of(dest);
         let dir = tempfile::Builder::new()
             .prefix(".strata-out.")
@@ -932,10 +1095,13 @@ impl LayoutBuilder {
         let sink = match opts.compression {
             Compression::None => BlobSink::Plain(counted),
             Compression::Gzip => BlobSink::Gzip(
-                flate2::GzBuilder::new()
-                    .mtime(0)
-                    .operating_system(3)
-                    .write(counted, flate2::Compression::new(opts.gzip_level.min(9))),
+                ParGz::new(
+                    counted,
+                    opts.gzip_level,
+                    opts.pack.workers.max(1) as usize,
+                    scope,
+                )
+                .map_err(write_err(&tmp))?,
             ),
             Compression::Zstd => {
                 let mut enc =

@@ -752,3 +752,72 @@ fn skopeo_reads_the_layout_and_the_archive_and_their_digests_match() {
         oci.layer.digest
     );
 }
+
+#[test]
+fn parallel_gzip_is_one_valid_member_whatever_the_thread_count() {
+    // 3.5 MiB: three full blocks and a partial one, half compressible.
+    let mut data = Vec::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    while data.len() < 3 * GZ_BLOCK + GZ_BLOCK / 2 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        if seed.is_multiple_of(3) {
+            data.extend_from_slice(&seed.to_le_bytes());
+        } else {
+            data.extend_from_slice(b"usr/share/doc/strata/copyright ");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut outputs = Vec::new();
+    for (workers, input) in [(1, &data[..]), (3, &data[..]), (2, &[][..])] {
+        let path = dir.path().join(format!("gz{workers}"));
+        let file = File::create(&path).unwrap();
+        let counted = Counted {
+            w: BufWriter::new(file),
+            sha: Sha256::new(),
+            n: 0,
+        };
+        let c = std::thread::scope(|scope| {
+            let mut gz = ParGz::new(counted, 6, workers, scope).unwrap();
+            // Uneven writes: block boundaries come from the stream, not the calls.
+            for piece in input.chunks(777_777) {
+                gz.write_all(piece).unwrap();
+            }
+            gz.finish().unwrap()
+        });
+        let mut c = c;
+        c.w.flush().unwrap();
+        assert_eq!(c.n, fs::metadata(&path).unwrap().len());
+        assert_eq!(
+            sha256_digest(c.sha.finalize().as_slice()),
+            sha256_file(&path)
+        );
+        // The real gzip reads it back (one member: `gzip -l` would list one).
+        if have("gzip") {
+            let out = Command::new("gzip").arg("-dc").arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.stdout == input, "gzip -dc gives the input back");
+        }
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(File::open(&path).unwrap())
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == input);
+        outputs.push(fs::read(&path).unwrap());
+    }
+    assert!(
+        outputs[0] == outputs[1],
+        "1 and 3 threads give the same bytes"
+    );
+    assert!(outputs[0].len() < data.len() / 2, "it compresses");
+    assert_eq!(
+        outputs[2].len(),
+        10 + 2 + 8,
+        "empty input: header, final block, trailer"
+    );
+}
