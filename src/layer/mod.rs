@@ -5,6 +5,7 @@
 //! scan(root) ──► Scan ─┐
 //! scan(root) ──► Scan ─┴► diff() ──► Changeset ──► pack(root, ..) ──► zstd tar blob + LayerInfo
 //!                                     (full())      write_tar()  ──► plain tar (no compression)
+//!                                                   write_tar_dense() ──► same, no sparse entries
 //! blob ──► unpack(target) ──► files, whiteouts applied, UnpackStats (diff id recomputed)
 //! ```
 //!

@@ -43,7 +43,8 @@
 //! - The docker archive is the format `docker save` writes since docker 25: `manifest.json` +
 //!   `repositories` + blobs under `blobs/sha256/`, plus the OCI `index.json`/`oci-layout` (its
 //!   manifest names the uncompressed layer), so `docker load`, `skopeo … docker-archive:` and
-//!   `… oci-archive:` all read it. Entries are root-owned, mode 0644 (dirs 0755).
+//!   `… oci-archive:` all read it (docker 20.10, Debian 12's, loads it too). Entries are
+//!   root-owned, mode 0644 (dirs 0755).
 //! - The layer is never held in memory: it streams from the tree to the files. The archive's
 //!   layer entry is written with a placeholder header that is patched once the size and
 //!   digest are known, so the archive's blake3 needs one re-read of the finished file.

@@ -821,3 +821,81 @@ fn parallel_gzip_is_one_valid_member_whatever_the_thread_count() {
         "empty input: header, final block, trailer"
     );
 }
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker").args(args).output().unwrap()
+}
+
+#[test]
+fn docker_load_accepts_the_archive_with_its_tag_id_and_files() {
+    if !have("docker") || !docker(&["info"]).status.success() {
+        eprintln!("skipped: no docker daemon reachable (docker info fails; DOCKER_HOST picks one)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = tree(dir.path());
+    let repo = format!("strata-oci-test-{}", std::process::id());
+    let name = dir.path().join(&repo).display().to_string();
+    let w = write(
+        &root,
+        &scan(&root),
+        &name,
+        Formats {
+            oci: false,
+            docker: true,
+        },
+        &opts(Compression::Gzip, Some(1_700_000_000)),
+        &never,
+    )
+    .unwrap();
+    let archive = w.docker.unwrap();
+    let tag = format!("{repo}:latest");
+    let load = docker(&["load", "-i", &archive.path.display().to_string()]);
+    let text = String::from_utf8_lossy(&load.stdout).into_owned();
+    let cleanup = || {
+        docker(&["rm", "-f", &repo]);
+        docker(&["rmi", "-f", &tag]);
+    };
+    if !load.status.success() {
+        cleanup();
+        panic!("docker load: {}", String::from_utf8_lossy(&load.stderr));
+    }
+    let inspect = docker(&["image", "inspect", &tag]);
+    let created = docker(&["create", "--name", &repo, &tag]);
+    let export = docker(&["export", &repo]);
+    cleanup();
+    assert!(text.contains(&format!("Loaded image: {tag}")), "{text}");
+    let info = &json_of(&inspect, "docker image inspect")[0];
+    assert_eq!(info["Id"], archive.image_id.as_str());
+    assert_eq!(info["Architecture"], "amd64");
+    assert_eq!(
+        info["RootFS"]["Layers"],
+        serde_json::json!([w.layer.diff_id])
+    );
+    assert_eq!(info["Config"]["Cmd"], serde_json::json!(["/bin/sh"]));
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    // The container's file system holds the tree's files, owners and modes.
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let mut seen = BTreeMap::new();
+    for e in tar::Archive::new(&export.stdout[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        let h = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        let p = e.path().unwrap().display().to_string();
+        seen.insert(p, (h.mode().unwrap() & 0o7777, h.uid().unwrap(), data));
+    }
+    let conf = &seen["etc/app/conf"];
+    assert_eq!((conf.0, conf.1), (0o640, 1000 * u64::from(is_root())));
+    assert!(conf.2 == fs::read(root.join("etc/app/conf")).unwrap());
+    assert_eq!(seen["usr/bin/su"].0, 0o4755);
+    assert_eq!(seen["var/sparse"].2.len() as u64, SPARSE_LEN);
+}
