@@ -899,3 +899,25 @@ fn docker_load_accepts_the_archive_with_its_tag_id_and_files() {
     assert_eq!(seen["usr/bin/su"].0, 0o4755);
     assert_eq!(seen["var/sparse"].2.len() as u64, SPARSE_LEN);
 }
+
+#[test]
+fn the_layer_blob_does_not_depend_on_the_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = tree(dir.path());
+    let s = scan(&root);
+    for compression in [Compression::Zstd, Compression::Gzip] {
+        let mut digests = Vec::new();
+        for workers in [1, 3] {
+            let mut o = opts(compression, Some(5));
+            o.pack.workers = workers;
+            let name = dir.path().join(format!("w{workers}")).display().to_string();
+            let only_oci = Formats {
+                oci: true,
+                docker: false,
+            };
+            let w = write(&root, &s, &name, only_oci, &o, &never).unwrap();
+            digests.push(w.oci.unwrap().blake3);
+        }
+        assert_eq!(digests[0], digests[1], "{compression:?}");
+    }
+}
