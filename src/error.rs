@@ -18,6 +18,11 @@ use crate::elements::packages::PackageError;
 use crate::exec::snapshot::RefusedLayer;
 use crate::image::ImageError;
 use crate::layer::LayerError;
+use crate::outputs::oci::OciError;
+use crate::registry::RegistryError;
+use crate::registry::auth::AuthError;
+use crate::registry::reference::ReferenceError;
+use crate::registry::sign::SignError;
 use crate::sandbox::SandboxError;
 use crate::store::StoreError;
 
@@ -116,6 +121,64 @@ fn cache_exit(e: &CacheError) -> Exit {
     }
 }
 
+fn oci_exit(e: &OciError) -> Exit {
+    match e {
+        OciError::Cancelled => Exit::Interrupted,
+        OciError::Arch(_) | OciError::Tag(_) => Exit::BadInput,
+        OciError::Layer(l) => layer_exit(l),
+        OciError::Write { .. } | OciError::Read { .. } | OciError::Invalid { .. } => {
+            Exit::BuildFailed
+        }
+    }
+}
+
+fn reference_exit(e: &ReferenceError) -> Exit {
+    match e {
+        ReferenceError::Reference { .. }
+        | ReferenceError::Repository { .. }
+        | ReferenceError::Tag { .. }
+        | ReferenceError::Digest { .. } => Exit::BadInput,
+    }
+}
+
+fn auth_exit(e: &AuthError) -> Exit {
+    match e {
+        AuthError::ConfigRead { .. }
+        | AuthError::ConfigParse { .. }
+        | AuthError::BadAuthField { .. } => Exit::BadInput,
+        AuthError::HelperMissing { .. } => Exit::Environment,
+        AuthError::HelperFailed { .. } => Exit::Remote,
+    }
+}
+
+fn registry_exit(e: &RegistryError) -> Exit {
+    match e {
+        RegistryError::Cancelled { .. } => Exit::Interrupted,
+        RegistryError::Credentials(a) => auth_exit(a),
+        RegistryError::Reference(r) => reference_exit(r),
+        RegistryError::Unreachable { .. }
+        | RegistryError::Unauthorized { .. }
+        | RegistryError::NotFound { .. }
+        | RegistryError::Refused { .. }
+        | RegistryError::DigestMismatch { .. }
+        | RegistryError::Protocol { .. }
+        | RegistryError::Tls { .. }
+        | RegistryError::Io { .. }
+        | RegistryError::Write { .. } => Exit::Remote,
+    }
+}
+
+fn sign_exit(e: &SignError) -> Exit {
+    match e {
+        SignError::Io { .. } => Exit::Environment,
+        SignError::Exists { .. }
+        | SignError::BadName { .. }
+        | SignError::Malformed { .. }
+        | SignError::UnknownKey { .. }
+        | SignError::BadSignature { .. } => Exit::BadInput,
+    }
+}
+
 /// The status of one cause, if it is one of strata's typed errors.
 fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = cause.downcast_ref::<Failure>() {
@@ -149,6 +212,21 @@ fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = cause.downcast_ref::<ImageError>() {
         return Some(image_exit(e));
     }
+    if let Some(e) = cause.downcast_ref::<OciError>() {
+        return Some(oci_exit(e));
+    }
+    if let Some(e) = cause.downcast_ref::<RegistryError>() {
+        return Some(registry_exit(e));
+    }
+    if let Some(e) = cause.downcast_ref::<ReferenceError>() {
+        return Some(reference_exit(e));
+    }
+    if let Some(e) = cause.downcast_ref::<AuthError>() {
+        return Some(auth_exit(e));
+    }
+    if let Some(e) = cause.downcast_ref::<SignError>() {
+        return Some(sign_exit(e));
+    }
     if cause.is::<RefusedLayer>() {
         // Only seen when a cache keeps refusing layers after strata dropped them (see build).
         return Some(Exit::Cache);
@@ -169,6 +247,11 @@ const MAPPED: &[&str] = &[
     "LayerError",
     "ImageError",
     "RefusedLayer",
+    "OciError",
+    "RegistryError",
+    "ReferenceError",
+    "AuthError",
+    "SignError",
 ];
 
 /// Picks the exit status for an error: a cancellation (in the chain, or a signal that arrived)

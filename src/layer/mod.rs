@@ -5,6 +5,7 @@
 //! scan(root) ──► Scan ─┐
 //! scan(root) ──► Scan ─┴► diff() ──► Changeset ──► pack(root, ..) ──► zstd tar blob + LayerInfo
 //!                                     (full())      write_tar()  ──► plain tar (no compression)
+//!                                                   write_tar_dense() ──► same, no sparse entries
 //! blob ──► unpack(target) ──► files, whiteouts applied, UnpackStats (diff id recomputed)
 //! ```
 //!
@@ -29,7 +30,7 @@ mod unpack;
 use std::path::PathBuf;
 
 pub use diff::{Change, ChangeKind, Changeset, diff};
-pub use pack::{LayerInfo, PackOptions, pack, write_tar};
+pub use pack::{LayerInfo, PackOptions, pack, write_tar, write_tar_dense};
 pub use scan::{FileKind, Meta, Scan, ScanOptions, scan};
 pub use unpack::{UnpackOptions, UnpackStats, unpack};
 

@@ -105,6 +105,28 @@ pub fn write_tar(
     out: impl Write,
     opts: &PackOptions,
 ) -> Result<LayerInfo, LayerError> {
+    write_tar_as(root, changes, out, opts, true)
+}
+
+/// [`write_tar`] without GNU sparse entries: holes are written as zeros, every file is a plain
+/// regular entry. For container images: Go's `archive/tar` users (docker, containerd, umoci)
+/// refuse GNU sparse entries (`unknown typeflag 'S'`).
+pub fn write_tar_dense(
+    root: &Path,
+    changes: &Changeset,
+    out: impl Write,
+    opts: &PackOptions,
+) -> Result<LayerInfo, LayerError> {
+    write_tar_as(root, changes, out, opts, false)
+}
+
+fn write_tar_as(
+    root: &Path,
+    changes: &Changeset,
+    out: impl Write,
+    opts: &PackOptions,
+    sparse: bool,
+) -> Result<LayerInfo, LayerError> {
     let hw = HashWriter {
         inner: out,
         hasher: blake3::Hasher::new(),
@@ -118,6 +140,7 @@ pub fn write_tar(
         full: PathBuf::new(),
         root,
         links: HashMap::new(),
+        sparse,
     };
     for change in changes.iter() {
         match &change.kind {
@@ -160,6 +183,8 @@ struct TarWriter<'a, W: Write> {
     root: &'a Path,
     /// (dev, ino) of multiply-linked non-directories already written → their tar path.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// Whether runs of zeros may become GNU sparse holes.
+    sparse: bool,
 }
 
 fn pad_len(n: u64) -> usize {
@@ -410,7 +435,7 @@ impl<W: Write> TarWriter<'_, W> {
         let size = meta.size;
         let mut preloaded = false;
         let mut segments: Option<Vec<(u64, u64)>> = None;
-        if size >= 2 * SPARSE_CHUNK {
+        if self.sparse && size >= 2 * SPARSE_CHUNK {
             let (segs, pre) = self.sparse_map(&f, size)?;
             preloaded = pre;
             if !(segs.len() == 1 && segs[0] == (0, size)) {

@@ -12,6 +12,7 @@
 //! and a cache to keep what it writes in.
 
 pub mod checksums;
+pub mod oci;
 pub mod tree;
 
 use crate::exit::{Exit, Failure};
