@@ -306,8 +306,8 @@ pub enum CacheCommand {
     },
     /// Remove least recently used steps until the cache fits in SIZE (e.g. 10G, 500M).
     Gc {
-        #[arg(long = "max-size", value_name = "SIZE")]
-        max_size: String,
+        #[arg(long = "max-size", value_name = "SIZE", value_parser = crate::store::parse_size)]
+        max_size: u64,
     },
     /// Re-hash every blob; drop corrupt ones and the steps that need them.
     Verify,

@@ -3,7 +3,7 @@
 use crate::cli::{CacheArgs, CacheCommand};
 use crate::exit::Failure;
 use crate::key::{self, KeyInputs};
-use crate::store::{self, Store};
+use crate::store::Store;
 use anyhow::Result;
 
 fn human(bytes: u64) -> String {
@@ -88,9 +88,7 @@ pub fn run(args: CacheArgs) -> Result<()> {
             }
         }
         CacheCommand::Gc { max_size } => {
-            let max = store::parse_size(&max_size)
-                .map_err(|e| Failure::bad_input(format!("--max-size {max_size}: {e}")))?;
-            let r = store.gc(max)?;
+            let r = store.gc(max_size)?;
             println!(
                 "gc: {} → {} (limit {}); removed {} steps, {} outputs, {} blobs ({} orphaned), {} temp files",
                 human(r.bytes_before),
