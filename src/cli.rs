@@ -21,6 +21,11 @@ fn granularity(s: &str) -> Result<Granularity, String> {
     })
 }
 
+fn oci_compression(s: &str) -> Result<crate::outputs::oci::Compression, String> {
+    crate::outputs::oci::Compression::parse(s)
+        .ok_or_else(|| format!("'{s}' is not a layer compression (one of gzip, zstd, none)"))
+}
+
 fn progress_mode(s: &str) -> Result<crate::progress::Mode, String> {
     crate::progress::Mode::parse(s).ok_or_else(|| {
         format!(
@@ -122,6 +127,22 @@ pub struct ElementsArgs {
     pub elements: Vec<String>,
 }
 
+/// How registries (OCI distribution) are reached and trusted.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryArgs {
+    /// Reach this registry host over plain HTTP (HOST, or HOST:PORT for one port; repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure: Vec<String>,
+
+    /// Sign every step record pushed to a registry with this ed25519 key (`strata cache keygen`).
+    #[arg(long = "cache-sign-key", value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
+
+    /// Use only registry records signed by this public key (repeatable: any of them).
+    #[arg(long = "cache-trust", value_name = "PUBKEY_FILE")]
+    pub trust: Vec<PathBuf>,
+}
+
 /// Options shared by `build` and `plan`: everything that decides what runs.
 #[derive(Debug, Clone, Args)]
 pub struct BuildOptions {
@@ -132,7 +153,8 @@ pub struct BuildOptions {
     #[arg(short = 'o', value_name = "NAME", default_value = "image")]
     pub image_name: String,
 
-    /// Output types, comma separated: qcow2 (default, as dib), raw, vhd, tar, tgz, squashfs.
+    /// Output types, comma separated: qcow2 (default, as dib), raw, vhd, tar, tgz, squashfs,
+    /// oci (an OCI image layout folder NAME.oci), docker (NAME.docker.tar, for `docker load`).
     #[arg(
         short = 't',
         value_name = "TYPES",
@@ -187,6 +209,30 @@ pub struct BuildOptions {
     /// which reruns steps and stores them).
     #[arg(long = "no-cache")]
     pub no_cache: bool,
+
+    /// Also look steps up in this registry, after the local cache (repeatable, in order):
+    /// HOST[:PORT]/REPO, or http://HOST[:PORT]/REPO for a registry without TLS. Hits are copied
+    /// into the local cache, checked.
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Vec<String>,
+
+    /// Push every step this build makes, and its outputs, to this registry (in the background,
+    /// while the build goes on). A failing registry gives one warning, never a failed build.
+    #[arg(long = "cache-to", value_name = "REF")]
+    pub cache_to: Option<String>,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+
+    /// The layer compression of `-t oci`: gzip (default: every runtime reads it), zstd, none.
+    #[arg(long = "oci-compression", value_name = "gzip|zstd|none", default_value = "gzip",
+          value_parser = oci_compression)]
+    pub oci_compression: crate::outputs::oci::Compression,
+
+    /// When the build is done, push the `-t oci` image to this registry (HOST[:PORT]/REPO[:TAG],
+    /// tag `latest` by default).
+    #[arg(long = "push", value_name = "REF[:TAG]")]
+    pub push: Option<String>,
 
     /// Run again from this step on: PHASE or PHASE/HOOK (e.g. install.d/50-foo).
     #[arg(long = "rebuild-from", value_name = "PHASE[/HOOK]", value_parser = RebuildFrom::parse)]
@@ -315,6 +361,58 @@ pub enum CacheCommand {
     Rm {
         #[arg(value_name = "KEY")]
         key: String,
+    },
+    /// Push cached steps (each with its ancestors) and outputs to a registry (all, without KEYs).
+    Push {
+        /// HOST[:PORT]/REPO or http://HOST[:PORT]/REPO.
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull steps (each with its ancestors) and outputs from a registry into the local cache
+    /// (every strata record in the repository, without KEYs).
+    Pull {
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every registry entry no kept build needs (a kept step keeps its ancestors).
+    Prune {
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// A build manifest (NAME.strata.json) whose steps and outputs are kept (repeatable).
+        #[arg(long = "keep", value_name = "MANIFEST", required = true)]
+        keep: Vec<PathBuf>,
+        /// Only delete entries pushed longer ago than this (e.g. 30d).
+        #[arg(long = "older-than", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// List what would be deleted, delete nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an ed25519 key pair for signing step records: FILE (secret, 0600) and FILE.pub.
+    Keygen {
+        /// The key's name (it travels with every signature, e.g. `ci-2026`).
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Where to write the secret key (default NAME.key).
+        #[arg(long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Explain a step: its inputs, and how they differ from the nearest step at its position.
     Explain {

@@ -118,6 +118,7 @@ fn cache_exit(e: &CacheError) -> Exit {
         CacheError::NoBlob { .. } | CacheError::Mismatch { .. } | CacheError::Other { .. } => {
             Exit::Cache
         }
+        CacheError::Remote { source, .. } => registry_exit(source),
     }
 }
 

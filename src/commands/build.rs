@@ -11,7 +11,7 @@
 //! ```
 
 use super::request;
-use crate::cache::{Local, NoCache, ReadOnly, StepCache};
+use crate::cache::{Local, MultiLevel, NoCache, ReadOnly, StepCache};
 use crate::cli::{BuildArgs, PlanArgs};
 use crate::exec::prepare::Prepared;
 use crate::exec::snapshot::RefusedLayer;
@@ -26,24 +26,47 @@ use crate::sandbox::{self, BuildDir};
 use crate::settings::{self, BuildPaths, Settings};
 use crate::store::{Broken, BuildRecord, Store};
 use anyhow::{Context, Result};
+use std::sync::Arc;
 use std::time::Instant;
 
-/// The cache a build reads and writes: the local store, or none with `--no-cache`.
-fn open_cache(settings: &Settings) -> Result<Box<dyn StepCache>> {
+/// The cache a build reads and writes: the local store (then `--cache-from` registries, and
+/// the `--cache-to` one, as later levels), or none with `--no-cache`.
+fn open_cache(settings: &Settings) -> Result<Arc<dyn StepCache>> {
     if settings.cache.no_cache {
-        return Ok(Box::new(NoCache));
+        return Ok(Arc::new(NoCache));
     }
-    Ok(Box::new(Local::new(Store::open(&settings.cache.dir)?)))
+    let local = Arc::new(Local::new(Store::open(&settings.cache.dir)?));
+    let remote = super::remote::build_levels(&settings.cache.registries, Some(local.clone()))?;
+    if remote.is_empty() {
+        return Ok(local);
+    }
+    let mut levels: Vec<Arc<dyn StepCache>> = vec![local];
+    levels.extend(remote);
+    Ok(Arc::new(MultiLevel::new(levels)))
 }
 
-/// The cache `plan` looks at: read-only, and nothing is created when there is none yet.
-fn open_cache_read_only(settings: &Settings) -> Result<Box<dyn StepCache>> {
-    if settings.cache.no_cache || !settings.cache.dir.join("index.sqlite").exists() {
-        return Ok(Box::new(NoCache));
+/// The cache `plan` looks at: every level read-only, and nothing is created when there is no
+/// local cache yet.
+fn open_cache_read_only(settings: &Settings) -> Result<Arc<dyn StepCache>> {
+    if settings.cache.no_cache {
+        return Ok(Arc::new(NoCache));
     }
-    Ok(Box::new(ReadOnly(Local::new(Store::open(
-        &settings.cache.dir,
-    )?))))
+    let local: Arc<dyn StepCache> = if settings.cache.dir.join("index.sqlite").exists() {
+        Arc::new(ReadOnly(Local::new(Store::open(&settings.cache.dir)?)))
+    } else {
+        Arc::new(NoCache)
+    };
+    let remote = super::remote::build_levels(&settings.cache.registries, None)?;
+    if remote.is_empty() {
+        return Ok(local);
+    }
+    let mut levels = vec![local];
+    levels.extend(
+        remote
+            .into_iter()
+            .map(|l| Arc::new(ReadOnly(l)) as Arc<dyn StepCache>),
+    );
+    Ok(Arc::new(ReadOnly(MultiLevel::new(levels))))
 }
 
 fn resolve(args: &crate::cli::BuildOptions) -> Result<Prepared> {
@@ -127,6 +150,12 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
                 outputs::checksums::refresh(&o.path)
                     .with_context(|| format!("cannot write checksums of {}", o.path.display()))?;
             }
+        }
+        if let Some(reference) = &settings.push {
+            let layout = crate::outputs::OutputType::Oci.path(&settings.image_name);
+            let pushed =
+                super::remote::push_image(reference, &layout, &settings.cache.registries.insecure)?;
+            reporter.println(&format!("pushed the image: {pushed}"));
         }
         let manifest = build_manifest(&prep, steps, outputs, started)?;
         let text = manifest.write(&Manifest::path_for(&settings.image_name))?;

@@ -7,9 +7,10 @@ pub mod cache;
 pub mod dib;
 pub mod elements;
 pub mod face;
+pub mod remote;
 
 use crate::cli::{BuildOptions, Cli, Command};
-use crate::settings::{BuildRequest, CacheSettings, DiskRequest};
+use crate::settings::{BuildRequest, CacheSettings, DiskRequest, RegistrySettings};
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -44,9 +45,18 @@ pub fn request(o: &BuildOptions) -> BuildRequest {
             ttl: o.cache_ttl,
             no_cache: o.no_cache,
             rebuild_from: o.rebuild_from.clone(),
+            registries: RegistrySettings {
+                from: o.cache_from.clone(),
+                to: o.cache_to.clone(),
+                insecure: o.registry.insecure.clone(),
+                sign_key: o.registry.sign_key.clone(),
+                trust: o.registry.trust.clone(),
+            },
         },
         no_tmpfs: o.no_tmpfs,
         min_tmpfs: o.min_tmpfs,
+        oci_compression: o.oci_compression,
+        push: o.push.clone(),
         disk: DiskRequest {
             image_size_kib: o.image_size,
             image_extra_mb: o.image_extra_size,

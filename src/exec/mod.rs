@@ -60,6 +60,15 @@ pub fn pack_options(settings: &Settings) -> PackOptions {
     }
 }
 
+/// How a build's container image outputs are made.
+pub fn image_settings(settings: &Settings) -> outputs::ImageSettings {
+    outputs::ImageSettings {
+        arch: settings.arch.clone(),
+        compression: settings.oci_compression,
+        source_date_epoch: settings.source_date_epoch,
+    }
+}
+
 /// One build's walk over its steps.
 pub struct Executor<'a> {
     prep: &'a Prepared,
@@ -268,6 +277,7 @@ impl<'a> Executor<'a> {
                 });
                 if self.cache.writable() {
                     self.cache.touch_step(&step.key, now())?;
+                    self.cache.share_hit(&hit)?;
                 }
             }
             let diff_id = hit.step.layer.clone();
@@ -553,13 +563,14 @@ impl<'a> Executor<'a> {
                 None
             };
             let started = Instant::now();
-            let written = outputs::tree::write(
+            let written = outputs::write_from_tree(
                 self.cache,
                 &self.paths.mount_dir,
                 scan.as_ref(),
                 &missing,
                 &settings.image_name,
                 &pack_options(settings),
+                &image_settings(settings),
             );
             if let Some(scan) = scan {
                 self.snapshots.keep_scan(scan);
@@ -722,10 +733,7 @@ fn unchanged_output(
         return None;
     }
     let recorded = prev.output(t)?.blake3.clone();
-    let mut file = fs::File::open(path).ok()?;
-    let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut file, &mut hasher).ok()?;
-    (hasher.finalize().to_hex().as_str() == recorded).then_some(recorded)
+    (outputs::identity(t, path)? == recorded).then_some(recorded)
 }
 
 /// Why a step missed, in lines a user can act on.

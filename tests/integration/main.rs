@@ -7,5 +7,8 @@ mod disk;
 mod elements;
 mod face;
 mod harness;
+mod registry;
+#[path = "../support/registry_server.rs"]
+mod registry_server;
 mod sandbox;
 mod util;
