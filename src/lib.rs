@@ -13,6 +13,7 @@
 //! chroots.
 
 pub mod arch;
+pub mod audit;
 pub mod build;
 pub mod cli;
 pub mod commands;

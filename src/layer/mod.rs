@@ -21,7 +21,7 @@
 
 mod diff;
 mod pack;
-mod read;
+pub(crate) mod read;
 mod scan;
 mod sys;
 mod unpack;
