@@ -526,7 +526,7 @@ impl<R: Read> LayerStream<R> {
             }));
         }
         self.check_order(&key)?;
-        let body = self.node(&raw, &key, cancelled)?;
+        let body = Body::Node(self.node(&raw, &key, cancelled)?);
         self.entries += 1;
         let mut entry = Entry {
             path: key.clone(),
@@ -566,7 +566,7 @@ impl<R: Read> LayerStream<R> {
         raw: &RawEntry,
         key: &[u8],
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<Body, AuditError> {
+    ) -> Result<Node, AuditError> {
         let kind = match raw.kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => EntryKind::File,
             EntryType::Directory => EntryKind::Dir,
@@ -618,7 +618,7 @@ impl<R: Read> LayerStream<R> {
         };
         let mut xattrs = raw.xattrs.clone();
         xattrs.sort();
-        Ok(Body::Node(Node {
+        Ok(Node {
             kind,
             mode,
             uid: raw.uid,
@@ -630,7 +630,7 @@ impl<R: Read> LayerStream<R> {
             device,
             xattrs,
             opaque: false,
-        }))
+        })
     }
 }
 
@@ -836,6 +836,87 @@ struct Pending {
     side: Side,
 }
 
+/// What A and B have at a path when only one of them (`in_first` says which) has `side` there.
+fn one_side(in_first: bool, side: Side) -> (Side, Side) {
+    if in_first {
+        (side, Side::Absent)
+    } else {
+        (Side::Absent, side)
+    }
+}
+
+/// The difference at `path` between what A and B have there (None when they agree).
+fn presence_diff(path: Vec<u8>, (a, b): (Side, Side)) -> Option<FileDiff> {
+    presence_change(a, b).map(|change| FileDiff {
+        path: ByteName(path),
+        change,
+    })
+}
+
+/// The merge join's state besides the two streams: counts, the caller's sink, and the one-sided
+/// entries waiting for their counterpart.
+struct Join<F> {
+    summary: DiffSummary,
+    emit: F,
+    /// Keyed by the counterpart's key (where the other layer's matching entry would be).
+    pending: BTreeMap<Key, Pending>,
+}
+
+impl<F: FnMut(FileDiff)> Join<F> {
+    fn out(&mut self, d: Option<FileDiff>) {
+        if let Some(d) = d {
+            self.summary.count(&d);
+            (self.emit)(d);
+        }
+    }
+
+    /// Reports the pending entries whose counterpart key sorts before `at` (None: all of them):
+    /// the join has passed that key, so they have no counterpart.
+    fn flush(&mut self, at: Option<&[u8]>) {
+        while let Some(entry) = self.pending.first_entry() {
+            if at.is_some_and(|at| path_cmp(&entry.key().0, at) != std::cmp::Ordering::Less) {
+                break;
+            }
+            let p = entry.remove();
+            self.out(presence_diff(p.path, one_side(p.in_first, p.side)));
+        }
+    }
+
+    /// An entry only one layer has under its key: paired with a pending entry of the other
+    /// layer for the same path, kept pending until its counterpart key, or reported as is.
+    fn one_sided(&mut self, e: Entry, in_first: bool) {
+        let side = side_of(&e.body);
+        if let Some(p) = self.pending.remove(&Key(e.key.clone())) {
+            if p.in_first != in_first {
+                let sides = if in_first {
+                    (side, p.side)
+                } else {
+                    (p.side, side)
+                };
+                self.out(presence_diff(e.path, sides));
+                return;
+            }
+            // A path and its whiteout in one layer (not strata's format): report both.
+            self.out(presence_diff(p.path, one_side(p.in_first, p.side)));
+        }
+        let counterpart = match e.body {
+            Body::Whiteout => Some(e.path.clone()),
+            Body::Node(_) => whiteout_key(&e.path),
+        };
+        match counterpart {
+            Some(c) if path_cmp(&c, &e.key) == std::cmp::Ordering::Greater => {
+                let p = Pending {
+                    path: e.path,
+                    in_first,
+                    side,
+                };
+                self.pending.insert(Key(c), p);
+            }
+            _ => self.out(presence_diff(e.path, one_side(in_first, side))),
+        }
+    }
+}
+
 /// Compares two layers given as uncompressed tar streams (`first` = A, `second` = B), calling
 /// `emit` for every path that differs, and returns the counts. Both streams must be in
 /// [`path_cmp`] order (as strata packs them); entries are read once, in step, so memory does not
@@ -844,148 +925,59 @@ pub fn diff_layers<A: Read, B: Read>(
     first: A,
     second: B,
     cancelled: &dyn Fn() -> bool,
-    mut emit: impl FnMut(FileDiff),
+    emit: impl FnMut(FileDiff),
 ) -> Result<DiffSummary, AuditError> {
+    use std::cmp::Ordering::{Equal, Greater, Less};
     let mut sa = LayerStream::new(first, "first");
     let mut sb = LayerStream::new(second, "second");
-    let mut summary = DiffSummary::default();
-    let mut pending: BTreeMap<Key, Pending> = BTreeMap::new();
-    let mut out = |d: FileDiff, summary: &mut DiffSummary| {
-        summary.count(&d);
-        emit(d);
+    let mut join = Join {
+        summary: DiffSummary::default(),
+        emit,
+        pending: BTreeMap::new(),
     };
-    let report = |path: Vec<u8>, a: Side, b: Side| {
-        presence_change(a, b).map(|change| FileDiff {
-            path: ByteName(path),
-            change,
-        })
-    };
-
     let mut a = sa.next(cancelled)?;
     let mut b = sb.next(cancelled)?;
     loop {
         let ord = match (&a, &b) {
             (None, None) => break,
             (Some(x), Some(y)) => path_cmp(&x.key, &y.key),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(_), None) => Less,
+            (None, Some(_)) => Greater,
         };
-        // Pending entries whose counterpart key the join has passed have no counterpart.
-        let at = match ord {
-            std::cmp::Ordering::Greater => b.as_ref().map(|e| e.key.clone()),
-            _ => a.as_ref().map(|e| e.key.clone()),
-        };
-        if let Some(at) = at {
-            while let Some(entry) = pending.first_entry() {
-                if path_cmp(&entry.key().0, &at) != std::cmp::Ordering::Less {
-                    break;
-                }
-                let p = entry.remove();
-                let (sa_, sb_) = if p.in_first {
-                    (p.side, Side::Absent)
-                } else {
-                    (Side::Absent, p.side)
-                };
-                if let Some(d) = report(p.path, sa_, sb_) {
-                    out(d, &mut summary);
-                }
-            }
-        }
+        let at = if ord == Greater { &b } else { &a };
+        join.flush(at.as_ref().map(|e| e.key.as_slice()));
         match ord {
-            std::cmp::Ordering::Equal => {
-                let (x, y) = match (a.take(), b.take()) {
-                    (Some(x), Some(y)) => (x, y),
-                    _ => unreachable!("both sides are present when their keys compare equal"),
-                };
-                if let (Body::Node(na), Body::Node(nb)) = (&x.body, &y.body) {
+            Equal => {
+                if let (Some(x), Some(y)) = (a.take(), b.take())
+                    && let (Body::Node(na), Body::Node(nb)) = (&x.body, &y.body)
+                {
                     let fields = node_fields(na, nb);
                     if !fields.is_empty() {
-                        out(
-                            FileDiff {
-                                path: ByteName(x.path),
-                                change: Change::Changed { fields },
-                            },
-                            &mut summary,
-                        );
+                        join.out(Some(FileDiff {
+                            path: ByteName(x.path),
+                            change: Change::Changed { fields },
+                        }));
                     }
                 }
                 a = sa.next(cancelled)?;
                 b = sb.next(cancelled)?;
             }
-            std::cmp::Ordering::Less | std::cmp::Ordering::Greater => {
-                let in_first = ord == std::cmp::Ordering::Less;
-                let e = if in_first { a.take() } else { b.take() };
-                let Some(e) = e else {
-                    unreachable!("the side that sorts first is present")
-                };
-                let side = side_of(&e.body);
-                let waiting = pending.remove(&Key(e.key.clone()));
-                if let Some(p) = waiting.as_ref().filter(|p| p.in_first == in_first) {
-                    // Both a path and its whiteout in one layer: not strata's; report both.
-                    let (sa_, sb_) = if in_first {
-                        (p.side, Side::Absent)
-                    } else {
-                        (Side::Absent, p.side)
-                    };
-                    if let Some(d) = report(p.path.clone(), sa_, sb_) {
-                        out(d, &mut summary);
-                    }
+            Less => {
+                if let Some(x) = a.take() {
+                    join.one_sided(x, true);
                 }
-                if let Some(p) = waiting.filter(|p| p.in_first != in_first) {
-                    let (sa_, sb_) = if in_first {
-                        (side, p.side)
-                    } else {
-                        (p.side, side)
-                    };
-                    if let Some(d) = report(e.path, sa_, sb_) {
-                        out(d, &mut summary);
-                    }
-                } else {
-                    let counterpart = match e.body {
-                        Body::Whiteout => Some(e.path.clone()),
-                        Body::Node(_) => whiteout_key(&e.path),
-                    };
-                    match counterpart {
-                        Some(c) if path_cmp(&c, &e.key) == std::cmp::Ordering::Greater => {
-                            pending.insert(
-                                Key(c),
-                                Pending {
-                                    path: e.path,
-                                    in_first,
-                                    side,
-                                },
-                            );
-                        }
-                        _ => {
-                            let (sa_, sb_) = if in_first {
-                                (side, Side::Absent)
-                            } else {
-                                (Side::Absent, side)
-                            };
-                            if let Some(d) = report(e.path, sa_, sb_) {
-                                out(d, &mut summary);
-                            }
-                        }
-                    }
+                a = sa.next(cancelled)?;
+            }
+            Greater => {
+                if let Some(y) = b.take() {
+                    join.one_sided(y, false);
                 }
-                if in_first {
-                    a = sa.next(cancelled)?;
-                } else {
-                    b = sb.next(cancelled)?;
-                }
+                b = sb.next(cancelled)?;
             }
         }
     }
-    for (_, p) in std::mem::take(&mut pending) {
-        let (sa_, sb_) = if p.in_first {
-            (p.side, Side::Absent)
-        } else {
-            (Side::Absent, p.side)
-        };
-        if let Some(d) = report(p.path, sa_, sb_) {
-            out(d, &mut summary);
-        }
-    }
+    join.flush(None);
+    let mut summary = join.summary;
     summary.first_entries = sa.entries;
     summary.second_entries = sb.entries;
     Ok(summary)
@@ -1058,10 +1050,9 @@ pub fn extract_file(
             EntryType::Link => Ok(Extracted::Hardlink {
                 target: ByteName(normalise(raw.link.as_deref().unwrap_or_default())),
             }),
-            _ => match s.node(&raw, &key, cancelled)? {
-                Body::Node(n) => Ok(Extracted::Other { kind: n.kind }),
-                Body::Whiteout => unreachable!("node() never returns a whiteout"),
-            },
+            _ => Ok(Extracted::Other {
+                kind: s.node(&raw, &key, cancelled)?.kind,
+            }),
         };
     }
 }
@@ -1563,7 +1554,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let base = |root: &Path| {
             fs::create_dir_all(root.join("d/o")).unwrap();
-            for n in ["-dash", "zed", "keep", "del-a", "del-b", "del-both"] {
+            for n in [
+                "-dash", "zed", "keep", "del-a", "del-b", "del-both", "zz-last",
+            ] {
                 w(&root.join("d").join(n), n.as_bytes());
             }
             w(&root.join("d/o/f"), b"in o");
@@ -1576,8 +1569,9 @@ mod tests {
             scan(&a, &ScanOptions::default()).unwrap(),
             scan(&b, &ScanOptions::default()).unwrap(),
         );
-        // A: deletes -dash, zed, del-a, del-both; rewrites o/f with the same bytes; adds only-a.
-        for n in ["-dash", "zed", "del-a", "del-both"] {
+        // A: deletes -dash, zed, del-a, del-both and zz-last (whose whiteout waits for a
+        // counterpart past the end of both layers); rewrites o/f with the same bytes; adds only-a.
+        for n in ["-dash", "zed", "del-a", "del-both", "zz-last"] {
             fs::remove_file(a.join("d").join(n)).unwrap();
         }
         w(&a.join("d/o/f"), b"in o");
@@ -1663,6 +1657,7 @@ mod tests {
                     over_whiteout: true,
                 },
             ),
+            ("d/zz-last".into(), Change::WhiteoutDropped),
         ];
         assert_eq!(got, want, "{d}");
         assert_eq!(
@@ -1672,7 +1667,7 @@ mod tests {
                 d.summary.whiteout_dropped,
                 d.summary.changed
             ),
-            (3, 2, 1, 1)
+            (3, 2, 2, 1)
         );
         // The other way round, each change is mirrored.
         let r = compare(&lb, &la);
@@ -1698,7 +1693,7 @@ mod tests {
             ("d/del-b".to_string(), Change::WhiteoutDropped),
             "{r}"
         );
-        assert_eq!(r.summary.differences(), 7);
+        assert_eq!(r.summary.differences(), 8);
     }
 
     #[test]
