@@ -11,6 +11,7 @@
 //! ([`tests::every_error_type_has_an_exit_status`]) fails when a new error type is not listed.
 //! README's "Exit statuses" table documents the codes.
 
+use crate::audit::AuditError;
 use crate::cache::CacheError;
 use crate::cancel::Cancelled;
 use crate::elements::ElementError;
@@ -122,6 +123,18 @@ fn cache_exit(e: &CacheError) -> Exit {
     }
 }
 
+fn audit_exit(e: &AuditError) -> Exit {
+    match e {
+        AuditError::Cancelled => Exit::Interrupted,
+        AuditError::NotFound { .. } => Exit::BadInput,
+        AuditError::Read { .. }
+        | AuditError::Unsorted { .. }
+        | AuditError::Format { .. }
+        | AuditError::Write { .. }
+        | AuditError::Diffoscope { .. } => Exit::BuildFailed,
+    }
+}
+
 fn oci_exit(e: &OciError) -> Exit {
     match e {
         OciError::Cancelled => Exit::Interrupted,
@@ -213,6 +226,9 @@ fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = cause.downcast_ref::<ImageError>() {
         return Some(image_exit(e));
     }
+    if let Some(e) = cause.downcast_ref::<AuditError>() {
+        return Some(audit_exit(e));
+    }
     if let Some(e) = cause.downcast_ref::<OciError>() {
         return Some(oci_exit(e));
     }
@@ -249,6 +265,7 @@ const MAPPED: &[&str] = &[
     "ImageError",
     "RefusedLayer",
     "OciError",
+    "AuditError",
     "RegistryError",
     "ReferenceError",
     "AuthError",

@@ -22,7 +22,7 @@
 
 mod diff;
 mod pack;
-mod read;
+pub(crate) mod read;
 mod scan;
 mod sys;
 mod unpack;
