@@ -77,6 +77,10 @@ pub enum Command {
     Plan(PlanArgs),
     /// Inspect and maintain the layer cache.
     Cache(CacheArgs),
+    /// Compare two builds step by step: where their inputs differ, which steps gave other
+    /// layers from the same inputs (and which files differ), their outputs. Exit 0 when they
+    /// match, 1 when they differ, 2 for trouble.
+    Diff(DiffArgs),
     /// Helpers that strata's own elements call from their hooks (not a stable interface).
     #[command(hide = true)]
     Dib(DibArgs),
@@ -308,6 +312,21 @@ pub struct BuildArgs {
     /// Print the build manifest as JSON on stdout when done.
     #[arg(long)]
     pub json: bool,
+
+    /// Audit the cache: run every cached step again, each from its cached parent tree, and
+    /// compare its layer with the cached one (the cache keeps its entries; no outputs are
+    /// written). Exit 5 when a step rebuilds to another layer, naming it and its files.
+    #[arg(long)]
+    pub check: bool,
+
+    /// With --check: check the steps from this one on (PHASE or PHASE/HOOK).
+    #[arg(long = "check-from", value_name = "PHASE[/HOOK]", value_parser = RebuildFrom::parse,
+          requires = "check")]
+    pub check_from: Option<RebuildFrom>,
+
+    /// With --check: keep both layers of a divergent step in NAME.check/ for inspection.
+    #[arg(long = "keep-failed", requires = "check")]
+    pub keep_failed: bool,
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +337,31 @@ pub struct PlanArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// A build manifest (NAME.strata.json), or a build id from a cache's history.
+    #[arg(value_name = "A")]
+    pub a: String,
+    /// The other build.
+    #[arg(value_name = "B")]
+    pub b: String,
+    /// A cache to read layers (and build ids) from (repeatable: two builds made in two caches).
+    /// Default: STRATA_CACHE_DIR or ./cache, when it exists.
+    #[arg(long = "cache-dir", value_name = "DIR")]
+    pub cache_dir: Vec<PathBuf>,
+    /// A registry to read layers from too (repeatable).
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Vec<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Print JSON (schema version 1) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also run diffoscope (when installed) on each changed file's two versions.
+    #[arg(long)]
+    pub diffoscope: bool,
 }
 
 #[derive(Debug, Args)]

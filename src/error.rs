@@ -16,6 +16,7 @@ use crate::cache::CacheError;
 use crate::cancel::Cancelled;
 use crate::elements::ElementError;
 use crate::elements::packages::PackageError;
+use crate::exec::check::Diverged;
 use crate::exec::snapshot::RefusedLayer;
 use crate::image::ImageError;
 use crate::layer::LayerError;
@@ -244,6 +245,9 @@ fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = cause.downcast_ref::<SignError>() {
         return Some(sign_exit(e));
     }
+    if cause.is::<Diverged>() {
+        return Some(Exit::Divergent);
+    }
     if cause.is::<RefusedLayer>() {
         // Only seen when a cache keeps refusing layers after strata dropped them (see build).
         return Some(Exit::Cache);
@@ -266,6 +270,7 @@ const MAPPED: &[&str] = &[
     "RefusedLayer",
     "OciError",
     "AuditError",
+    "Diverged",
     "RegistryError",
     "ReferenceError",
     "AuthError",

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     let json = cli.progress == strata::progress::Mode::Json;
     strata::logging::init(cli.verbose, json);
     match strata::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         // A reader that went away (`strata cache ls | head`) is not a failure.
         Err(err) if strata::error::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {

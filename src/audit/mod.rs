@@ -11,6 +11,7 @@
 //! UTF-8 text as is, other bytes, control characters and `\` escaped, so every name survives
 //! the trip through text or JSON.
 
+pub mod builds;
 pub mod layers;
 
 use std::fmt;

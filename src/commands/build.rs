@@ -121,6 +121,12 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
         )
     })?;
 
+    if args.check {
+        let result = check(&prep, cache.as_ref(), &reporter, &args);
+        reporter.finish();
+        return result;
+    }
+
     // A cached layer refused while restoring is dropped with its step, and the build starts
     // again in a fresh folder: the steps before it are still cached, so it resumes there.
     let mut attempt = 0;
@@ -260,6 +266,130 @@ fn walk_once(
         steps: std::mem::take(&mut exec.steps),
         timings: std::mem::take(&mut exec.timings),
     })
+}
+
+/// `build --check`: walks in check mode until no step diverges (a divergent step counts as
+/// cached in the next walk, so the steps after it are checked from its cached tree), then
+/// reports. Exit 5 when any step diverged.
+fn check(
+    prep: &Prepared,
+    cache: &dyn StepCache,
+    reporter: &Reporter,
+    args: &BuildArgs,
+) -> Result<()> {
+    use crate::exec::check::{Check, Diverged};
+    let settings = &prep.settings;
+    let scratch = tempfile::Builder::new()
+        .prefix("strata-check.")
+        .tempdir_in(&settings.tmp_dir)
+        .context("cannot make a scratch cache for the rebuilt layers")?;
+    let keep_dir = args
+        .keep_failed
+        .then(|| std::path::PathBuf::from(format!("{}.check", settings.image_name)));
+    let mut skip = std::collections::HashSet::new();
+    let mut diverged: Vec<Diverged> = Vec::new();
+    let passed = loop {
+        let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
+        let build_dir = BuildDir::create(&settings.tmp_dir, "strata_build.", use_tmpfs)?;
+        let paths = BuildPaths::under(&build_dir.path);
+        let mut exec = Executor::new(prep, cache, paths.clone(), Mode::Check, reporter);
+        exec.set_check(Check::new(
+            args.check_from.clone(),
+            skip.clone(),
+            Local::new(Store::open(scratch.path())?),
+            keep_dir.clone(),
+        ));
+        let walked = (|| -> Result<()> {
+            for d in [&paths.image_dir, &paths.mount_dir] {
+                std::fs::create_dir_all(d)?;
+            }
+            prep.tree
+                .materialize(&paths.hooks_dir)
+                .context("cannot write the merged hook tree")?;
+            exec.walk()
+        })();
+        let cleanup = build_dir.cleanup();
+        match walked {
+            Ok(()) => {
+                cleanup?;
+                break exec.checked().to_vec();
+            }
+            Err(e) => match e.downcast::<Diverged>() {
+                Ok(d) if skip.len() <= exec.steps.len() + diverged.len() + 1 => {
+                    reporter.println(&format!("[{}] {d}", d.step));
+                    skip.insert(d.key.clone());
+                    diverged.push(d);
+                    cleanup?;
+                }
+                Ok(d) => return Err(d.into()),
+                Err(e) => return Err(e),
+            },
+        }
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            schema: u32,
+            checked: usize,
+            diverged: Vec<serde_json::Value>,
+            passed: &'a [String],
+        }
+        let report = Report {
+            schema: 1,
+            checked: passed.len() + diverged.len(),
+            diverged: diverged
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "step": d.step, "key": d.key, "cached": d.cached, "rebuilt": d.rebuilt,
+                        "files": d.files, "kept": d.kept,
+                    })
+                })
+                .collect(),
+            passed: &passed,
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        for d in &diverged {
+            writeln!(out, "{d}")?;
+            if let Some(files) = &d.files {
+                for f in &files.files {
+                    for line in f.to_string().lines() {
+                        writeln!(out, "    {line}")?;
+                    }
+                }
+            }
+            if let Some(k) = &d.kept {
+                writeln!(out, "    both layers kept in {}", k.display())?;
+            }
+        }
+        writeln!(
+            out,
+            "check: {} steps rebuilt to their cached layers, {} did not",
+            passed.len(),
+            diverged.len()
+        )?;
+    }
+    if diverged.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            Exit::Divergent,
+            format!(
+                "{} of {} checked steps did not rebuild to their cached layers: {}",
+                diverged.len(),
+                passed.len() + diverged.len(),
+                diverged
+                    .iter()
+                    .map(|d| d.step.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .into())
+    }
 }
 
 fn build_manifest(

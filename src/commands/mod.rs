@@ -5,6 +5,7 @@
 pub mod build;
 pub mod cache;
 pub mod dib;
+pub mod diff;
 pub mod elements;
 pub mod face;
 pub mod remote;
@@ -12,17 +13,30 @@ pub mod remote;
 use crate::cli::{BuildOptions, Cli, Command};
 use crate::settings::{BuildRequest, CacheSettings, DiskRequest, RegistrySettings};
 
-/// Runs one parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// Runs one parsed command line; returns the exit status of a command that ends well
+/// (`strata diff` ends well with 1 when the builds differ).
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    let done = match cli.command {
         Command::Build(args) => build::build(args, cli.progress),
         Command::Plan(args) => build::plan(args),
         Command::Cache(args) => cache::run(args),
+        Command::Diff(args) => {
+            // As diff(1): any trouble is status 2.
+            return diff::run(&args).map_err(|e| {
+                if crate::cancel::find(&e).is_some() {
+                    e
+                } else {
+                    crate::exit::Failure::new(crate::exit::Exit::BadInput, crate::exit::render(&e))
+                        .into()
+                }
+            });
+        }
         Command::Dib(args) => dib::run(args.command),
         Command::Elements(args) => elements::run(&args),
         Command::Completions { shell } => face::completions(shell),
         Command::Man { dir } => face::man(dir.as_deref()),
-    }
+    };
+    done.map(|()| 0)
 }
 
 /// The build as the user asked for it, from the command line.

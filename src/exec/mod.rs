@@ -15,8 +15,11 @@
 //! ```
 //!
 //! In [`Mode::Plan`] the same walk runs without running anything (the cache given is
-//! read-only): `strata plan` and the cache state of each step come from here too.
+//! read-only): `strata plan` and the cache state of each step come from here too. In
+//! [`Mode::Check`] (`build --check`, see `check.rs`) every cached step runs again from its
+//! cached parent tree and its new layer is compared with the cached one.
 
+pub mod check;
 pub mod disk_step;
 pub mod hooks;
 pub mod prepare;
@@ -49,6 +52,8 @@ pub enum Mode {
     Build { explain: bool },
     /// Run nothing (`strata plan`): report keys and cache state.
     Plan,
+    /// Run every cached step again and compare (`strata build --check`).
+    Check,
 }
 
 /// The pack settings of a build's layers and tar outputs.
@@ -84,6 +89,8 @@ pub struct Executor<'a> {
     distro: String,
     /// The disk step, once the rootfs steps are walked (disk builds).
     disk: Option<DiskStep>,
+    /// `build --check`'s state.
+    check: Option<check::Check>,
     /// Every step walked, as the manifest records it.
     pub steps: Vec<ManifestStep>,
     /// Every step walked, as `plan` shows it.
@@ -113,6 +120,7 @@ impl<'a> Executor<'a> {
             ran_any: false,
             distro: "any".into(),
             disk: None,
+            check: None,
             steps: Vec::new(),
             views: Vec::new(),
             timings: Vec::new(),
@@ -124,7 +132,17 @@ impl<'a> Executor<'a> {
     }
 
     fn building(&self) -> bool {
-        matches!(self.mode, Mode::Build { .. })
+        matches!(self.mode, Mode::Build { .. } | Mode::Check)
+    }
+
+    /// Sets up `build --check` (see `check.rs`).
+    pub fn set_check(&mut self, check: check::Check) {
+        self.check = Some(check);
+    }
+
+    /// The steps `build --check` found to rebuild to their cached layers.
+    pub fn checked(&self) -> &[String] {
+        self.check.as_ref().map_or(&[], |c| c.passed.as_slice())
     }
 
     /// Walks every rootfs step (and, for disk builds, keys the disk step).
@@ -264,6 +282,12 @@ impl<'a> Executor<'a> {
         let hit = self.lookup(&step)?;
         self.views
             .push(StepView::of(&step, hit.as_ref().map(|h| h.level.as_str())));
+        if hit.is_some() && self.check.as_mut().is_some_and(|c| c.wants(&step)) {
+            let r = self.snapshots.restore()?;
+            self.note_restore(r);
+            let hit = hit.context("checked above")?;
+            return self.check_step(step, hit);
+        }
         if let Some(hit) = hit {
             if self.building() {
                 self.reporter

@@ -1,5 +1,6 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
 
+mod audit;
 mod build;
 mod debian;
 mod dib_helpers;
