@@ -40,13 +40,16 @@ done
 
 now() { date +%s.%N; }
 median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-build() { # NAME CACHE IMAGE_CACHE [ARGS...]
-    local name=$1 cache=$2 icache=$3
-    shift 3
+build() { # DIR [ARGS...]: builds DIR/deb.tar with DIR/cache and DIR/image-cache
+    local dir=$work/$1
+    shift
+    mkdir -p "$dir"
     local t0 t1
     t0=$(now)
-    DIB_IMAGE_CACHE=$icache "$strata" build -t tar -o "$name" --cache-dir "$cache" "$@" debian-minimal \
-        > "$name.log" 2>&1 || { tail -30 "$name.log" >&2; exit 1; }
+    # The same -o name everywhere: hooks see IMAGE_NAME, so it is part of every key.
+    (cd "$dir" && DIB_IMAGE_CACHE=$dir/image-cache "$strata" build -t tar -o deb \
+        --cache-dir "$dir/cache" "$@" debian-minimal > "$dir/log" 2>&1) ||
+        { tail -30 "$dir/log" >&2; exit 1; }
     t1=$(now)
     echo "$t1 - $t0" | bc -l
 }
@@ -55,17 +58,17 @@ build() { # NAME CACHE IMAGE_CACHE [ARGS...]
 for i in $(seq "$runs"); do
     ref="http://127.0.0.1:$port/bench/run$i"
     echo "run $i/$runs: cold build" >&2
-    build "cold$i" "cache-c$i" "icache-c$i" >> cold
+    build "cold$i" >> cold
     echo "run $i/$runs: cold build with --cache-to" >&2
-    build "to$i" "cache-t$i" "icache-t$i" --cache-to "$ref" >> coldto
+    build "to$i" --cache-to "$ref" >> coldto
     echo "run $i/$runs: empty local cache, every step from the registry" >&2
-    build "from$i" "cache-f$i" "icache-f$i" --cache-from "$ref" >> warm
-    if ! grep -q "steps: .* cached, 0 run" "from$i.log"; then
+    build "from$i" --cache-from "$ref" >> warm
+    if ! grep -q "steps: .* cached, 0 run" "from$i/log"; then
         echo "the build from the registry ran steps:" >&2
-        tail -5 "from$i.log" >&2
+        tail -5 "from$i/log" >&2
         exit 1
     fi
-    cmp "to$i.tar" "from$i.tar"
+    cmp "to$i/deb.tar" "from$i/deb.tar"
 done
 
 c=$(median < cold); t=$(median < coldto); w=$(median < warm)
