@@ -8,6 +8,22 @@ use crate::plan::{Granularity, RebuildFrom};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+/// The process's arguments, with `disk-image-create ARGS` (as argv[0], or as the first
+/// argument) read as `strata build ARGS`, so existing dib build scripts keep working.
+pub fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = std::env::args_os().collect();
+    let invoked_as_dib = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "disk-image-create");
+    if invoked_as_dib {
+        args.insert(1, "build".into());
+    } else if args.get(1).is_some_and(|a| a == "disk-image-create") {
+        args[1] = "build".into();
+    }
+    args
+}
+
 fn output_type(s: &str) -> Result<OutputType, String> {
     OutputType::parse(s)
 }
@@ -75,6 +91,10 @@ pub enum Command {
     Build(BuildArgs),
     /// Show the steps a build would run, with their keys and whether each is cached.
     Plan(PlanArgs),
+    /// Open a shell in the image as it is after (or, with --before, before) a step, with the
+    /// mounts and environment its hooks get; or run one command there (`-- CMD...`). Steps
+    /// that are not cached are built first; changes are thrown away when the shell exits.
+    Shell(ShellArgs),
     /// Inspect and maintain the layer cache.
     Cache(CacheArgs),
     /// Compare two builds step by step: where their inputs differ, which steps gave other
@@ -327,6 +347,30 @@ pub struct BuildArgs {
     /// With --check: keep both layers of a divergent step in NAME.check/ for inspection.
     #[arg(long = "keep-failed", requires = "check")]
     pub keep_failed: bool,
+
+    /// Build, then build again whenever a file of the build's elements (or a cache-inputs
+    /// file) changes: one line per rebuild, with its time and the steps that ran.
+    #[arg(long, conflicts_with = "check")]
+    pub watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    #[command(flatten)]
+    pub options: BuildOptions,
+
+    /// The step: PHASE/HOOK (e.g. install.d/50-foo), or PHASE (after its last step; with
+    /// --before, before its first). With --granularity phase, a PHASE.
+    #[arg(long = "at", value_name = "PHASE[/HOOK]", value_parser = RebuildFrom::parse)]
+    pub at: RebuildFrom,
+
+    /// The image as it is before the step, not after it.
+    #[arg(long)]
+    pub before: bool,
+
+    /// A command to run instead of an interactive shell (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -156,6 +156,8 @@ pub struct Settings {
     pub disk: DiskOptions,
     pub oci_compression: crate::outputs::oci::Compression,
     pub push: Option<String>,
+    /// dib's `break=` points (from the environment variable `break`).
+    pub break_points: Vec<crate::plan::BreakPoint>,
     /// The user's variables that every hook receives: `DIB_*` and the pass-through ones,
     /// without the disk-only ones.
     pub user_env: BTreeMap<String, String>,
@@ -334,6 +336,10 @@ impl Settings {
             disk,
             oci_compression: req.oci_compression,
             push: req.push.clone(),
+            break_points: match env.get("break") {
+                Some(v) => crate::plan::BreakPoint::parse_list(v).map_err(Failure::bad_input)?,
+                None => Vec::new(),
+            },
             user_env,
             disk_env,
         })

@@ -31,7 +31,7 @@ use std::time::Instant;
 
 /// The cache a build reads and writes: the local store (then `--cache-from` registries, and
 /// the `--cache-to` one, as later levels), or none with `--no-cache`.
-fn open_cache(settings: &Settings) -> Result<Arc<dyn StepCache>> {
+pub(crate) fn open_cache(settings: &Settings) -> Result<Arc<dyn StepCache>> {
     if settings.cache.no_cache {
         return Ok(Arc::new(NoCache));
     }
@@ -95,6 +95,11 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
             "strata build must run as root: it mounts, chroots and creates device nodes (try sudo)",
         )
         .into());
+    }
+    if args.watch {
+        // Each rebuild is its own `strata build` (a child process, its own namespace).
+        let prep = resolve(&args.options)?;
+        return super::watch::run(&prep);
     }
     // First, while single-threaded: everything mounted from here on dies with this process.
     sandbox::enter_private_namespace()?;

@@ -9,6 +9,8 @@ pub mod diff;
 pub mod elements;
 pub mod face;
 pub mod remote;
+pub mod shell;
+pub mod watch;
 
 use crate::cli::{BuildOptions, Cli, Command};
 use crate::settings::{BuildRequest, CacheSettings, DiskRequest, RegistrySettings};
@@ -19,6 +21,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     let done = match cli.command {
         Command::Build(args) => build::build(args, cli.progress),
         Command::Plan(args) => build::plan(args),
+        Command::Shell(args) => return shell::run(args, cli.progress),
         Command::Cache(args) => cache::run(args),
         Command::Diff(args) => {
             // As diff(1): any trouble is status 2.

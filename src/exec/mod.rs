@@ -23,6 +23,7 @@ pub mod check;
 pub mod disk_step;
 pub mod hooks;
 pub mod prepare;
+pub mod shell;
 pub mod snapshot;
 
 use crate::cache::{Hit, Lookup, StepCache};
@@ -33,7 +34,7 @@ use crate::layer::PackOptions;
 use crate::manifest::{Manifest, ManifestStep, StepInputs};
 use crate::outputs::{self, OutputType, Written};
 use crate::phase::Phase;
-use crate::plan::{self, Action, DiskStep, Step, StepId, StepView};
+use crate::plan::{self, Action, BreakPoint, DiskStep, Step, StepId, StepView, StopAt};
 use crate::progress::{Event, Reporter};
 use crate::sandbox::{self, ChrootMounts};
 use crate::settings::{self, BuildPaths, Settings};
@@ -91,6 +92,11 @@ pub struct Executor<'a> {
     disk: Option<DiskStep>,
     /// `build --check`'s state.
     check: Option<check::Check>,
+    /// `strata shell --at`: where the walk stops; `stopped` once it did (phase, label).
+    stop_at: Option<StopAt>,
+    stopped: Option<(Phase, String)>,
+    /// A `break=` shell ran: nothing more is cached (the shell may have changed the tree).
+    tainted: bool,
     /// Every step walked, as the manifest records it.
     pub steps: Vec<ManifestStep>,
     /// Every step walked, as `plan` shows it.
@@ -121,6 +127,9 @@ impl<'a> Executor<'a> {
             distro: "any".into(),
             disk: None,
             check: None,
+            stop_at: None,
+            stopped: None,
+            tainted: false,
             steps: Vec::new(),
             views: Vec::new(),
             timings: Vec::new(),
@@ -133,6 +142,11 @@ impl<'a> Executor<'a> {
 
     fn building(&self) -> bool {
         matches!(self.mode, Mode::Build { .. } | Mode::Check)
+    }
+
+    /// Makes the walk stop at `stop` (`strata shell --at`).
+    pub fn stop_at(&mut self, stop: StopAt) {
+        self.stop_at = Some(stop);
     }
 
     /// Sets up `build --check` (see `check.rs`).
@@ -152,10 +166,16 @@ impl<'a> Executor<'a> {
             .into_iter()
             .filter(|p| !disk || *p <= Phase::PostRoot)
         {
+            if self.stopped.is_some() {
+                return Ok(());
+            }
             self.walk_phase(phase)?;
             if phase == Phase::Root {
                 hooks::write_install_type_env(&self.paths.hooks_dir)?;
             }
+        }
+        if self.stopped.is_some() {
+            return Ok(());
         }
         if disk {
             // The disk step stands for block-device.d .. cleanup.d: rebuilding from any of them
@@ -211,10 +231,27 @@ impl<'a> Executor<'a> {
             )
             .into());
         }
+        let stop_here = self
+            .stop_at
+            .as_ref()
+            .is_some_and(|s| s.phase == phase && s.hook.is_none());
+        if stop_here && self.stop_at.as_ref().is_some_and(|s| s.before) {
+            self.stopped = Some((phase, format!("before {phase}")));
+            return Ok(());
+        }
+        if matches!(self.mode, Mode::Build { .. }) && self.breaks_at(BreakPoint::Before(phase)) {
+            self.break_shell(phase, &format!("before-{}", phase.name()))?;
+        }
         // Steps are keyed in one chain per phase; a hook-tree change by an earlier step of the
         // same phase cannot change this phase's hook list (dib lists a phase's hooks once, too).
         for step in steps {
+            if self.stopped.is_some() {
+                return Ok(());
+            }
             self.walk_step(step)?;
+        }
+        if self.stopped.is_some() {
+            return Ok(());
         }
         if phase == Phase::Install
             && let Some(step) = plan::packages_step(
@@ -226,7 +263,24 @@ impl<'a> Executor<'a> {
         {
             self.walk_step(step)?;
         }
+        if stop_here {
+            self.stopped = Some((phase, format!("after {phase}")));
+            return Ok(());
+        }
+        if matches!(self.mode, Mode::Build { .. }) && self.breaks_at(BreakPoint::After(phase)) {
+            self.break_shell(phase, &format!("after-{}", phase.name()))?;
+        }
         Ok(())
+    }
+
+    /// True when `step` is the `--at` step of `strata shell`.
+    fn is_stop_step(&self, step: &Step) -> bool {
+        match (&self.stop_at, &step.id) {
+            (Some(s), StepId::Hook { phase, hook }) => {
+                s.phase == *phase && s.hook.as_deref().is_some_and(|h| h == hook || hook == "*")
+            }
+            _ => false,
+        }
     }
 
     fn update_forcing(&mut self, step: &Step) {
@@ -277,6 +331,21 @@ impl<'a> Executor<'a> {
     }
 
     fn walk_step(&mut self, step: Step) -> Result<()> {
+        if self.is_stop_step(&step) {
+            let phase = step.id.phase().unwrap_or(Phase::Install);
+            let label = step.label();
+            if self.stop_at.as_ref().is_some_and(|s| s.before) {
+                self.stopped = Some((phase, format!("before {label}")));
+                return Ok(());
+            }
+            self.walk_step_now(step)?;
+            self.stopped = Some((phase, format!("after {label}")));
+            return Ok(());
+        }
+        self.walk_step_now(step)
+    }
+
+    fn walk_step_now(&mut self, step: Step) -> Result<()> {
         self.update_forcing(&step);
         let label = step.label();
         let hit = self.lookup(&step)?;
@@ -322,7 +391,15 @@ impl<'a> Executor<'a> {
         }
         let r = self.snapshots.restore()?;
         self.note_restore(r);
-        self.run_step(&step)?;
+        if let Err(e) = self.run_step(&step) {
+            if self.breaks_at(BreakPoint::AfterError) && crate::cancel::requested().is_none() {
+                let phase = step.id.phase().unwrap_or(Phase::Install);
+                if let Err(shell) = self.break_shell(phase, "after-error") {
+                    tracing::warn!("break=after-error: {shell:#}");
+                }
+            }
+            return Err(e);
+        }
         self.parent = Some(step.key);
         Ok(())
     }
@@ -370,7 +447,11 @@ impl<'a> Executor<'a> {
             step: &label,
             key: &step.key,
         });
-        let before = self.snapshots.before()?;
+        let before = if self.tainted {
+            None
+        } else {
+            self.snapshots.before()?
+        };
         if let Err(e) = self.execute(step) {
             self.reporter.event(&Event::StepEnd {
                 step: &label,
@@ -384,7 +465,7 @@ impl<'a> Executor<'a> {
         self.ran_any = true;
         let layers = self.snapshots.after(before)?;
         let seconds = started.elapsed().as_secs_f64();
-        if self.cache.writable() {
+        if self.cache.writable() && !self.tainted {
             let t = now();
             let record = crate::cache::StepRecord {
                 key: step.key.clone(),

@@ -12,4 +12,5 @@ mod registry;
 #[path = "../support/registry_server.rs"]
 mod registry_server;
 mod sandbox;
+mod shell;
 mod util;
