@@ -84,6 +84,18 @@ fn make_rich_tree(root: &Path) {
     )
     .unwrap();
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    // A setgid directory (files made in it take its group unless told otherwise) holding a
+    // root:root file, a root:root symlink and a group-writable file (a mode the umask cuts).
+    fs::create_dir_all(root.join("var/mail")).unwrap();
+    lchown(&root.join("var/mail"), 0, 8);
+    fs::set_permissions(root.join("var/mail"), fs::Permissions::from_mode(0o2775)).unwrap();
+    write(&root.join("var/mail/root-owned"), b"r");
+    lchown(&root.join("var/mail/root-owned"), 0, 0);
+    std::os::unix::fs::symlink("root-owned", root.join("var/mail/link")).unwrap();
+    lchown(&root.join("var/mail/link"), 0, 0);
+    write(&root.join("var/mail/shared"), b"s");
+    lchown(&root.join("var/mail/shared"), 0, 0);
+    fs::set_permissions(root.join("var/mail/shared"), fs::Permissions::from_mode(0o664)).unwrap();
     fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o700)).unwrap();
     lchown(&root.join("secret"), 1000, 1001);
     // Capability (binary: NULs, and a 0x0a byte that a line-based PAX parser would split at).

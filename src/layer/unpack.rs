@@ -175,6 +175,10 @@ pub fn unpack(
             buf: vec![0u8; CHUNK],
             entries: 0,
             whiteouts: 0,
+            euid: nix::unistd::geteuid().as_raw(),
+            egid: nix::unistd::getegid().as_raw(),
+            umask: current_umask(),
+            setgid: None,
         };
         let mut tr = TarReader::new(reader);
         let applied = u.apply_all(&mut tr);
@@ -261,6 +265,26 @@ struct Unpacker<'a> {
     buf: Vec<u8>,
     entries: u64,
     whiteouts: u64,
+    /// Who new files belong to and what the umask leaves of a mode, to skip the chown and
+    /// chmod calls that would change nothing (most of a root file system).
+    euid: u32,
+    egid: u32,
+    umask: u32,
+    /// Whether the directory at this path has the setgid bit (new files then take its group).
+    setgid: Option<(Vec<u8>, bool)>,
+}
+
+/// The process's umask, read without changing it (`umask(2)` would, for every thread).
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        // Unknown: assume the strictest, so chmod is never skipped wrongly.
+        .unwrap_or(0o777)
 }
 
 struct Rec {
@@ -409,9 +433,9 @@ impl Unpacker<'_> {
         let r = match rec.kind {
             EntryType::Directory => self.directory(d, &name, &rec),
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.regular(d, &name, &rec, data)
+                self.regular(d, &parent, &name, &rec, data)
             }
-            EntryType::Symlink => self.symlink(d, &name, &rec),
+            EntryType::Symlink => self.symlink(d, &parent, &name, &rec),
             EntryType::Link => self.hardlink(d, &name, &rec),
             EntryType::Char | EntryType::Block | EntryType::Fifo => self.special(d, &name, &rec),
             EntryType::XGlobalHeader => Ok(()),
@@ -453,6 +477,24 @@ impl Unpacker<'_> {
         Ok(())
     }
 
+    /// True when a node just created in `dir` (at relative path `parent`) already belongs to
+    /// `rec`'s owner: it was made by this process, owned by its euid, and by its egid unless
+    /// the directory is setgid (then by the directory's group).
+    fn owned_already(&mut self, dir: BorrowedFd<'_>, parent: &[u8], rec: &Rec) -> io::Result<bool> {
+        if rec.uid != self.euid || rec.gid != self.egid {
+            return Ok(false);
+        }
+        let setgid = match &self.setgid {
+            Some((p, s)) if p.as_slice() == parent => *s,
+            _ => {
+                let s = sys::fstat(dir.as_raw_fd())?.st_mode & libc::S_ISGID != 0;
+                self.setgid = Some((parent.to_vec(), s));
+                s
+            }
+        };
+        Ok(!setgid)
+    }
+
     /// Metadata of a non-directory node by name (symlinks, devices, FIFOs) without following it.
     fn meta_at(
         &self,
@@ -460,8 +502,9 @@ impl Unpacker<'_> {
         name: &[u8],
         rec: &Rec,
         chmod: bool,
+        owned: bool,
     ) -> Result<(), Failure> {
-        if self.opts.preserve_owners {
+        if self.opts.preserve_owners && !owned {
             sys::lchown_at(dir, name, rec.uid, rec.gid)?;
         }
         if chmod {
@@ -475,6 +518,10 @@ impl Unpacker<'_> {
     }
 
     fn directory(&mut self, dir: BorrowedFd<'_>, name: &[u8], rec: &Rec) -> Result<(), Failure> {
+        // Its mode may change: forget what we knew about it.
+        if self.setgid.as_ref().is_some_and(|(p, _)| *p == rec.path) {
+            self.setgid = None;
+        }
         if rec.path.is_empty() {
             self.meta_fd(self.root.as_raw_fd(), rec)?;
             self.dirs.push((Vec::new(), rec.mtime));
@@ -521,11 +568,14 @@ impl Unpacker<'_> {
     fn regular<R: Read>(
         &mut self,
         dir: BorrowedFd<'_>,
+        parent: &[u8],
         name: &[u8],
         rec: &Rec,
         data: &mut TarReader<R>,
     ) -> Result<(), Failure> {
-        let mut f: File = self.create(dir, name, || sys::create_file_at(dir, name, 0o600))?;
+        // Created with its permission bits (less the umask), so that most files need no chmod.
+        let perm = rec.mode & 0o777;
+        let mut f: File = self.create(dir, name, || sys::create_file_at(dir, name, perm))?;
         let corrupt = |e: io::Error| Failure::Layer(LayerError::Corrupt(e.to_string()));
         match &rec.sparse {
             None => loop {
@@ -553,12 +603,28 @@ impl Unpacker<'_> {
             }
         }
         let fd = f.as_raw_fd();
-        self.meta_fd(fd, rec)?;
+        let owned = self.owned_already(dir, parent, rec)?;
+        if self.opts.preserve_owners && !owned {
+            sys::fchown(fd, rec.uid, rec.gid)?;
+        }
+        // A chown clears setuid/setgid bits, and special bits and umasked bits need chmod.
+        if rec.mode != perm & !self.umask || (self.opts.preserve_owners && !owned) {
+            sys::fchmod(fd, rec.mode)?;
+        }
+        for (k, v) in self.xattrs_to_apply(rec) {
+            sys::fsetxattr(fd, k, v)?;
+        }
         sys::futimes(fd, rec.mtime)?;
         Ok(())
     }
 
-    fn symlink(&mut self, dir: BorrowedFd<'_>, name: &[u8], rec: &Rec) -> Result<(), Failure> {
+    fn symlink(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        parent: &[u8],
+        name: &[u8],
+        rec: &Rec,
+    ) -> Result<(), Failure> {
         let target = rec.link.clone().unwrap_or_default();
         if target.is_empty() {
             return Err(Failure::Layer(Self::unsafe_err(
@@ -567,7 +633,8 @@ impl Unpacker<'_> {
             )));
         }
         self.create(dir, name, || sys::symlink_at(&target, dir, name))?;
-        self.meta_at(dir, name, rec, false)
+        let owned = self.owned_already(dir, parent, rec)?;
+        self.meta_at(dir, name, rec, false, owned)
     }
 
     fn special(&mut self, dir: BorrowedFd<'_>, name: &[u8], rec: &Rec) -> Result<(), Failure> {
@@ -577,7 +644,7 @@ impl Unpacker<'_> {
             _ => (libc::S_IFIFO, 0),
         };
         self.create(dir, name, || sys::mknod_at(dir, name, ty | 0o600, dev))?;
-        self.meta_at(dir, name, rec, true)
+        self.meta_at(dir, name, rec, true, false)
     }
 
     fn hardlink(&mut self, dir: BorrowedFd<'_>, name: &[u8], rec: &Rec) -> Result<(), Failure> {
