@@ -32,6 +32,7 @@ mod disk;
 mod loopdev;
 mod output;
 mod partition;
+pub mod qcow2;
 mod repack;
 mod size;
 mod staged;
