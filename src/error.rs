@@ -19,6 +19,7 @@ use crate::elements::packages::PackageError;
 use crate::exec::check::Diverged;
 use crate::exec::snapshot::RefusedLayer;
 use crate::image::ImageError;
+use crate::image::qcow2::Qcow2Error;
 use crate::layer::LayerError;
 use crate::outputs::oci::OciError;
 use crate::registry::RegistryError;
@@ -136,6 +137,17 @@ fn audit_exit(e: &AuditError) -> Exit {
     }
 }
 
+fn qcow2_exit(e: &Qcow2Error) -> Exit {
+    match e {
+        Qcow2Error::Cancelled => Exit::Interrupted,
+        Qcow2Error::Options(_) => Exit::BadInput,
+        Qcow2Error::Io { .. }
+        | Qcow2Error::TooLarge { .. }
+        | Qcow2Error::Compress { .. }
+        | Qcow2Error::BadMap(_) => Exit::BuildFailed,
+    }
+}
+
 fn oci_exit(e: &OciError) -> Exit {
     match e {
         OciError::Cancelled => Exit::Interrupted,
@@ -230,6 +242,9 @@ fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = cause.downcast_ref::<AuditError>() {
         return Some(audit_exit(e));
     }
+    if let Some(e) = cause.downcast_ref::<Qcow2Error>() {
+        return Some(qcow2_exit(e));
+    }
     if let Some(e) = cause.downcast_ref::<OciError>() {
         return Some(oci_exit(e));
     }
@@ -271,6 +286,7 @@ const MAPPED: &[&str] = &[
     "OciError",
     "AuditError",
     "Diverged",
+    "Qcow2Error",
     "RegistryError",
     "ReferenceError",
     "AuthError",

@@ -32,6 +32,7 @@ mod convert;
 mod disk;
 mod loopdev;
 mod partition;
+pub mod qcow2;
 mod repack;
 mod size;
 mod staged;
