@@ -9,8 +9,10 @@
 #              random bytes written at 1/8, 3/8, 5/8 and 7/8 of its size, 1 MiB each)
 # Before timing, checks that both qcow2 outputs pass `qemu-img check` and compare equal to RAW,
 # and that the incremental output is byte-identical to a full write of EDITED. Every timed
-# command starts after a `sync`. Prints each run (wall, user+sys CPU seconds), the medians and
-# the ratios. Outputs go to WORK (default a temp dir under /var/tmp).
+# command starts after a `sync`. Prints each run (wall, user+sys CPU seconds, the load average),
+# the medians and the ratios; on a shared machine the CPU ratio is the steadier one (the wall
+# ratio depends on how many cores the other work leaves). Outputs go to WORK (default a temp dir
+# under /var/tmp).
 set -euo pipefail
 
 RAW=${1:?usage: $0 RAW [RUNS]}
@@ -37,7 +39,7 @@ size=$(stat -c %s "$RAW")
 cp --sparse=always "$RAW" "$WORK/edited.raw"
 for k in 1 3 5 7; do
     dd if=/dev/urandom of="$WORK/edited.raw" bs=1M count=1 conv=notrunc status=none \
-        seek=$((size / 8 * k / 1048576))
+        seek=$((size * k / 8 / 1048576))
 done
 
 echo "checking outputs"
@@ -66,4 +68,5 @@ qw=$(m "${QW[@]}"); qc=$(m "${QC[@]}"); fw=$(m "${FW[@]}"); fc=$(m "${FC[@]}")
 iw=$(m "${IW[@]}"); ic=$(m "${IC[@]}")
 echo "median wall: qemu-img $qw s, strata full $fw s, incremental $iw s"
 echo "median cpu:  qemu-img $qc s, strata full $fc s, incremental $ic s"
-echo "qemu-img / full (wall): $(echo "scale=2; $qw / $fw" | bc)x; qemu-img / incremental (wall): $(echo "scale=2; $qw / $iw" | bc)x"
+echo "qemu-img / full: $(echo "scale=2; $qw / $fw" | bc)x wall, $(echo "scale=2; $qc / $fc" | bc)x cpu"
+echo "qemu-img / incremental: $(echo "scale=2; $qw / $iw" | bc)x wall, $(echo "scale=2; $qc / $ic" | bc)x cpu"

@@ -2,14 +2,15 @@
 //! deterministic, on every core, reusing the compressed clusters of the previous output.
 //!
 //! ```text
-//! raw ──reader thread: chunks of clusters (holes found with SEEK_DATA/SEEK_HOLE are not read)
-//!     ──rayon pool, per cluster: all zero? → unallocated
+//! raw ──reader thread: chunks of clusters (holes found with SEEK_DATA/SEEK_HOLE are not read),
+//!       at most CHUNKS_IN_FLIGHT ahead of the writer (bounded memory)
+//!     ──rayon pool, a task per chunk, per cluster: all zero? → unallocated
 //!                                blake3 → in the previous ClusterMap? → its stored bytes, read
 //!                                          from the previous qcow2 and checked against their hash
 //!                                otherwise compress (raw deflate, 4 KiB window | zstd level 3);
 //!                                not smaller than the cluster → stored uncompressed
-//!     ──writer thread, in cluster order: the data area from host cluster 1 (compressed clusters
-//!       packed byte after byte, uncompressed ones cluster-aligned)
+//!     ──writer thread, chunks put back in order: the data area from host cluster 1 (compressed
+//!       clusters packed byte after byte, uncompressed ones cluster-aligned)
 //! end: L2 tables, L1 table, refcount blocks, refcount table, then the header in cluster 0
 //!      ──► .NAME.*.strata-tmp beside dest ──rename──► dest;  + the ClusterMap of dest
 //! ```
@@ -614,6 +615,7 @@ struct Job<'a> {
 
 /// Raw clusters `first..first + count`, zero-padded to whole clusters.
 struct Chunk {
+    seq: u64,
     first: u64,
     count: usize,
     data: Vec<u8>,
@@ -670,11 +672,12 @@ fn run_pipeline(
     let chunk_clusters = (CHUNK_BYTES / cs).max(threads * 4);
     std::thread::scope(|s| {
         let (chunk_tx, chunk_rx) = sync_channel::<Chunk>(1);
-        let (done_tx, done_rx) = sync_channel::<Processed>(2);
-        let (free_tx, free_rx) = channel::<Vec<u8>>();
-        let reader = s.spawn(move || read_chunks(job, raw_file, chunk_clusters, chunk_tx, free_rx));
-        let writer = s.spawn(move || write_chunks(job, out, done_rx, free_tx));
-        let computed = compute(job, pool, chunk_rx, done_tx);
+        let (done_tx, done_rx) = channel::<(u64, Result<Processed, Qcow2Error>)>();
+        let (credit_tx, credit_rx) = channel::<Vec<u8>>();
+        let reader =
+            s.spawn(move || read_chunks(job, raw_file, chunk_clusters, chunk_tx, credit_rx));
+        let writer = s.spawn(move || write_chunks(job, out, done_rx, credit_tx));
+        compute(job, pool, chunk_rx, done_tx);
         let read = reader
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -682,7 +685,6 @@ fn run_pipeline(
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         read?;
-        computed?;
         let area = written?;
         let done: u64 = area.zero + area.reused + area.compressed + area.stored_raw;
         if done != job.geo.clusters {
@@ -698,26 +700,39 @@ fn run_pipeline(
     })
 }
 
-/// Reader stage: chunks in order; stops quietly when the next stage has gone.
+/// Chunks read or being compressed or written at once (the memory bound: about this many
+/// chunks of raw data plus their compressed form).
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Reader stage: chunks in order, at most [`CHUNKS_IN_FLIGHT`] ahead of the writer (which
+/// hands each written chunk's buffer back as a credit); stops quietly when the writer has gone.
 fn read_chunks(
     job: &Job,
     raw_file: &File,
     chunk_clusters: usize,
     tx: SyncSender<Chunk>,
-    free: Receiver<Vec<u8>>,
+    credits: Receiver<Vec<u8>>,
 ) -> Result<(), Qcow2Error> {
     let geo = job.geo;
     let cs = geo.cluster_size;
     let read_err = |e| Qcow2Error::io(format!("reading {}", job.raw.display()), e);
     let mut first = 0u64;
+    let mut seq = 0u64;
     while first < geo.clusters {
         if (job.cancelled)() {
             return Err(Qcow2Error::Cancelled);
         }
+        let mut data = if seq < CHUNKS_IN_FLIGHT as u64 {
+            Vec::new()
+        } else {
+            match credits.recv() {
+                Ok(buffer) => buffer,
+                Err(_) => return Ok(()),
+            }
+        };
         let count = (geo.clusters - first).min(chunk_clusters as u64) as usize;
         let start = first * cs;
         let end = (start + count as u64 * cs).min(geo.raw_len);
-        let mut data = free.try_recv().unwrap_or_default();
         data.clear();
         data.resize(count * cs as usize, 0);
         let mut has_data = vec![false; count];
@@ -731,18 +746,18 @@ fn read_chunks(
             let (a, b) = ((from - start) / cs, (to - start).div_ceil(cs));
             has_data[a as usize..b as usize].fill(true);
         }
-        if tx
-            .send(Chunk {
-                first,
-                count,
-                data,
-                has_data,
-            })
-            .is_err()
-        {
+        let chunk = Chunk {
+            seq,
+            first,
+            count,
+            data,
+            has_data,
+        };
+        if tx.send(chunk).is_err() {
             return Ok(());
         }
         first += count as u64;
+        seq += 1;
     }
     Ok(())
 }
@@ -785,44 +800,49 @@ fn data_ranges(file: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u
     Ok(ranges)
 }
 
-/// Compute stage: every cluster of a chunk on the pool, results in cluster order.
+/// Compute stage: each chunk becomes a task on the pool (its clusters in parallel inside), so
+/// one chunk's last clusters overlap the next chunk's first; results go to the writer tagged with
+/// the chunk's sequence number. Returns when every task has ended.
 fn compute(
     job: &Job,
     pool: &rayon::ThreadPool,
     rx: Receiver<Chunk>,
-    tx: SyncSender<Processed>,
-) -> Result<(), Qcow2Error> {
+    tx: Sender<(u64, Result<Processed, Qcow2Error>)>,
+) {
     let cs = job.geo.cluster_size as usize;
     let min_len = ((256 << 10) / cs).max(1);
-    for chunk in rx {
-        let results: Vec<(Stored, bool)> = pool.install(|| {
-            chunk
-                .data
-                .par_chunks(cs)
-                .zip(chunk.has_data.par_iter())
-                .enumerate()
-                .with_min_len(min_len)
-                .map(|(i, (cluster, &has_data))| {
-                    if (job.cancelled)() {
-                        return Err(Qcow2Error::Cancelled);
+    pool.in_place_scope(|scope| {
+        for chunk in rx {
+            let tx = tx.clone();
+            scope.spawn(move |_| {
+                let results: Result<Vec<(Stored, bool)>, Qcow2Error> = chunk
+                    .data
+                    .par_chunks(cs)
+                    .zip(chunk.has_data.par_iter())
+                    .enumerate()
+                    .with_min_len(min_len)
+                    .map(|(i, (cluster, &has_data))| {
+                        if (job.cancelled)() {
+                            return Err(Qcow2Error::Cancelled);
+                        }
+                        store_cluster(job, chunk.first + i as u64, cluster, has_data)
+                    })
+                    .collect();
+                let processed = results.map(|results| {
+                    debug_assert_eq!(results.len(), chunk.count);
+                    let rejected = results.iter().filter(|(_, r)| *r).count() as u64;
+                    Processed {
+                        first: chunk.first,
+                        data: chunk.data,
+                        clusters: results.into_iter().map(|(s, _)| s).collect(),
+                        rejected,
                     }
-                    store_cluster(job, chunk.first + i as u64, cluster, has_data)
-                })
-                .collect::<Result<_, _>>()
-        })?;
-        debug_assert_eq!(results.len(), chunk.count);
-        let rejected = results.iter().filter(|(_, r)| *r).count() as u64;
-        let processed = Processed {
-            first: chunk.first,
-            data: chunk.data,
-            clusters: results.into_iter().map(|(s, _)| s).collect(),
-            rejected,
-        };
-        if tx.send(processed).is_err() {
-            break;
+                });
+                // The writer has gone only after an error it reports itself.
+                let _ = tx.send((chunk.seq, processed));
+            });
         }
-    }
-    Ok(())
+    });
 }
 
 /// How one cluster is stored, and whether a map hit was rejected on the way.
@@ -990,8 +1010,8 @@ fn compressor_identity(kind: Compression, cluster_bits: u32) -> Result<[u8; 32],
 fn write_chunks(
     job: &Job,
     out: &File,
-    rx: Receiver<Processed>,
-    free: Sender<Vec<u8>>,
+    rx: Receiver<(u64, Result<Processed, Qcow2Error>)>,
+    credits: Sender<Vec<u8>>,
 ) -> Result<DataArea, Qcow2Error> {
     let geo = job.geo;
     let cs = geo.cluster_size;
@@ -1014,7 +1034,26 @@ fn write_chunks(
     // Compressed cluster descriptor: offset in the low `x` bits, additional sectors above.
     let x = 62 - (cb - 8);
     let zeros = vec![0u8; cs as usize];
-    for p in rx {
+    // Chunks finished out of order wait here for their turn.
+    let mut early: BTreeMap<u64, Processed> = BTreeMap::new();
+    let mut next = 0u64;
+    let in_order = std::iter::from_fn(|| {
+        loop {
+            if let Some(p) = early.remove(&next) {
+                next += 1;
+                return Some(Ok(p));
+            }
+            match rx.recv() {
+                Ok((seq, Ok(p))) => {
+                    early.insert(seq, p);
+                }
+                Ok((_, Err(e))) => return Some(Err(e)),
+                Err(_) => return None,
+            }
+        }
+    });
+    for p in in_order {
+        let p = p?;
         if (job.cancelled)() {
             return Err(Qcow2Error::Cancelled);
         }
@@ -1100,7 +1139,7 @@ fn write_chunks(
                 .or_insert_with(|| vec![0; geo.l2_entries as usize]);
             table[(index % geo.l2_entries) as usize] = entry;
         }
-        let _ = free.send(p.data);
+        let _ = credits.send(p.data);
     }
     w.flush().map_err(werr)?;
     Ok(area)
