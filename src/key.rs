@@ -47,8 +47,10 @@ pub enum Keyed<'a> {
     Disk(&'a DiskKeyInputs),
     /// One cached output of type `output` made from what `base` (a step key) names.
     Output { base: &'a str, output: &'a str },
-    /// The seed of a reproducible disk's identifiers (from the disk step's key).
-    DiskSeed { disk_key: &'a str },
+    /// The seed of a reproducible disk's identifiers: from what names the image (its name,
+    /// elements, arch, block-device config, disk options, SOURCE_DATE_EPOCH), not from the
+    /// hooks, so an edited hook keeps the disk's ids and so its layout.
+    DiskSeed { identity: &'a str },
     /// One identifier of a reproducible disk (a UUID, a disk id), from its seed.
     ImageId {
         seed: &'a [u8; 32],
@@ -444,7 +446,7 @@ mod tests {
             base().key(),
             disk.key(),
             output_key(&"k".repeat(64), "tar"),
-            Keyed::DiskSeed { disk_key: "d" }.hex(),
+            Keyed::DiskSeed { identity: "d" }.hex(),
             Keyed::ImageId {
                 seed: &[7; 32],
                 purpose: "fs",
@@ -463,7 +465,7 @@ mod tests {
         // Every kind of key differs from every other for the same text.
         assert_ne!(
             output_key("d", "x"),
-            Keyed::DiskSeed { disk_key: "d" }.hex()
+            Keyed::DiskSeed { identity: "d" }.hex()
         );
     }
 

@@ -247,10 +247,13 @@ pub fn run(job: &Job) -> Result<Produced> {
         root_label: opts.root_label.clone(),
         root_fs_opts: (!mkfs_opts.is_empty()).then_some(mkfs_opts),
         mount_base: paths.mount_dir.clone(),
-        // Deterministic ids when the build asks for reproducibility.
-        seed: settings
-            .source_date_epoch
-            .map(|_| crate::key::Keyed::DiskSeed { disk_key: job.key }.bytes()),
+        // Deterministic ids when the build asks for reproducibility (see `disk_identity`).
+        seed: settings.source_date_epoch.map(|_| {
+            crate::key::Keyed::DiskSeed {
+                identity: &disk_identity(settings, job),
+            }
+            .bytes()
+        }),
         epoch: settings.source_date_epoch,
     };
     let mut config = image::parse_config(&job.config.text).map_err(|e| config_error(job, e))?;
@@ -383,6 +386,13 @@ pub fn run(job: &Job) -> Result<Produced> {
             let mut src = fs::File::open(&raw)
                 .with_context(|| format!("cannot open the raw image {}", raw.display()))?;
             outputs::tree::keep(job.cache, &tkey, &mut src, Some(&path))?
+        } else if t == OutputType::Qcow2 {
+            let how = write_qcow2(job, &raw, &path, &tkey)?;
+            job.reporter
+                .println(&format!("[output/disk] {}: {how}", path.display()));
+            let mut src =
+                fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            outputs::tree::keep(job.cache, &tkey, &mut src, None)?
         } else {
             image::convert(
                 &raw,
@@ -410,6 +420,110 @@ pub fn run(job: &Job) -> Result<Produced> {
         timings,
     })
 }
+
+/// What names a disk, for the seed of its ids: not the hooks (an edit keeps the ids, and so
+/// the disk's layout, which lets the qcow2 writer reuse what did not change), but everything
+/// that says which image it is.
+fn disk_identity(settings: &Settings, job: &Job) -> String {
+    let name = std::path::Path::new(&settings.image_name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    serde_json::json!({
+        "image": name,
+        "elements": job.image_element,
+        "arch": settings.arch,
+        "config": job.config.text,
+        "options": settings.disk.key_fields(),
+        "epoch": settings.source_date_epoch,
+    })
+    .to_string()
+}
+
+/// Writes `NAME.qcow2` from the raw disk with strata's qcow2 writer when the options allow
+/// (else qemu-img), reusing the compressed clusters of the image's previous qcow2 (found
+/// through the previous manifest; its cluster map is kept in the cache beside it). Keeps the
+/// new map. Returns a line for the log.
+fn write_qcow2(
+    job: &Job,
+    raw: &std::path::Path,
+    dest: &std::path::Path,
+    tkey: &str,
+) -> Result<String> {
+    use crate::image::qcow2::{self, ParsedOptions};
+    let settings = job.settings;
+    let opts = &settings.disk;
+    let native =
+        match qcow2::parse_qemu_img_options(opts.qemu_img_options.as_deref(), !opts.uncompressed) {
+            ParsedOptions::Native(o) => o,
+            ParsedOptions::FallBack { reason } => {
+                image::convert(
+                    raw,
+                    "qcow2",
+                    dest,
+                    !opts.uncompressed,
+                    opts.qemu_img_options.as_deref(),
+                )?;
+                return Ok(format!("qemu-img convert ({reason})"));
+            }
+        };
+    // The previous output of this image: the qcow2 the last manifest recorded, still on disk
+    // and unchanged, with its map from the cache.
+    let previous_map =
+        crate::manifest::Manifest::read(&crate::manifest::Manifest::path_for(&settings.image_name))
+            .ok()
+            .and_then(|m| {
+                let recorded = m.output(OutputType::Qcow2)?.blake3.clone();
+                let disk = m
+                    .steps
+                    .iter()
+                    .rev()
+                    .find(|s| s.phase == "output")?
+                    .key
+                    .clone();
+                (outputs::identity(OutputType::Qcow2, dest)? == recorded).then_some(disk)
+            })
+            .and_then(|prev_key| {
+                let prev_output = crate::key::output_key(&prev_key, OutputType::Qcow2.name());
+                let rec = job
+                    .cache
+                    .get_output(&crate::key::output_key(&prev_output, QCOW2_MAP))
+                    .ok()??;
+                let mut bytes = Vec::new();
+                let mut blob = job.cache.open_blob(&rec.blob_digest).ok()?;
+                let mut dec = zstd::Decoder::new(&mut blob).ok()?;
+                std::io::Read::read_to_end(&mut dec, &mut bytes).ok()?;
+                drop(dec);
+                blob.finish().ok()?;
+                qcow2::ClusterMap::from_bytes(&bytes).ok()
+            });
+    let previous = previous_map.map(|map| qcow2::Previous { image: dest, map });
+    let cancelled = || crate::cancel::requested().is_some();
+    let written = qcow2::write(raw, dest, &native, previous, &cancelled).map_err(|e| {
+        match (&e, crate::cancel::requested()) {
+            (qcow2::Qcow2Error::Cancelled, Some(c)) => anyhow::Error::new(c),
+            _ => anyhow::Error::new(e),
+        }
+    })?;
+    let map = written.map.to_bytes();
+    outputs::tree::keep(
+        job.cache,
+        &crate::key::output_key(tkey, QCOW2_MAP),
+        &mut &map[..],
+        None,
+    )?;
+    let mut line = format!(
+        "{} clusters: {} zero, {} reused from the previous image, {} compressed, {} stored",
+        written.clusters, written.zero, written.reused, written.compressed, written.stored_raw
+    );
+    if let Some(why) = written.previous_ignored {
+        line.push_str(&format!(" (the previous image was not used: {why})"));
+    }
+    Ok(line)
+}
+
+/// The cache entry that keeps a qcow2 output's cluster map (keyed beside the output).
+const QCOW2_MAP: &str = "qcow2-cluster-map";
 
 /// Writes every requested output from the cache if ALL of them are cached under `key`.
 /// Returns None on a miss (or when a cached blob turns out damaged: the step then runs).

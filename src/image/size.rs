@@ -101,9 +101,15 @@ pub fn image_bytes(kib: u64, efi: bool) -> u64 {
     kib.div_ceil(64) * 64 * 1024
 }
 
-/// `du -a -c -x` total in KiB: allocated blocks of every inode on `root`'s file system,
-/// hard links counted once.
+/// dib's `du -a -c -x` total in KiB, measured from what the tree holds rather than from how
+/// the host file system happens to store it: every file's size rounded up to 4 KiB, 4 KiB per
+/// directory and per symlink whose target does not fit in its inode (60 bytes), hard links
+/// counted once. `du` itself gives other totals for the same files on tmpfs and ext4, or for a
+/// tree restored from layers and one built by hooks — and a size that moves moves every block
+/// of the file system, so cached rebuilds could not reproduce a cold build's disk (nor reuse
+/// its qcow2 clusters).
 fn du_kib(root: &Path) -> io::Result<u64> {
+    const BLOCK: u64 = 4096;
     let mut seen = HashSet::new();
     let mut bytes = 0u64;
     for entry in walkdir::WalkDir::new(root).same_file_system(true) {
@@ -112,7 +118,16 @@ fn du_kib(root: &Path) -> io::Result<u64> {
         if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
             continue;
         }
-        bytes += md.blocks() * 512;
+        let ft = md.file_type();
+        bytes += if ft.is_dir() {
+            BLOCK
+        } else if ft.is_file() {
+            md.len().div_ceil(BLOCK) * BLOCK
+        } else if ft.is_symlink() && md.len() > 60 {
+            BLOCK
+        } else {
+            0
+        };
     }
     Ok(bytes.div_ceil(1024))
 }
@@ -120,6 +135,29 @@ fn du_kib(root: &Path) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tree_size_depends_on_what_it_holds_not_on_how_it_is_stored() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        for (root, sparse) in [(a.path(), true), (b.path(), false)] {
+            std::fs::create_dir_all(root.join("etc/sub")).unwrap();
+            std::fs::write(root.join("etc/one"), vec![1u8; 5000]).unwrap();
+            // The same 1 MiB file, stored sparse in one tree and written out in the other.
+            let f = std::fs::File::create(root.join("etc/big")).unwrap();
+            if sparse {
+                f.set_len(1 << 20).unwrap();
+            } else {
+                std::io::Write::write_all(&mut &f, &vec![0u8; 1 << 20]).unwrap();
+            }
+            std::os::unix::fs::symlink("one", root.join("etc/link")).unwrap();
+            std::fs::hard_link(root.join("etc/one"), root.join("etc/sub/again")).unwrap();
+        }
+        let (x, y) = (du_kib(a.path()).unwrap(), du_kib(b.path()).unwrap());
+        assert_eq!(x, y);
+        // 3 dirs + 8 KiB + 1 MiB, the hard link once, the short symlink in its inode.
+        assert_eq!(x, 3 * 4 + 8 + 1024);
+    }
 
     #[test]
     fn abs_specs_match_dib() {

@@ -95,7 +95,11 @@ fn make_rich_tree(root: &Path) {
     lchown(&root.join("var/mail/link"), 0, 0);
     write(&root.join("var/mail/shared"), b"s");
     lchown(&root.join("var/mail/shared"), 0, 0);
-    fs::set_permissions(root.join("var/mail/shared"), fs::Permissions::from_mode(0o664)).unwrap();
+    fs::set_permissions(
+        root.join("var/mail/shared"),
+        fs::Permissions::from_mode(0o664),
+    )
+    .unwrap();
     fs::set_permissions(root.join("secret"), fs::Permissions::from_mode(0o700)).unwrap();
     lchown(&root.join("secret"), 1000, 1001);
     // Capability (binary: NULs, and a 0x0a byte that a line-based PAX parser would split at).

@@ -139,6 +139,67 @@ fn blake3_of(p: &Path) -> String {
 }
 
 #[test]
+fn an_edited_hook_rewrites_the_qcow2_reusing_the_previous_images_clusters() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    let el = shipped_elements();
+    let args = disk_args(&el, "block-device-mbr", &[]);
+    let sde = [("SOURCE_DATE_EPOCH", "1700000000")];
+    f.build_ok_with(&args, &sde);
+    let hook = f.elements().join("fixture-app/install.d/90-last");
+    let text = fs::read_to_string(&hook).unwrap();
+    fs::write(
+        &hook,
+        format!(
+            "{text}
+echo edited > /etc/fixture/edited
+"
+        ),
+    )
+    .unwrap();
+    let out = f.build_cmd(&args).envs(sde).output().unwrap();
+    f.assert_no_leftovers();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("reused from the previous image"))
+        .unwrap_or_else(|| panic!("no qcow2 write line:\n{err}"));
+    let reused: u64 = line
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" reused from the previous image"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let compressed: u64 = line
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" compressed"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        reused > compressed,
+        "the edit should reuse most clusters: {line}"
+    );
+    // The new qcow2 is sound and holds exactly the new raw disk.
+    let (raw, qcow2) = (f.out("img.raw"), f.out("img.qcow2"));
+    run_ok("qemu-img", &["check", &qcow2.display().to_string()]);
+    run_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            &raw.display().to_string(),
+            &qcow2.display().to_string(),
+        ],
+    );
+}
+
+#[test]
 fn mbr_raw_qcow2_and_tar_from_one_build_read_back_as_configured_and_rerun_from_the_cache() {
     crate::require_root!();
     let f = BuildFixture::new();
