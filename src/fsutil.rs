@@ -3,8 +3,10 @@
 //! leftovers from a live writer's work.
 //!
 //! ```text
+//! locked_temp_in(DIR, PREFIX) ──► DIR/PREFIXxxxx, flock held while open (cache blobs, tags)
 //! temp_beside(dest) ──► DIR/.strata-out.XXXX (0644, flock held) ──persist──► dest (atomic)
 //! sweep_dead(DIR, ".strata-out.") ──► every such file nobody holds a lock on is removed
+//! dead_files(DIR, PREFIX) ──► the same files, listed only (du)
 //! ```
 //!
 //! A writer killed by SIGKILL leaves its temp file, but the kernel drops its lock; a live
@@ -14,7 +16,7 @@
 use anyhow::{Context, Result};
 use std::fs;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The prefix of every temp file strata writes beside an output.
@@ -44,21 +46,36 @@ pub fn parent_or_dot(path: &Path) -> &Path {
 /// for as long as it is open.
 pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = parent_or_dot(path);
+    let tmp = locked_temp_in(dir, OUTPUT_TEMP_PREFIX)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    // Outputs are ordinary files (tempfile creates them 0600).
+    set_mode(tmp.path(), 0o644)
+        .with_context(|| format!("cannot set the mode of {}", tmp.path().display()))?;
+    Ok(tmp)
+}
+
+/// A new temp file `DIR/PREFIXxxxxxx` (mode 0600) holding an exclusive `flock` for as long as
+/// it is open, so [`sweep_dead`] (in any process on this kernel) leaves it alone. The lock
+/// goes with the open file: a writer killed by SIGKILL leaves the file unlocked.
+pub fn locked_temp_in(dir: &Path, prefix: &str) -> io::Result<tempfile::NamedTempFile> {
     loop {
-        let tmp = tempfile::Builder::new()
-            .prefix(OUTPUT_TEMP_PREFIX)
-            .tempfile_in(dir)
-            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-        tmp.as_file()
-            .try_lock()
-            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", tmp.path().display()))?;
+        let tmp = tempfile::Builder::new().prefix(prefix).tempfile_in(dir)?;
+        match tmp.as_file().try_lock() {
+            Ok(()) => {}
+            // A sweep holds it: it took the fresh file for a leftover. Start again.
+            Err(fs::TryLockError::WouldBlock) => continue,
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot lock {}: {e}", tmp.path().display()),
+                ));
+            }
+        }
         // A sweep may have taken the file for a leftover between its creation and the lock:
         // then the name no longer leads to our file, and we start again with a new one.
         if !same_file(tmp.as_file(), tmp.path()) {
             continue;
         }
-        // Outputs are ordinary files (tempfile creates them 0600).
-        set_mode(tmp.path(), 0o644)?;
         return Ok(tmp);
     }
 }
@@ -86,10 +103,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// lock on (leftovers of killed writers). Returns how many were removed. Folders are left
 /// alone; a file that cannot be opened is skipped.
 pub fn sweep_dead(dir: &Path, prefix: &str) -> io::Result<usize> {
-    let mut removed = 0;
+    sweep_dead_files(dir, prefix).map(|v| v.len())
+}
+
+/// [`sweep_dead`], returning each removed file with its size.
+pub fn sweep_dead_files(dir: &Path, prefix: &str) -> io::Result<Vec<(PathBuf, u64)>> {
+    let mut removed = Vec::new();
+    for (path, len) in dead_files(dir, prefix)? {
+        // Taken again and removed while we hold the lock, so a writer cannot be starting on it
+        // (a new temp file always gets a new name, and checks its name after locking).
+        let Ok(file) = fs::File::open(&path) else {
+            continue;
+        };
+        if file.try_lock().is_ok() && same_file(&file, &path) && fs::remove_file(&path).is_ok() {
+            tracing::debug!("removed {}, left by a writer that died", path.display());
+            removed.push((path, len));
+        }
+    }
+    Ok(removed)
+}
+
+/// The files in `dir` whose name starts with `prefix` that nobody holds a lock on, with their
+/// sizes. Changes nothing (the lock is only tried, then dropped).
+pub fn dead_files(dir: &Path, prefix: &str) -> io::Result<Vec<(PathBuf, u64)>> {
+    let mut dead = Vec::new();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(dead),
         Err(e) => return Err(e),
     };
     for entry in entries {
@@ -105,16 +145,12 @@ pub fn sweep_dead(dir: &Path, prefix: &str) -> io::Result<usize> {
         let Ok(file) = fs::File::open(&path) else {
             continue;
         };
-        if file.try_lock().is_ok() {
-            // Nobody holds it: its writer is gone. Removed while we hold the lock, so a writer
-            // cannot be starting on it (a new temp file always gets a new name).
-            if fs::remove_file(&path).is_ok() {
-                tracing::debug!("removed {}, left by a build that died", path.display());
-                removed += 1;
-            }
+        if file.try_lock_shared().is_ok() {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            dead.push((path, len));
         }
     }
-    Ok(removed)
+    Ok(dead)
 }
 
 #[cfg(test)]
