@@ -131,7 +131,8 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
         let manifest = build_manifest(&prep, steps, outputs, started)?;
         let text = manifest.write(&Manifest::path_for(&settings.image_name))?;
         if args.json {
-            println!("{text}");
+            use std::io::Write;
+            writeln!(std::io::stdout().lock(), "{text}")?;
         }
         crate::cancel::check()?;
         Ok(())
