@@ -1,7 +1,8 @@
 //! `strata build` on the busybox fixture: every phase for real, the hook contract, caching,
 //! reruns, failures, concurrency and kills.
 
-use crate::harness::{BuildFixture, Manifest, steps_then, strata};
+use crate::harness::{BuildFixture, Manifest, signal_when, steps_then, strata};
+use nix::sys::signal::Signal;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -410,6 +411,135 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
     let m = f.build_ok(&[]);
     let idx = step_index("post-root.d/10-post-root");
     assert_eq!(m.cached(), &all_steps()[..idx]);
+}
+
+#[test]
+fn sigint_and_sigterm_while_the_tar_is_written_stop_the_build_with_130_and_143() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    // 160 MiB of random bytes in the tree: writing the tar (and its cache copy) takes a while.
+    let bulk = [("DIB_FIXTURE_BULK_MB", "160")];
+    for (signal, code, name) in [
+        (Signal::SIGINT, 130, "SIGINT"),
+        (Signal::SIGTERM, 143, "SIGTERM"),
+    ] {
+        let mut cmd = f.build_cmd(&["fixture-bulk"]);
+        cmd.envs(bulk);
+        // The tar is being written once its temp file beside out/img.tar exists.
+        let (status, stderr) = signal_when(&mut cmd, || !f.partial_outputs().is_empty(), signal);
+        assert_eq!(status.code(), Some(code), "{name}:\n{stderr}");
+        let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(error.len(), 1, "{stderr}");
+        assert!(
+            error[0].contains(&format!("cancelled by {name}")),
+            "{stderr}"
+        );
+        assert!(!f.out("img.tar").exists(), "{name}: a tar was left");
+        assert!(!f.out("img.strata.json").exists());
+        f.assert_no_leftovers();
+    }
+    // Every step was kept before the outputs: the next build only writes the tar.
+    let m = f.build_ok_with(&["fixture-bulk"], &bulk);
+    assert!(m.ran().is_empty(), "{:?}", m.ran());
+    assert!(f.out("img.tar").exists());
+}
+
+#[test]
+fn a_build_removes_what_dead_builds_left_and_never_a_live_builds_files() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    // What builds killed mid-way leave: a build folder with a tree in it, a partial output,
+    // a cache temp file. Nobody holds their locks.
+    let dead_dir = f.path().join("tmp/strata_build.deadbeef");
+    fs::create_dir_all(dead_dir.join("mnt/etc")).unwrap();
+    fs::write(dead_dir.join("mnt/etc/hostname"), "left").unwrap();
+    let dead_out = f.out(".strata-out.dead01");
+    fs::write(&dead_out, vec![0u8; 4096]).unwrap();
+    let dead_blob = f.cache().join("tmp/blob-dead01");
+    fs::write(&dead_blob, "partial").unwrap();
+    // The same, held by live writers (this test's own locks stand for a build in another
+    // container sharing the folders; flock does not care about pids or namespaces).
+    let live_dir = f.path().join("tmp/strata_build.livebeef");
+    fs::create_dir(&live_dir).unwrap();
+    let live_out = f.out(".strata-out.live01");
+    let live_blob = f.cache().join("tmp/blob-live01");
+    fs::write(&live_out, "writing").unwrap();
+    fs::write(&live_blob, "writing").unwrap();
+    let locks: Vec<fs::File> = [&live_dir, &live_out, &live_blob]
+        .iter()
+        .map(|p| {
+            let l = fs::File::open(p).unwrap();
+            l.lock().unwrap();
+            l
+        })
+        .collect();
+    // And a real build, holding in post-root.d (its folder is a tmpfs in its own namespace).
+    let hold = f.path().join("tmp/hold");
+    fs::write(&hold, "").unwrap();
+    let mut running = f
+        .build_cmd_as("a", &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = running.stderr.take().unwrap();
+    let seen = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&buf).contains("holding") {
+                break;
+            }
+        }
+        (buf, stderr)
+    });
+    let (buf, stderr) = seen.join().unwrap();
+    assert!(String::from_utf8_lossy(&buf).contains("holding"));
+    let running_dirs: Vec<_> = fs::read_dir(f.path().join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| *p != dead_dir && *p != live_dir && *p != hold)
+        .collect();
+    assert_eq!(running_dirs.len(), 1, "{running_dirs:?}");
+
+    // Another build starts (same TMP_DIR, output folder and cache) and cleans up.
+    let out = f.build_cmd_as("b", &["fixture-os"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for gone in [&dead_dir, &dead_out, &dead_blob] {
+        assert!(!gone.exists(), "{} was not removed", gone.display());
+    }
+    for kept in [&live_dir, &live_out, &live_blob, &running_dirs[0]] {
+        assert!(kept.exists(), "{} (live) was removed", kept.display());
+    }
+    // The running build is unharmed: it finishes.
+    fs::remove_file(&hold).unwrap();
+    let rest = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut stderr = stderr;
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let status = running.wait().unwrap();
+    let text = rest.join().unwrap();
+    assert!(status.success(), "{text}");
+    assert!(f.out("a.tar").exists());
+    drop(locks);
+    for p in [&live_out, &live_blob] {
+        fs::remove_file(p).unwrap();
+    }
+    fs::remove_dir(&live_dir).unwrap();
+    f.assert_no_leftovers();
 }
 
 /// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
