@@ -129,7 +129,7 @@ impl OutputFiles {
 }
 
 /// The name prefix of build folders in TMP_DIR.
-const BUILD_DIR_PREFIX: &str = "strata_build.";
+pub(crate) const BUILD_DIR_PREFIX: &str = "strata_build.";
 
 /// The cache `plan` looks at: read-only, and nothing is created when there is none yet.
 fn open_cache_read_only(settings: &Settings) -> Result<Box<dyn StepCache>> {

@@ -50,6 +50,25 @@ fn check_layer(layer: &LayerRecord, blob: &mut dyn Read) -> io::Result<Option<St
     }
 }
 
+/// gc also removes the build folders dead builds left in TMP_DIR (as `strata build` resolves
+/// it; by lock, never a live build's), when running as root (builds make them as root).
+fn sweep_build_folders() -> usize {
+    if !nix::unistd::geteuid().is_root() {
+        return 0;
+    }
+    let tmp_dir = std::env::var_os("TMP_DIR")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    match crate::sandbox::sweep_dead_build_dirs(&tmp_dir, super::build::BUILD_DIR_PREFIX) {
+        Ok(gone) => gone.len(),
+        Err(e) => {
+            tracing::warn!("{e}");
+            0
+        }
+    }
+}
+
 fn short(k: &str) -> &str {
     &k[..k.len().min(16)]
 }
@@ -130,9 +149,10 @@ pub fn run(args: CacheArgs) -> Result<()> {
         }
         CacheCommand::Gc { max_size } => {
             let r = store.gc(max_size)?;
+            let folders = sweep_build_folders();
             writeln!(
                 out,
-                "gc: {} → {} (limit {}); removed {} steps, {} outputs, {} blobs ({} orphaned), {} temp files",
+                "gc: {} → {} (limit {}); removed {} steps, {} outputs, {} blobs ({} orphaned), {} temp files, {} build folders of dead builds",
                 human(r.bytes_before),
                 human(r.bytes_after),
                 human(r.max_bytes),
@@ -140,7 +160,8 @@ pub fn run(args: CacheArgs) -> Result<()> {
                 r.outputs_removed.len(),
                 r.blobs_removed,
                 r.orphan_blobs,
-                r.tmp_files_removed
+                r.tmp_files_removed,
+                folders
             )?;
         }
         CacheCommand::Verify => {

@@ -542,6 +542,47 @@ fn a_build_removes_what_dead_builds_left_and_never_a_live_builds_files() {
     f.assert_no_leftovers();
 }
 
+#[test]
+fn cache_gc_removes_what_dead_builds_left_and_never_a_live_builds_files() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let dead_dir = f.path().join("tmp/strata_build.dead0001");
+    fs::create_dir_all(dead_dir.join("mnt")).unwrap();
+    let dead_blob = f.cache().join("tmp/blob-dead0001");
+    fs::write(&dead_blob, "partial").unwrap();
+    let live_dir = f.path().join("tmp/strata_build.live0001");
+    fs::create_dir(&live_dir).unwrap();
+    let live_blob = f.cache().join("tmp/blob-live0001");
+    fs::write(&live_blob, "writing").unwrap();
+    let locks: Vec<fs::File> = [&live_dir, &live_blob]
+        .iter()
+        .map(|p| {
+            let l = fs::File::open(p).unwrap();
+            l.lock().unwrap();
+            l
+        })
+        .collect();
+    let out = strata()
+        .args(["cache", "gc", "--max-size", "10G", "--cache-dir"])
+        .arg(f.cache())
+        .env("TMP_DIR", f.path().join("tmp"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("1 temp files, 1 build folders of dead builds"),
+        "{text}"
+    );
+    assert!(!dead_dir.exists() && !dead_blob.exists());
+    assert!(live_dir.exists() && live_blob.exists());
+    drop(locks);
+    fs::remove_dir(&live_dir).unwrap();
+    fs::remove_file(&live_blob).unwrap();
+    f.assert_no_leftovers();
+}
+
 /// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
 fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
     let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
