@@ -583,6 +583,199 @@ fn cache_gc_removes_what_dead_builds_left_and_never_a_live_builds_files() {
     f.assert_no_leftovers();
 }
 
+// ---- hostile layers stored under their correct hashes -------------------------------------
+
+/// One tar entry of a hand-made (hostile) layer; names are written raw into the header.
+enum Ent<'a> {
+    File(&'a [u8], &'a [u8]),
+    Symlink(&'a [u8], &'a [u8]),
+    Hardlink(&'a [u8], &'a [u8]),
+    /// A GNU sparse file whose map lists (offset, length) segments out of order.
+    BadSparse(&'a [u8]),
+}
+
+fn hostile_tar(entries: &[Ent<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        let (name, link, data): (&[u8], Option<&[u8]>, Vec<u8>) = match e {
+            Ent::File(n, d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(d.len() as u64);
+                (n, None, d.to_vec())
+            }
+            Ent::Symlink(n, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                (n, Some(t), Vec::new())
+            }
+            Ent::Hardlink(n, t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                (n, Some(t), Vec::new())
+            }
+            Ent::BadSparse(n) => {
+                h.set_entry_type(tar::EntryType::GNUSparse);
+                h.set_size(20);
+                let g = h.as_gnu_mut().unwrap();
+                g.set_real_size(8192);
+                g.sparse[0].set_offset(4096);
+                g.sparse[0].set_length(10);
+                g.sparse[1].set_offset(0);
+                g.sparse[1].set_length(10);
+                (n, None, vec![b'x'; 20])
+            }
+        };
+        let g = h.as_gnu_mut().unwrap();
+        g.name[..name.len()].copy_from_slice(name);
+        if let Some(l) = link {
+            g.linkname[..l.len()].copy_from_slice(l);
+        }
+        h.set_cksum();
+        b.append(&h, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Replaces the rootfs layer of the cached step `phase/hook` by `tar`, stored the way strata
+/// stores layers: the blob (zstd) under the blake3 of its bytes, the layer row under the blake3
+/// of the tar (its diff id), the step naming that diff id. Every hash matches: only parsing the
+/// layer shows what it is.
+fn plant_layer(f: &BuildFixture, phase: &str, hook: &str, tar: &[u8]) {
+    let blob = zstd::encode_all(tar, 3).unwrap();
+    let digest = blake3::hash(&blob).to_hex().to_string();
+    let diff_id = blake3::hash(tar).to_hex().to_string();
+    let dir = f.cache().join("blobs/blake3").join(&digest[..2]);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join(&digest), &blob).unwrap();
+    let db = rusqlite::Connection::open(f.cache().join("index.sqlite")).unwrap();
+    let old: String = db
+        .query_row(
+            "SELECT layer FROM steps WHERE phase = ?1 AND hook = ?2",
+            [phase, hook],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute(
+        "INSERT OR REPLACE INTO layers (diff_id, blob, size, blob_size) VALUES (?1, ?2, ?3, ?4)",
+        rusqlite::params![diff_id, digest, tar.len() as i64, blob.len() as i64],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE steps SET layer = ?1 WHERE layer = ?2",
+        rusqlite::params![diff_id, old],
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_hostile_layer_in_the_cache_is_dropped_rebuilt_and_found_by_verify() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let outside = f.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("sentinel"), "intact").unwrap();
+    let abs = outside.join("pwned-abs");
+    let abs_name = abs.as_os_str().as_encoded_bytes().to_vec();
+    let out_name = outside.as_os_str().as_encoded_bytes().to_vec();
+    let kinds: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "absolute path",
+            hostile_tar(&[Ent::File(&abs_name, b"pwned")]),
+        ),
+        (
+            "`..`",
+            hostile_tar(&[Ent::File(
+                b"etc/../../../../../../../../tmp/strata-pwned",
+                b"x",
+            )]),
+        ),
+        (
+            "write through a symlink",
+            hostile_tar(&[
+                Ent::Symlink(b"etc/fixture/out", &out_name),
+                Ent::File(b"etc/fixture/out/sentinel", b"pwned"),
+            ]),
+        ),
+        (
+            "hardlink out of the tree",
+            hostile_tar(&[Ent::Hardlink(
+                b"etc/fixture/h",
+                b"../../../../../../etc/passwd",
+            )]),
+        ),
+        (
+            "whiteout of `..`",
+            hostile_tar(&[Ent::File(b"etc/.wh..", b"")]),
+        ),
+        (
+            "malformed sparse entry",
+            hostile_tar(&[Ent::BadSparse(b"etc/fixture/sparse")]),
+        ),
+    ];
+    let ran_again = |m: &Manifest| m.ran().contains(&"install.d/20-middle".to_string());
+    for (round, (kind, tar)) in kinds.iter().enumerate() {
+        // The next build: a later hook changed, so the cached tree is restored and the
+        // planted layer of install.d/20-middle applied: refused, dropped, built again.
+        plant_layer(&f, "install.d", "20-middle", tar);
+        edit_hook(
+            &f,
+            "fixture-app/install.d/90-last",
+            &format!("#!/bin/bash\necho last-round{round} > /etc/fixture/last\n"),
+        );
+        let out = f.build_cmd(&[]).output().unwrap();
+        f.assert_no_leftovers();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{kind}: {stderr}");
+        assert!(
+            stderr.contains("install.d/20-middle") && stderr.contains("was refused"),
+            "{kind}: no warning:\n{stderr}"
+        );
+        let m = f.manifest();
+        assert!(ran_again(&m), "{kind}: {:?}", m.ran());
+        assert_eq!(
+            fs::read_to_string(outside.join("sentinel")).unwrap(),
+            "intact"
+        );
+        assert!(!abs.exists() && !Path::new("/tmp/strata-pwned").exists());
+        // A rerun finds the rebuilt step.
+        assert!(f.build_ok(&[]).ran().is_empty(), "{kind}");
+
+        // `cache verify` parses every layer: it finds the same layer planted again, drops it
+        // with its step and the steps after it, and fails.
+        plant_layer(&f, "install.d", "20-middle", tar);
+        let out = strata()
+            .args(["cache", "verify", "--cache-dir"])
+            .arg(f.cache())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{kind}: {stdout}{stderr}");
+        assert!(stdout.contains("refused layer"), "{kind}: {stdout}");
+        assert!(stdout.contains("1 refused"), "{kind}: {stdout}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        // Clean now; the next build runs the dropped steps again.
+        let again = strata()
+            .args(["cache", "verify", "--cache-dir"])
+            .arg(f.cache())
+            .output()
+            .unwrap();
+        assert!(
+            again.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&again.stdout)
+        );
+        let m = f.build_ok(&[]);
+        assert!(ran_again(&m), "{kind}: {:?}", m.ran());
+    }
+}
+
 /// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
 fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
     let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
