@@ -776,6 +776,59 @@ fn a_hostile_layer_in_the_cache_is_dropped_rebuilt_and_found_by_verify() {
     }
 }
 
+#[test]
+fn a_damaged_index_fails_verify_and_builds_refuse_it_in_one_line() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let before = blake3_file(&f.out("img.tar"));
+    // Random bytes over a b-tree page of the index (its 8-byte page header kept), as a
+    // misbehaving disk or program would leave it.
+    let index = f.cache().join("index.sqlite");
+    let mut bytes = fs::read(&index).unwrap();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for b in &mut bytes[4096 + 8..8192] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    fs::write(&index, bytes).unwrap();
+    let one_error = |stderr: &str| {
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(
+            errors[0].contains(&format!("{} is damaged", index.display()))
+                && errors[0].contains("move it aside"),
+            "{stderr}"
+        );
+    };
+    let out = strata()
+        .args(["cache", "verify", "--cache-dir"])
+        .arg(f.cache())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    one_error(&String::from_utf8_lossy(&out.stderr));
+    // A build refuses it before any hook runs, and writes nothing.
+    edit_hook(
+        &f,
+        "fixture-app/install.d/90-last",
+        "#!/bin/bash\necho changed > /etc/fixture/last\n",
+    );
+    let damaged = blake3_file(&index);
+    let out = f.build(&[]);
+    assert_eq!(out.status.code(), Some(4));
+    one_error(&String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("[root.d/"));
+    assert_eq!(blake3_file(&index), damaged, "the build wrote into it");
+    assert_eq!(blake3_file(&f.out("img.tar")), before);
+    // The documented way out: move it aside; the next build starts a fresh index.
+    fs::rename(&index, f.cache().join("index.sqlite.bad")).unwrap();
+    let m = f.build_ok(&[]);
+    assert_eq!(m.ran().len(), all_steps().len());
+}
+
 /// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
 fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
     let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
