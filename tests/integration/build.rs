@@ -829,6 +829,145 @@ fn a_damaged_index_fails_verify_and_builds_refuse_it_in_one_line() {
     assert_eq!(m.ran().len(), all_steps().len());
 }
 
+/// What a build could change in the cache: every step's and output's use, the build history
+/// and the blob files.
+fn cache_state(f: &BuildFixture) -> String {
+    let db = rusqlite::Connection::open(f.cache().join("index.sqlite")).unwrap();
+    let rows = |sql: &str| -> Vec<String> {
+        let mut stmt = db.prepare(sql).unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let mut state = rows("SELECT key || ' ' || last_used || ' ' || hits FROM steps ORDER BY key");
+    state.extend(rows(
+        "SELECT key || ' ' || last_used FROM outputs ORDER BY key",
+    ));
+    state.extend(rows("SELECT count(*) || ' builds' FROM builds"));
+    let mut blobs: Vec<String> = walkdir::WalkDir::new(f.cache().join("blobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.path().display().to_string())
+        .collect();
+    blobs.sort();
+    state.extend(blobs);
+    state.join("\n")
+}
+
+#[test]
+fn bad_options_are_refused_before_anything_runs_naming_the_valid_choices() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let before = cache_state(&f);
+    let el = crate::harness::repo()
+        .join("elements")
+        .display()
+        .to_string();
+    let disk = [
+        "-t",
+        "raw",
+        "--element-path",
+        el.as_str(),
+        "fixture-disk",
+        "block-device-mbr",
+    ];
+    let bad_config = "- local_loop:\n    name: image0\n- partitioning:\n    base: image0\n    label: amiga\n    partitions: []\n";
+    // (arguments, environment, what the one error line must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["-a", "nosucharch"],
+            vec![],
+            vec!["nosucharch", "amd64", "arm64", "x86_64", "aarch64"],
+        ),
+        (
+            vec!["--rebuild-from", "install.d/99-nope"],
+            vec![],
+            vec!["install.d/99-nope", "10-record-env", "20-middle", "90-last"],
+        ),
+        (
+            vec!["-t", "tar,,raw"],
+            vec![],
+            vec!["tar,,raw", "qcow2", "raw", "tgz"],
+        ),
+        (
+            vec!["-t", "tar,zip"],
+            vec![],
+            vec!["tar,zip", "'zip'", "squashfs"],
+        ),
+        (
+            disk.to_vec(),
+            vec![("DIB_IMAGE_SIZE", "-1")],
+            vec!["DIB_IMAGE_SIZE=-1"],
+        ),
+        (
+            disk.to_vec(),
+            vec![("DIB_IMAGE_SIZE", "inf")],
+            vec!["DIB_IMAGE_SIZE=inf"],
+        ),
+        (
+            disk.to_vec(),
+            vec![("DIB_IMAGE_SIZE", "nan")],
+            vec!["DIB_IMAGE_SIZE=nan"],
+        ),
+        (
+            disk.to_vec(),
+            vec![("DIB_IMAGE_SIZE", "1e30")],
+            vec!["DIB_IMAGE_SIZE=1e30"],
+        ),
+        (
+            disk.to_vec(),
+            vec![("DIB_BLOCK_DEVICE_CONFIG", bad_config)],
+            vec!["DIB_BLOCK_DEVICE_CONFIG", "'mbr' or 'gpt'"],
+        ),
+    ];
+    for (args, env, names) in &cases {
+        let mut cmd = f.build_cmd(args);
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{args:?} {env:?}: {stderr}");
+        for name in names {
+            assert!(
+                errors[0].contains(name),
+                "{args:?} {env:?}: {name} not in {}",
+                errors[0]
+            );
+        }
+        // Nothing ran: no hook printed, no build folder was made, the cache is as it was.
+        assert!(
+            !stderr.contains("[root.d/"),
+            "{args:?}: a hook ran:\n{stderr}"
+        );
+        f.assert_no_leftovers();
+        assert_eq!(
+            cache_state(&f),
+            before,
+            "{args:?} {env:?} changed the cache"
+        );
+    }
+    // `cache rm` with an empty or too short prefix removes nothing.
+    for prefix in ["", "a", "abcde", "zzzzzzzz"] {
+        let out = strata()
+            .args(["cache", "rm", prefix, "--cache-dir"])
+            .arg(f.cache())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "rm {prefix:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "rm {prefix:?}: {stderr}");
+        assert!(
+            stderr.contains("strata cache ls"),
+            "rm {prefix:?}: {stderr}"
+        );
+        assert_eq!(cache_state(&f), before, "rm {prefix:?} changed the cache");
+    }
+}
+
 /// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
 fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
     let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))

@@ -716,6 +716,28 @@ fn a_succeeding_hook_reports_success_and_its_output() {
 }
 
 #[test]
+fn a_binary_hook_that_cannot_run_reports_why_without_a_stray_success_line() {
+    crate::require_root!();
+    // An ELF header the kernel refuses (ENOEXEC), with NUL bytes: bash calls it a binary.
+    let (o, _d) = run_script(
+        "\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\0\0\0\0\0\0",
+        &[],
+    );
+    assert!(!o.success);
+    assert_eq!(o.tail.len(), 1, "{:?}", o.tail);
+    assert!(
+        o.tail[0].ends_with("cannot execute binary file: Exec format error"),
+        "{:?}",
+        o.tail
+    );
+    assert!(
+        o.tail.iter().all(|l| !l.ends_with(": Success")),
+        "{:?}",
+        o.tail
+    );
+}
+
+#[test]
 fn a_failing_hook_reports_its_status_and_the_last_20_lines() {
     crate::require_root!();
     let (o, _d) = run_script(
