@@ -89,6 +89,25 @@ pub fn same_file(file: &fs::File, path: &Path) -> bool {
     }
 }
 
+/// "cannot write DEST: ERROR", saying so plainly when DEST's folder is full (ENOSPC, EDQUOT),
+/// so a full output folder is not reported as some stream failing.
+pub fn write_error(dest: &Path, e: &io::Error) -> String {
+    let full = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        );
+    if full {
+        format!(
+            "cannot write {}: {} is full ({e})",
+            dest.display(),
+            parent_or_dot(dest).display()
+        )
+    } else {
+        format!("cannot write {}: {e}", dest.display())
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temp file beside it, then rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = temp_beside(path)?;

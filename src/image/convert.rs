@@ -60,7 +60,7 @@ pub fn convert(
         cmd.arg("-o").arg(options.join(","));
     }
     cmd.arg(raw).arg(&tmp);
-    let shown = format!("qemu-img convert {} -> {}", raw.display(), tmp.display());
+    let shown = format!("qemu-img convert {} -> {}", raw.display(), out.display());
     cmd.env("LC_ALL", "C");
     let result = match crate::tools::output(&mut cmd) {
         Ok(r) => r,
@@ -78,9 +78,20 @@ pub fn convert(
         }
     };
     if !result.status.success() {
+        // qemu-img names the temp file; the user knows the output's name.
+        let detail = one_line(&result.stderr, &result.stdout)
+            .replace(&tmp.display().to_string(), &out.display().to_string());
+        let full = detail.contains("No space left on device");
         return Err(ImageError::Command {
             command: shown,
-            detail: one_line(&result.stderr, &result.stdout),
+            detail: if full {
+                format!(
+                    "{detail} ({} is full)",
+                    crate::fsutil::parent_or_dot(out).display()
+                )
+            } else {
+                detail
+            },
         });
     }
     tmp_file.persist(out).map(drop).map_err(|e| {

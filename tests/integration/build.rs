@@ -968,6 +968,76 @@ fn bad_options_are_refused_before_anything_runs_naming_the_valid_choices() {
     }
 }
 
+/// `cmd` run with a 1 MiB tmpfs mounted on `dir` (in a mount namespace of its own, gone when
+/// it ends).
+fn with_tiny_folder(dir: &Path, cmd: &Command) -> std::process::Output {
+    let mut c = Command::new("unshare");
+    c.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs -o size=1m tmpfs \"$1\" && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(dir)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn a_full_output_folder_is_reported_as_such() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    let full = f.out("full");
+    fs::create_dir(&full).unwrap();
+    let el = crate::harness::repo()
+        .join("elements")
+        .display()
+        .to_string();
+    for (types, extra, file) in [
+        ("tar", vec![], "img.tar"),
+        ("tgz", vec![], "img.tgz"),
+        (
+            "raw",
+            vec![
+                "--element-path",
+                el.as_str(),
+                "fixture-disk",
+                "block-device-mbr",
+            ],
+            "img.raw",
+        ),
+        (
+            "qcow2",
+            vec![
+                "--element-path",
+                el.as_str(),
+                "fixture-disk",
+                "block-device-mbr",
+            ],
+            "img.qcow2",
+        ),
+    ] {
+        let cmd = f.build_cmd_typed("full/img", types, &extra);
+        let out = with_tiny_folder(&full, &cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{types}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{types}: {stderr}");
+        assert!(
+            errors[0].contains(&full.join(file).display().to_string())
+                && errors[0].contains(&format!("{} is full", full.display())),
+            "{types}: {}",
+            errors[0]
+        );
+        assert!(!errors[0].contains("layer stream"), "{}", errors[0]);
+        f.assert_no_leftovers();
+    }
+}
+
 /// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
 fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
     let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
