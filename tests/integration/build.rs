@@ -1130,6 +1130,85 @@ fn printing_commands_end_quietly_on_a_closed_pipe() {
     }
 }
 
+/// Reads `child`'s stderr on a thread until a line contains `want`; the rest is read (and
+/// returned) when the child ends.
+fn watch_stderr(
+    child: &mut std::process::Child,
+    want: &'static str,
+) -> (
+    std::sync::mpsc::Receiver<()>,
+    std::thread::JoinHandle<String>,
+) {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(want) {
+                let _ = tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    (rx, handle)
+}
+
+#[test]
+fn a_waiting_gc_goes_before_builds_started_after_it() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&["fixture-os"]);
+    // A running build, held in post-root.d.
+    let hold = f.path().join("tmp/hold");
+    fs::write(&hold, "").unwrap();
+    let mut running = f
+        .build_cmd_as("a", &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (holding, running_err) = watch_stderr(&mut running, "holding");
+    holding.recv().unwrap();
+    // gc waits for it, and says so.
+    let mut gc = strata()
+        .args(["cache", "gc", "--max-size", "10G", "--cache-dir"])
+        .arg(f.cache())
+        .env("TMP_DIR", f.path().join("tmp"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (gc_waits, gc_err) = watch_stderr(&mut gc, "waiting for the cache lock");
+    gc_waits.recv().unwrap();
+    // A build started now waits behind the gc, although the running build holds only a
+    // shared lock it could share (builds arriving one after another used to starve gc).
+    let mut later = f
+        .build_cmd_as("b", &["fixture-os"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (later_waits, later_err) = watch_stderr(&mut later, "gc/verify/rm");
+    later_waits.recv().unwrap();
+    assert!(later.try_wait().unwrap().is_none());
+    assert!(gc.try_wait().unwrap().is_none());
+    // The running build ends; gc runs; then the later build.
+    fs::remove_file(&hold).unwrap();
+    assert!(
+        running.wait().unwrap().success(),
+        "{}",
+        running_err.join().unwrap()
+    );
+    assert!(gc.wait().unwrap().success(), "{}", gc_err.join().unwrap());
+    let status = later.wait().unwrap();
+    assert!(status.success(), "{}", later_err.join().unwrap());
+    f.assert_no_leftovers();
+}
+
 /// Flips the middle byte of every file in the fixture's blob folder (sizes stay); returns them.
 fn flip_a_byte_in_every_blob(f: &BuildFixture) -> Vec<std::path::PathBuf> {
     let blobs: Vec<_> = walkdir::WalkDir::new(f.cache().join("blobs"))
