@@ -6,6 +6,7 @@ mod dib_helpers;
 mod disk;
 mod elements;
 mod face;
+mod faults;
 mod harness;
 mod sandbox;
 mod util;
