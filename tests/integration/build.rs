@@ -414,6 +414,42 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
 }
 
 #[test]
+fn sigint_while_a_layer_is_packed_stops_the_packing_and_records_nothing_of_it() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    let bulk = [("DIB_FIXTURE_BULK_MB", "128")];
+    // install.d/50-bulk's layer is being packed once a blob temp file in the cache grows past
+    // what any other step packs (random bytes: the blob is as large as the tar so far).
+    let packing = || {
+        fs::read_dir(f.cache().join("tmp")).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("blob-")
+                    && e.metadata().is_ok_and(|m| m.len() > 16 << 20)
+            })
+        })
+    };
+    let mut cmd = f.build_cmd(&["fixture-bulk"]);
+    cmd.envs(bulk);
+    let (status, stderr) = signal_when(&mut cmd, packing, Signal::SIGINT);
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    f.assert_no_leftovers();
+    // The packing stopped: the step was not recorded (it would have been had packing gone on
+    // to the end before the build looked at the signal).
+    let db = rusqlite::Connection::open(f.cache().join("index.sqlite")).unwrap();
+    let recorded: i64 = db
+        .query_row(
+            "SELECT count(*) FROM steps WHERE phase = 'install.d' AND hook = '50-bulk'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(recorded, 0, "{stderr}");
+    drop(db);
+    let m = f.build_ok_with(&["fixture-bulk"], &bulk);
+    assert_eq!(m.ran()[0], "install.d/50-bulk");
+}
+
+#[test]
 fn sigint_and_sigterm_while_the_tar_is_written_stop_the_build_with_130_and_143() {
     crate::require_root!();
     let f = BuildFixture::new();
