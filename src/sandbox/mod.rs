@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! strata build ─► enter_private_namespace()        unshare(CLONE_NEWNS), "/" MS_REC|MS_PRIVATE
-//!             ─► BuildDir::create(TMP_DIR, tmpfs)   mkdtemp (+ tmpfs) = TMP_BUILD_DIR
+//!             ─► sweep_dead_build_dirs(TMP_DIR)     folders of dead builds (unlocked) removed
+//!             ─► BuildDir::create(TMP_DIR, tmpfs)   mkdtemp, flock (+ tmpfs) = TMP_BUILD_DIR
 //!   chroot phase ─► ChrootMounts::mount(root, hooks) proc, /dev, devpts, ro sysfs,
 //!                                                    ro hooks at /tmp/in_target.d, resolv.conf
 //!   each hook  ─► spawn(Exec)                        own pid namespace, dies with strata
