@@ -66,6 +66,37 @@ pub fn install_handlers() {
     });
 }
 
+/// While alive, SIGINT and SIGQUIT are ignored by strata (they are for the interactive shell
+/// or command strata waits for, as `system()` does); dropped, strata's handlers are back.
+/// SIGTERM still cancels.
+pub struct Interactive(());
+
+/// See [`Interactive`].
+pub fn interactive() -> Interactive {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for sig in [Signal::SIGINT, Signal::SIGQUIT] {
+        // SAFETY: installing SIG_IGN has no handler code to be unsafe in.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    Interactive(())
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+        let action = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler only touches an atomic and calls _exit.
+        let _ = unsafe { sigaction(Signal::SIGINT, &action) };
+        let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+        // SAFETY: restoring the default disposition.
+        let _ = unsafe { sigaction(Signal::SIGQUIT, &default) };
+    }
+}
+
 /// The cancellation, if a signal arrived.
 pub fn requested() -> Option<Cancelled> {
     match SIGNAL.load(Ordering::SeqCst) {

@@ -8,6 +8,22 @@ use crate::plan::{Granularity, RebuildFrom};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+/// The process's arguments, with `disk-image-create ARGS` (as argv[0], or as the first
+/// argument) read as `strata build ARGS`, so existing dib build scripts keep working.
+pub fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = std::env::args_os().collect();
+    let invoked_as_dib = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "disk-image-create");
+    if invoked_as_dib {
+        args.insert(1, "build".into());
+    } else if args.get(1).is_some_and(|a| a == "disk-image-create") {
+        args[1] = "build".into();
+    }
+    args
+}
+
 /// One `-t` value: comma-separated output types. Parsed whole (not split by clap), so an error
 /// shows the value as given (`-t tar,,raw`), not just the empty piece.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +43,11 @@ fn granularity(s: &str) -> Result<Granularity, String> {
             Granularity::NAMES.join(", ")
         )
     })
+}
+
+fn oci_compression(s: &str) -> Result<crate::outputs::oci::Compression, String> {
+    crate::outputs::oci::Compression::parse(s)
+        .ok_or_else(|| format!("'{s}' is not a layer compression (one of gzip, zstd, none)"))
 }
 
 fn progress_mode(s: &str) -> Result<crate::progress::Mode, String> {
@@ -78,8 +99,16 @@ pub enum Command {
     Build(BuildArgs),
     /// Show the steps a build would run, with their keys and whether each is cached.
     Plan(PlanArgs),
+    /// Open a shell in the image as it is after (or, with --before, before) a step, with the
+    /// mounts and environment its hooks get; or run one command there (`-- CMD...`). Steps
+    /// that are not cached are built first; changes are thrown away when the shell exits.
+    Shell(ShellArgs),
     /// Inspect and maintain the layer cache.
     Cache(CacheArgs),
+    /// Compare two builds step by step: where their inputs differ, which steps gave other
+    /// layers from the same inputs (and which files differ), their outputs. Exit 0 when they
+    /// match, 1 when they differ, 2 for trouble.
+    Diff(DiffArgs),
     /// Helpers that strata's own elements call from their hooks (not a stable interface).
     #[command(hide = true)]
     Dib(DibArgs),
@@ -130,6 +159,22 @@ pub struct ElementsArgs {
     pub elements: Vec<String>,
 }
 
+/// How registries (OCI distribution) are reached and trusted.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryArgs {
+    /// Reach this registry host over plain HTTP (HOST, or HOST:PORT for one port; repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure: Vec<String>,
+
+    /// Sign every step record pushed to a registry with this ed25519 key (`strata cache keygen`).
+    #[arg(long = "cache-sign-key", value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
+
+    /// Use only registry records signed by this public key (repeatable: any of them).
+    #[arg(long = "cache-trust", value_name = "PUBKEY_FILE")]
+    pub trust: Vec<PathBuf>,
+}
+
 /// Options shared by `build` and `plan`: everything that decides what runs.
 #[derive(Debug, Clone, Args)]
 pub struct BuildOptions {
@@ -140,7 +185,8 @@ pub struct BuildOptions {
     #[arg(short = 'o', value_name = "NAME", default_value = "image")]
     pub image_name: String,
 
-    /// Output types, comma separated: qcow2 (default, as dib), raw, vhd, tar, tgz, squashfs.
+    /// Output types, comma separated: qcow2 (default, as dib), raw, vhd, tar, tgz, squashfs,
+    /// oci (an OCI image layout folder NAME.oci), docker (NAME.docker.tar, for `docker load`).
     #[arg(
         short = 't',
         value_name = "TYPES",
@@ -194,6 +240,30 @@ pub struct BuildOptions {
     /// which reruns steps and stores them).
     #[arg(long = "no-cache")]
     pub no_cache: bool,
+
+    /// Also look steps up in this registry, after the local cache (repeatable, in order):
+    /// HOST[:PORT]/REPO, or http://HOST[:PORT]/REPO for a registry without TLS. Hits are copied
+    /// into the local cache, checked.
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Vec<String>,
+
+    /// Push every step this build makes, and its outputs, to this registry (in the background,
+    /// while the build goes on). A failing registry gives one warning, never a failed build.
+    #[arg(long = "cache-to", value_name = "REF")]
+    pub cache_to: Option<String>,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+
+    /// The layer compression of `-t oci`: gzip (default: every runtime reads it), zstd, none.
+    #[arg(long = "oci-compression", value_name = "gzip|zstd|none", default_value = "gzip",
+          value_parser = oci_compression)]
+    pub oci_compression: crate::outputs::oci::Compression,
+
+    /// When the build is done, push the `-t oci` image to this registry (HOST[:PORT]/REPO[:TAG],
+    /// tag `latest` by default).
+    #[arg(long = "push", value_name = "REF[:TAG]")]
+    pub push: Option<String>,
 
     /// Run again from this step on: PHASE or PHASE/HOOK (e.g. install.d/50-foo).
     #[arg(long = "rebuild-from", value_name = "PHASE[/HOOK]", value_parser = RebuildFrom::parse)]
@@ -269,6 +339,45 @@ pub struct BuildArgs {
     /// Print the build manifest as JSON on stdout when done.
     #[arg(long)]
     pub json: bool,
+
+    /// Audit the cache: run every cached step again, each from its cached parent tree, and
+    /// compare its layer with the cached one (the cache keeps its entries; no outputs are
+    /// written). Exit 5 when a step rebuilds to another layer, naming it and its files.
+    #[arg(long)]
+    pub check: bool,
+
+    /// With --check: check the steps from this one on (PHASE or PHASE/HOOK).
+    #[arg(long = "check-from", value_name = "PHASE[/HOOK]", value_parser = RebuildFrom::parse,
+          requires = "check")]
+    pub check_from: Option<RebuildFrom>,
+
+    /// With --check: keep both layers of a divergent step in NAME.check/ for inspection.
+    #[arg(long = "keep-failed", requires = "check")]
+    pub keep_failed: bool,
+
+    /// Build, then build again whenever a file of the build's elements (or a cache-inputs
+    /// file) changes: one line per rebuild, with its time and the steps that ran.
+    #[arg(long, conflicts_with = "check")]
+    pub watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    #[command(flatten)]
+    pub options: BuildOptions,
+
+    /// The step: PHASE/HOOK (e.g. install.d/50-foo), or PHASE (after its last step; with
+    /// --before, before its first). With --granularity phase, a PHASE.
+    #[arg(long = "at", value_name = "PHASE[/HOOK]", value_parser = RebuildFrom::parse)]
+    pub at: RebuildFrom,
+
+    /// The image as it is before the step, not after it.
+    #[arg(long)]
+    pub before: bool,
+
+    /// A command to run instead of an interactive shell (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +388,31 @@ pub struct PlanArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// A build manifest (NAME.strata.json), or a build id from a cache's history.
+    #[arg(value_name = "A")]
+    pub a: String,
+    /// The other build.
+    #[arg(value_name = "B")]
+    pub b: String,
+    /// A cache to read layers (and build ids) from (repeatable: two builds made in two caches).
+    /// Default: STRATA_CACHE_DIR or ./cache, when it exists.
+    #[arg(long = "cache-dir", value_name = "DIR")]
+    pub cache_dir: Vec<PathBuf>,
+    /// A registry to read layers from too (repeatable).
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Vec<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Print JSON (schema version 1) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also run diffoscope (when installed) on each changed file's two versions.
+    #[arg(long)]
+    pub diffoscope: bool,
 }
 
 #[derive(Debug, Args)]
@@ -322,6 +456,58 @@ pub enum CacheCommand {
     Rm {
         #[arg(value_name = "KEY")]
         key: String,
+    },
+    /// Push cached steps (each with its ancestors) and outputs to a registry (all, without KEYs).
+    Push {
+        /// HOST[:PORT]/REPO or http://HOST[:PORT]/REPO.
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull steps (each with its ancestors) and outputs from a registry into the local cache
+    /// (every strata record in the repository, without KEYs).
+    Pull {
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every registry entry no kept build needs (a kept step keeps its ancestors).
+    Prune {
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// A build manifest (NAME.strata.json) whose steps and outputs are kept (repeatable).
+        #[arg(long = "keep", value_name = "MANIFEST", required = true)]
+        keep: Vec<PathBuf>,
+        /// Only delete entries pushed longer ago than this (e.g. 30d).
+        #[arg(long = "older-than", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// List what would be deleted, delete nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an ed25519 key pair for signing step records: FILE (secret, 0600) and FILE.pub.
+    Keygen {
+        /// The key's name (it travels with every signature, e.g. `ci-2026`).
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Where to write the secret key (default NAME.key).
+        #[arg(long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Explain a step: its inputs, and how they differ from the nearest step at its position.
     Explain {

@@ -11,10 +11,12 @@
 //! ([`tests::every_error_type_has_an_exit_status`]) fails when a new error type is not listed.
 //! README's "Exit statuses" table documents the codes.
 
+use crate::audit::AuditError;
 use crate::cache::CacheError;
 use crate::cancel::Cancelled;
 use crate::elements::ElementError;
 use crate::elements::packages::PackageError;
+use crate::exec::check::Diverged;
 use crate::exec::snapshot::RefusedLayer;
 use crate::image::ImageError;
 use crate::layer::LayerError;
@@ -118,6 +120,19 @@ fn cache_exit(e: &CacheError) -> Exit {
         CacheError::NoBlob { .. } | CacheError::Mismatch { .. } | CacheError::Other { .. } => {
             Exit::Cache
         }
+        CacheError::Remote { source, .. } => registry_exit(source),
+    }
+}
+
+fn audit_exit(e: &AuditError) -> Exit {
+    match e {
+        AuditError::Cancelled => Exit::Interrupted,
+        AuditError::NotFound { .. } => Exit::BadInput,
+        AuditError::Read { .. }
+        | AuditError::Unsorted { .. }
+        | AuditError::Format { .. }
+        | AuditError::Write { .. }
+        | AuditError::Diffoscope { .. } => Exit::BuildFailed,
     }
 }
 
@@ -212,6 +227,9 @@ fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = cause.downcast_ref::<ImageError>() {
         return Some(image_exit(e));
     }
+    if let Some(e) = cause.downcast_ref::<AuditError>() {
+        return Some(audit_exit(e));
+    }
     if let Some(e) = cause.downcast_ref::<OciError>() {
         return Some(oci_exit(e));
     }
@@ -226,6 +244,9 @@ fn exit_of_cause(cause: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     }
     if let Some(e) = cause.downcast_ref::<SignError>() {
         return Some(sign_exit(e));
+    }
+    if cause.is::<Diverged>() {
+        return Some(Exit::Divergent);
     }
     if cause.is::<RefusedLayer>() {
         // Only seen when a cache keeps refusing layers after strata dropped them (see build).
@@ -248,6 +269,8 @@ const MAPPED: &[&str] = &[
     "ImageError",
     "RefusedLayer",
     "OciError",
+    "AuditError",
+    "Diverged",
     "RegistryError",
     "ReferenceError",
     "AuthError",

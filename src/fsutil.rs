@@ -80,6 +80,29 @@ pub fn locked_temp_in(dir: &Path, prefix: &str) -> io::Result<tempfile::NamedTem
     }
 }
 
+/// A new temp folder `DIR/PREFIXxxxxxx` and an exclusive `flock` on it, held for as long as the
+/// returned `File` is open (keep it beside the `TempDir`), so [`sweep_dead`] leaves it alone.
+pub fn locked_temp_dir_in(dir: &Path, prefix: &str) -> io::Result<(tempfile::TempDir, fs::File)> {
+    loop {
+        let tmp = tempfile::Builder::new().prefix(prefix).tempdir_in(dir)?;
+        let lock = fs::File::open(tmp.path())?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            // A sweep holds it: it took the fresh folder for a leftover. Start again.
+            Err(fs::TryLockError::WouldBlock) => {
+                let _ = tmp.keep();
+                continue;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        if !same_file(&lock, tmp.path()) {
+            let _ = tmp.keep();
+            continue;
+        }
+        return Ok((tmp, lock));
+    }
+}
+
 /// True when `path` names the file open as `file`.
 pub fn same_file(file: &fs::File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -118,11 +141,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Removes the files in `dir` whose name starts with `prefix` and that no live process holds a
-/// lock on (leftovers of killed writers). Returns how many were removed. Folders are left
-/// alone; a file that cannot be opened is skipped.
+/// Removes the files and folders in `dir` whose name starts with `prefix` and that no live
+/// process holds a lock on (leftovers of killed writers). Returns how many were removed. An
+/// entry that cannot be opened is skipped; a folder is removed whole (it never holds mounts:
+/// these are output folders such as an OCI layout being written).
 pub fn sweep_dead(dir: &Path, prefix: &str) -> io::Result<usize> {
-    sweep_dead_files(dir, prefix).map(|v| v.len())
+    let mut removed = sweep_dead_files(dir, prefix)?.len();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if !entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(prefix.as_bytes())
+            || !entry.file_type()?.is_dir()
+        {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(lock) = fs::File::open(&path) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() && same_file(&lock, &path) && fs::remove_dir_all(&path).is_ok() {
+            tracing::debug!("removed {}, left by a writer that died", path.display());
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// [`sweep_dead`], returning each removed file with its size.
@@ -199,5 +248,22 @@ mod tests {
             0o644
         );
         assert_eq!(sweep_dead(&dir.path().join("missing"), "x").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_live_temp_folder_survives_a_sweep_and_a_dead_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, lock) = locked_temp_dir_in(dir.path(), OUTPUT_TEMP_PREFIX).unwrap();
+        fs::write(live.path().join("index.json"), "{}").unwrap();
+        let dead = dir.path().join(format!("{OUTPUT_TEMP_PREFIX}deadfolder"));
+        fs::create_dir_all(dead.join("blobs/sha256")).unwrap();
+        fs::write(dead.join("blobs/sha256/x"), "partial").unwrap();
+        assert_eq!(sweep_dead(dir.path(), OUTPUT_TEMP_PREFIX).unwrap(), 1);
+        assert!(!dead.exists());
+        assert!(live.path().join("index.json").exists());
+        drop(lock);
+        let path = live.keep();
+        assert_eq!(sweep_dead(dir.path(), OUTPUT_TEMP_PREFIX).unwrap(), 1);
+        assert!(!path.exists());
     }
 }

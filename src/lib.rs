@@ -13,6 +13,7 @@
 //! mounts and chroots; the executor sees the cache only through `cache::StepCache`.
 
 pub mod arch;
+pub mod audit;
 pub mod cache;
 pub mod cancel;
 pub mod cli;

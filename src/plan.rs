@@ -43,6 +43,58 @@ impl Granularity {
     }
 }
 
+/// Where a walk stops for `strata shell --at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopAt {
+    pub phase: Phase,
+    /// A hook of the phase; None: the whole phase.
+    pub hook: Option<String>,
+    /// Stop before the step (or phase) instead of after it.
+    pub before: bool,
+}
+
+/// One of dib's `break=` points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakPoint {
+    Before(Phase),
+    After(Phase),
+    AfterError,
+}
+
+impl BreakPoint {
+    /// Parses dib's `break` value: comma separated `before-<phase>`, `after-<phase>` (dib's
+    /// phase names without `.d`: `before-install`, `after-pre-install`, …) and `after-error`.
+    pub fn parse_list(value: &str) -> Result<Vec<BreakPoint>, String> {
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let bad = || {
+                    format!(
+                        "break={value}: '{s}' is not a break point (before-<phase>, after-<phase> \
+                         with a phase such as install or pre-install, or after-error)"
+                    )
+                };
+                if s == "after-error" {
+                    return Ok(BreakPoint::AfterError);
+                }
+                let (when, phase) = s
+                    .strip_prefix("before-")
+                    .map(|p| (true, p))
+                    .or_else(|| s.strip_prefix("after-").map(|p| (false, p)))
+                    .ok_or_else(bad)?;
+                let phase = Phase::parse(phase).ok_or_else(bad)?;
+                Ok(if when {
+                    BreakPoint::Before(phase)
+                } else {
+                    BreakPoint::After(phase)
+                })
+            })
+            .collect()
+    }
+}
+
 /// strata's own steps, besides the hooks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CoreStep {
@@ -452,6 +504,25 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn dib_break_points_parse_and_bad_ones_name_the_choices() {
+        assert_eq!(
+            BreakPoint::parse_list("before-install, after-pre-install,after-error").unwrap(),
+            [
+                BreakPoint::Before(Phase::Install),
+                BreakPoint::After(Phase::PreInstall),
+                BreakPoint::AfterError
+            ]
+        );
+        assert!(BreakPoint::parse_list("").unwrap().is_empty());
+        let e = BreakPoint::parse_list("during-install").unwrap_err();
+        assert!(
+            e.contains("during-install") && e.contains("after-error"),
+            "{e}"
+        );
+        assert!(BreakPoint::parse_list("before-nope").is_err());
+    }
 
     #[test]
     fn step_ids_print_and_parse_as_recorded() {

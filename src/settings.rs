@@ -47,6 +47,10 @@ pub struct BuildRequest {
     pub no_tmpfs: bool,
     pub min_tmpfs: u64,
     pub disk: DiskRequest,
+    /// The layer compression of `-t oci`.
+    pub oci_compression: crate::outputs::oci::Compression,
+    /// `--push REF[:TAG]`: send the `-t oci` image to a registry when the build is done.
+    pub push: Option<String>,
 }
 
 /// The disk options as given on the command line (sizes already parsed).
@@ -73,6 +77,19 @@ pub struct CacheSettings {
     /// Neither use nor store cached steps.
     pub no_cache: bool,
     pub rebuild_from: Option<RebuildFrom>,
+    pub registries: RegistrySettings,
+}
+
+/// The registry levels of a build and how they are reached and trusted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RegistrySettings {
+    /// `--cache-from`, in lookup order.
+    pub from: Vec<String>,
+    /// `--cache-to`.
+    pub to: Option<String>,
+    pub insecure: Vec<String>,
+    pub sign_key: Option<PathBuf>,
+    pub trust: Vec<PathBuf>,
 }
 
 /// The disk options, resolved from the command line and the environment.
@@ -137,6 +154,10 @@ pub struct Settings {
     pub min_tmpfs: u64,
     pub source_date_epoch: Option<i64>,
     pub disk: DiskOptions,
+    pub oci_compression: crate::outputs::oci::Compression,
+    pub push: Option<String>,
+    /// dib's `break=` points (from the environment variable `break`).
+    pub break_points: Vec<crate::plan::BreakPoint>,
     /// The user's variables that every hook receives: `DIB_*` and the pass-through ones,
     /// without the disk-only ones.
     pub user_env: BTreeMap<String, String>,
@@ -191,12 +212,45 @@ impl Settings {
         if req.image_types.is_empty() {
             return Err(Failure::bad_input("-t: no output type given"));
         }
+        // `-t tar,tar` (or `-t tar -t tar`) makes one tar.
+        let mut image_types: Vec<OutputType> = Vec::new();
+        for t in &req.image_types {
+            if !image_types.contains(t) {
+                image_types.push(*t);
+            }
+        }
         let mut image_name = req.image_name.clone();
-        if let [only] = req.image_types.as_slice() {
+        if let [only] = image_types.as_slice() {
             // dib drops a trailing ".<type>" when exactly one type is asked for.
             if let Some(stripped) = image_name.strip_suffix(&format!(".{only}")) {
                 image_name = stripped.to_string();
             }
+        }
+        for r in req
+            .cache
+            .registries
+            .from
+            .iter()
+            .chain(&req.cache.registries.to)
+        {
+            crate::registry::Reference::parse(r, &req.cache.registries.insecure)
+                .map_err(|e| Failure::bad_input(format!("--cache-from/--cache-to {r}: {e}")))?;
+        }
+        if req.cache.no_cache
+            && (!req.cache.registries.from.is_empty() || req.cache.registries.to.is_some())
+        {
+            return Err(Failure::bad_input(
+                "--no-cache uses no cache at all; drop --cache-from/--cache-to, or --no-cache",
+            ));
+        }
+        if let Some(p) = &req.push {
+            if !req.image_types.contains(&OutputType::Oci) {
+                return Err(Failure::bad_input(format!(
+                    "--push {p}: pushes the -t oci image; add oci to -t"
+                )));
+            }
+            crate::registry::Reference::parse(p, &req.cache.registries.insecure)
+                .map_err(|e| Failure::bad_input(format!("--push {p}: {e}")))?;
         }
         let arch = match &req.arch {
             Some(a) => crate::arch::check(a).map_err(|e| Failure::bad_input(format!("-a {e}")))?,
@@ -259,7 +313,7 @@ impl Settings {
             element_dirs: req.element_dirs.clone(),
             elements_path_env: env.get("ELEMENTS_PATH").cloned(),
             image_name,
-            image_types: req.image_types.clone(),
+            image_types,
             arch,
             trace: req.trace,
             packages: req
@@ -280,6 +334,12 @@ impl Settings {
             min_tmpfs: req.min_tmpfs,
             source_date_epoch,
             disk,
+            oci_compression: req.oci_compression,
+            push: req.push.clone(),
+            break_points: match env.get("break") {
+                Some(v) => crate::plan::BreakPoint::parse_list(v).map_err(Failure::bad_input)?,
+                None => Vec::new(),
+            },
             user_env,
             disk_env,
         })
@@ -561,14 +621,26 @@ pub fn phase_environment(
 
 /// The environment as it enters a step key: normalised values replaced by their names, and
 /// `IMAGE_NAME` reduced to its file name (`-o` may carry the output folder, which differs
-/// between machines; what hooks derive from it is the name, as dib's manifests do).
+/// between machines; what hooks derive from it is the name, as dib's manifests do). Values
+/// environment.d derived from that folder (dib's manifests element sets
+/// `DIB_MANIFEST_SAVE_DIR=${IMAGE_NAME}.d/`) have the folder replaced by `<IMAGE_DIR>`, so
+/// builds into different output folders share their steps.
 pub fn normalise_for_key(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let image_dir = env
+        .get("IMAGE_NAME")
+        .and_then(|n| Path::new(n).parent())
+        .map(|d| d.display().to_string())
+        .filter(|d| !d.is_empty() && d != "/");
     env.iter()
         .map(|(k, v)| {
             if envvars::keying(k) == Keying::Normalised {
                 (k.clone(), format!("<{k}>"))
             } else if k == "IMAGE_NAME" {
                 (k.clone(), image_base_name(v))
+            } else if let Some(dir) = &image_dir
+                && v.contains(&format!("{dir}/"))
+            {
+                (k.clone(), v.replace(&format!("{dir}/"), "<IMAGE_DIR>/"))
             } else {
                 (k.clone(), v.clone())
             }
@@ -617,6 +689,16 @@ mod tests {
         let s = resolve(&r, &[]).unwrap();
         assert_eq!(s.image_name, "x");
         assert_eq!(s.arch, "amd64");
+    }
+
+    #[test]
+    fn a_type_asked_for_twice_is_made_once() {
+        let mut r = req(&["e"]);
+        r.image_types = vec![OutputType::Tar, OutputType::Oci, OutputType::Tar];
+        assert_eq!(
+            resolve(&r, &[]).unwrap().image_types,
+            [OutputType::Tar, OutputType::Oci]
+        );
     }
 
     #[test]
@@ -788,5 +870,17 @@ mod tests {
         assert_eq!(n["TMP_BUILD_DIR"], "<TMP_BUILD_DIR>");
         assert_eq!(n["ARCH"], "amd64");
         assert_eq!(n["IMAGE_NAME"], "deb");
+        // What environment.d derives from the output folder does not key it either.
+        let derived = |dir: &str| {
+            normalise_for_key(&env(&[
+                ("IMAGE_NAME", &format!("{dir}/vm")),
+                ("DIB_MANIFEST_SAVE_DIR", &format!("{dir}/vm.d/")),
+            ]))
+        };
+        assert_eq!(derived("/srv/a"), derived("/home/ci/b"));
+        assert_eq!(
+            derived("/srv/a")["DIB_MANIFEST_SAVE_DIR"],
+            "<IMAGE_DIR>/vm.d/"
+        );
     }
 }

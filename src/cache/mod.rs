@@ -5,8 +5,10 @@
 //!                     ┌── Local(Store)        content-addressed blobs + SQLite index
 //! executor ──► dyn StepCache ─┼── ReadOnly(level)     what `plan` and `--explain` use
 //!                     ├── NoCache             `--no-cache`: every lookup misses, nothing kept
-//!                     └── MultiLevel[L0, L1…] L0 first, later levels on a miss; a hit from a
-//!                                             later level is copied (verified) into L0
+//!                     ├── MultiLevel[L0, L1…] L0 first, later levels on a miss; a hit from a
+//!                     │                       later level is copied (verified) into L0
+//!                     └── RegistryLevel       an OCI registry (registry.rs): `--cache-from`
+//!                                             reads, `--cache-to` pushes in the background
 //! ```
 //!
 //! # The contract
@@ -38,6 +40,7 @@ mod local;
 mod multi;
 mod none;
 mod readonly;
+pub mod registry;
 
 pub use local::Local;
 pub use multi::MultiLevel;
@@ -69,6 +72,13 @@ pub enum CacheError {
     },
     #[error("{cache}: {message}")]
     Other { cache: String, message: String },
+    /// A registry level failed.
+    #[error("{cache}: {source}")]
+    Remote {
+        cache: String,
+        #[source]
+        source: Box<crate::registry::RegistryError>,
+    },
 }
 
 /// The answer to a lookup.
@@ -82,6 +92,12 @@ pub enum Lookup {
         broken: crate::store::Broken,
         level: String,
     },
+}
+
+impl Lookup {
+    pub fn is_hit(&self) -> bool {
+        matches!(self, Lookup::Hit(_))
+    }
 }
 
 /// A usable cached step.
@@ -174,6 +190,17 @@ pub trait StepCache: Send + Sync {
     /// Marks an output used now.
     fn touch_output(&self, key: &str, now: i64) -> Result<(), CacheError>;
 
+    /// A step this build found cached: levels that collect what builds use (a `--cache-to`
+    /// registry behind a composition) get it too. Default: nothing.
+    fn share_hit(&self, _hit: &Hit) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    /// The same for an output found cached. Default: nothing.
+    fn share_output(&self, _output: &OutputRecord) -> Result<(), CacheError> {
+        Ok(())
+    }
+
     /// Keeps a record of one build (the local store's history). Default: nothing.
     fn record_build(&self, _build: &BuildRecord) -> Result<(), CacheError> {
         Ok(())
@@ -183,6 +210,97 @@ pub trait StepCache: Send + Sync {
     fn flush(&self) -> Result<(), CacheError> {
         Ok(())
     }
+}
+
+/// A shared level is a level (levels are shared between a composition and the registry levels
+/// that push from the local one).
+impl<T: StepCache + ?Sized> StepCache for std::sync::Arc<T> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn writable(&self) -> bool {
+        (**self).writable()
+    }
+    fn lookup(&self, key: &str) -> Result<Lookup, CacheError> {
+        (**self).lookup(key)
+    }
+    fn has_layer(&self, diff_id: &str) -> Result<bool, CacheError> {
+        (**self).has_layer(diff_id)
+    }
+    fn drop_step(&self, key: &str, broken: crate::store::Broken) -> Result<(), CacheError> {
+        (**self).drop_step(key, broken)
+    }
+    fn touch_step(&self, key: &str, now: i64) -> Result<(), CacheError> {
+        (**self).touch_step(key, now)
+    }
+    fn nearest_step(
+        &self,
+        phase: &str,
+        hook: &str,
+        key: &str,
+    ) -> Result<Option<StepRecord>, CacheError> {
+        (**self).nearest_step(phase, hook, key)
+    }
+    fn open_blob(&self, digest: &str) -> Result<Box<dyn BlobRead>, CacheError> {
+        (**self).open_blob(digest)
+    }
+    fn blob_sink(&self) -> Result<Option<Box<dyn BlobSink>>, CacheError> {
+        (**self).blob_sink()
+    }
+    fn record_step(&self, step: &StepRecord, layers: &[LayerRecord]) -> Result<(), CacheError> {
+        (**self).record_step(step, layers)
+    }
+    fn get_output(&self, key: &str) -> Result<Option<OutputRecord>, CacheError> {
+        (**self).get_output(key)
+    }
+    fn put_output(&self, key: &str, digest: &str, size: u64, now: i64) -> Result<(), CacheError> {
+        (**self).put_output(key, digest, size, now)
+    }
+    fn touch_output(&self, key: &str, now: i64) -> Result<(), CacheError> {
+        (**self).touch_output(key, now)
+    }
+    fn share_hit(&self, hit: &Hit) -> Result<(), CacheError> {
+        (**self).share_hit(hit)
+    }
+    fn share_output(&self, output: &OutputRecord) -> Result<(), CacheError> {
+        (**self).share_output(output)
+    }
+    fn record_build(&self, build: &BuildRecord) -> Result<(), CacheError> {
+        (**self).record_build(build)
+    }
+    fn flush(&self) -> Result<(), CacheError> {
+        (**self).flush()
+    }
+}
+
+/// Copies a blob (an output's) from `from` into `to`, checked against its digest and size.
+pub fn copy_blob(
+    from: &dyn StepCache,
+    to: &dyn StepCache,
+    digest: &str,
+    size: u64,
+) -> Result<(), CacheError> {
+    let Some(mut sink) = to.blob_sink()? else {
+        return Err(CacheError::ReadOnly {
+            cache: to.name(),
+            action: "copy a blob in",
+        });
+    };
+    let io_err = |e: io::Error| CacheError::Other {
+        cache: from.name(),
+        message: format!("cannot copy blob {digest}: {e}"),
+    };
+    let mut blob = from.open_blob(digest)?;
+    io::copy(&mut blob, &mut sink).map_err(io_err)?;
+    blob.finish().map_err(io_err)?;
+    let (got, got_size) = sink.finish()?;
+    if got != digest || got_size != size {
+        return Err(CacheError::Other {
+            cache: from.name(),
+            message: format!("blob {digest} arrived as {got} ({got_size} bytes); refused"),
+        });
+    }
+    Ok(())
 }
 
 /// Copies the blob of `layer` from `from` into `to`, checking the copy against the blob
@@ -211,29 +329,38 @@ pub fn copy_layer(
         message: format!("cannot copy layer {}: {e}", layer.diff_id),
     };
     let mut blob = from.open_blob(&layer.blob_digest)?;
-    // Tee the compressed bytes into the sink and a decoder that hashes the tar.
+    // Tee the compressed bytes into the sink and a decoder that hashes the tar. A stream that
+    // does not decode is bad data (the transfer's own failures show at `finish`).
     let mut tar_hash = blake3::Hasher::new();
-    {
+    let decoded = (|| -> io::Result<()> {
         let tee = Tee {
             inner: &mut blob,
             copy: &mut sink,
         };
-        let mut dec = zstd::Decoder::new(tee).map_err(io_err)?;
-        dec.window_log_max(31).map_err(io_err)?;
-        io::copy(&mut dec, &mut tar_hash).map_err(|e| {
-            if e.kind() == io::ErrorKind::InvalidData {
-                mismatch("blob digest")
-            } else {
-                io_err(e)
-            }
-        })?;
+        let mut dec = zstd::Decoder::new(tee)?;
+        dec.window_log_max(31)?;
+        io::copy(&mut dec, &mut tar_hash)?;
+        Ok(())
+    })();
+    if let Some(c) = crate::cancel::requested() {
+        return Err(CacheError::Other {
+            cache: from.name(),
+            message: c.to_string(),
+        });
     }
     // The decoder may stop at its frame's end: copy (and check) the rest too.
     let mut rest = Vec::new();
-    blob.read_to_end(&mut rest)
-        .map_err(|_| mismatch("blob digest"))?;
+    let rest_read = blob.read_to_end(&mut rest);
+    let finished = blob.finish();
+    match finished {
+        Err(e) if e.kind() != io::ErrorKind::InvalidData => return Err(io_err(e)),
+        Err(_) => return Err(mismatch("blob digest")),
+        Ok(_) => {}
+    }
+    if decoded.is_err() || rest_read.is_err() {
+        return Err(mismatch("content (it does not decompress)"));
+    }
     sink.write_all(&rest).map_err(io_err)?;
-    blob.finish().map_err(|_| mismatch("blob digest"))?;
     if tar_hash.finalize().to_hex().as_str() != layer.diff_id {
         return Err(mismatch("diff id"));
     }

@@ -15,7 +15,7 @@
 
 use super::{
     BlobRead, BlobSink, BuildRecord, CacheError, Hit, LayerRecord, Lookup, OutputRecord, StepCache,
-    StepRecord, copy_layer,
+    StepRecord, copy_blob, copy_layer,
 };
 use crate::store::Broken;
 use std::sync::{Arc, Mutex};
@@ -58,10 +58,14 @@ impl MultiLevel {
         let mut dropped = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
         if !dropped[i] {
             dropped[i] = true;
-            tracing::warn!(
-                "{}: {err}; not using it for the rest of this build",
-                self.levels[i].name()
-            );
+            let name = self.levels[i].name();
+            let text = err.to_string();
+            let text = if text.starts_with(&name) {
+                text
+            } else {
+                format!("{name}: {text}")
+            };
+            tracing::warn!("{text}; not using it for the rest of this build");
         }
     }
 
@@ -206,7 +210,40 @@ impl StepCache for MultiLevel {
     }
 
     fn get_output(&self, key: &str) -> Result<Option<OutputRecord>, CacheError> {
-        self.first().get_output(key)
+        if let Some(o) = self.first().get_output(key)? {
+            return Ok(Some(o));
+        }
+        for (i, level) in self.later() {
+            let found = match level.get_output(key) {
+                Ok(Some(o)) => o,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.drop_level(i, &e);
+                    continue;
+                }
+            };
+            if !self.first().writable() {
+                return Ok(Some(found));
+            }
+            match copy_blob(level, self.first(), &found.blob_digest, found.size) {
+                Ok(()) => {
+                    self.first().put_output(
+                        key,
+                        &found.blob_digest,
+                        found.size,
+                        crate::fsutil::now(),
+                    )?;
+                    return self.first().get_output(key);
+                }
+                Err(e @ CacheError::Remote { .. }) => self.drop_level(i, &e),
+                Err(e) => tracing::warn!(
+                    "output {} from {}: {e}; making it here instead",
+                    &key[..key.len().min(12)],
+                    level.name()
+                ),
+            }
+        }
+        Ok(None)
     }
 
     fn put_output(&self, key: &str, digest: &str, size: u64, now: i64) -> Result<(), CacheError> {
@@ -223,6 +260,34 @@ impl StepCache for MultiLevel {
 
     fn touch_output(&self, key: &str, now: i64) -> Result<(), CacheError> {
         self.first().touch_output(key, now)
+    }
+
+    fn share_hit(&self, hit: &Hit) -> Result<(), CacheError> {
+        for (i, level) in self.later() {
+            if level.writable()
+                && level.name() != hit.level
+                && let Err(e) = level.record_step(&hit.step, &hit.layers)
+            {
+                self.drop_level(i, &e);
+            }
+        }
+        Ok(())
+    }
+
+    fn share_output(&self, output: &OutputRecord) -> Result<(), CacheError> {
+        for (i, level) in self.later() {
+            if level.writable()
+                && let Err(e) = level.put_output(
+                    &output.key,
+                    &output.blob_digest,
+                    output.size,
+                    output.created,
+                )
+            {
+                self.drop_level(i, &e);
+            }
+        }
+        Ok(())
     }
 
     fn record_build(&self, build: &BuildRecord) -> Result<(), CacheError> {

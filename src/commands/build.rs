@@ -13,7 +13,7 @@
 //! ```
 
 use super::request;
-use crate::cache::{Local, NoCache, ReadOnly, StepCache};
+use crate::cache::{Local, MultiLevel, NoCache, ReadOnly, StepCache};
 use crate::cli::{BuildArgs, PlanArgs};
 use crate::exec::prepare::Prepared;
 use crate::exec::snapshot::RefusedLayer;
@@ -28,13 +28,15 @@ use crate::sandbox::{self, BuildDir};
 use crate::settings::{self, BuildPaths, Settings};
 use crate::store::{Broken, BuildRecord, Store};
 use anyhow::{Context, Result};
+use std::sync::Arc;
 use std::time::Instant;
 
-/// The cache a build reads and writes: the local store, or none with `--no-cache`. The temp
-/// files of cache writers that died are removed first.
-fn open_cache(settings: &Settings) -> Result<Box<dyn StepCache>> {
+/// The cache a build reads and writes: the local store (then `--cache-from` registries, and
+/// the `--cache-to` one, as later levels), or none with `--no-cache`. The temp files of local
+/// cache writers that died are removed first.
+pub(crate) fn open_cache(settings: &Settings) -> Result<Arc<dyn StepCache>> {
     if settings.cache.no_cache {
-        return Ok(Box::new(NoCache));
+        return Ok(Arc::new(NoCache));
     }
     let store = Store::open(&settings.cache.dir)?;
     match store.sweep_dead_temp_files() {
@@ -47,7 +49,14 @@ fn open_cache(settings: &Settings) -> Result<Box<dyn StepCache>> {
         Ok(_) => {}
         Err(e) => tracing::warn!("{e}"),
     }
-    Ok(Box::new(Local::new(store)))
+    let local = Arc::new(Local::new(store));
+    let remote = super::remote::build_levels(&settings.cache.registries, Some(local.clone()))?;
+    if remote.is_empty() {
+        return Ok(local);
+    }
+    let mut levels: Vec<Arc<dyn StepCache>> = vec![local];
+    levels.extend(remote);
+    Ok(Arc::new(MultiLevel::new(levels)))
 }
 
 /// Removes what builds killed mid-way left (their folders in TMP_DIR, partial outputs beside
@@ -116,7 +125,13 @@ impl OutputFiles {
         for (path, id) in &self.0 {
             let now = file_id(path);
             if now.is_some() && now != *id {
-                match std::fs::remove_file(path) {
+                // An OCI layout output is a folder.
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(path)
+                } else {
+                    std::fs::remove_file(path)
+                };
+                match removed {
                     Ok(()) => tracing::info!(
                         "removed {}: the build that wrote it did not finish",
                         path.display()
@@ -131,14 +146,28 @@ impl OutputFiles {
 /// The name prefix of build folders in TMP_DIR.
 pub(crate) const BUILD_DIR_PREFIX: &str = "strata_build.";
 
-/// The cache `plan` looks at: read-only, and nothing is created when there is none yet.
-fn open_cache_read_only(settings: &Settings) -> Result<Box<dyn StepCache>> {
-    if settings.cache.no_cache || !settings.cache.dir.join("index.sqlite").exists() {
-        return Ok(Box::new(NoCache));
+/// The cache `plan` looks at: every level read-only, and nothing is created when there is no
+/// local cache yet.
+fn open_cache_read_only(settings: &Settings) -> Result<Arc<dyn StepCache>> {
+    if settings.cache.no_cache {
+        return Ok(Arc::new(NoCache));
     }
-    Ok(Box::new(ReadOnly(Local::new(Store::open(
-        &settings.cache.dir,
-    )?))))
+    let local: Arc<dyn StepCache> = if settings.cache.dir.join("index.sqlite").exists() {
+        Arc::new(ReadOnly(Local::new(Store::open(&settings.cache.dir)?)))
+    } else {
+        Arc::new(NoCache)
+    };
+    let remote = super::remote::build_levels(&settings.cache.registries, None)?;
+    if remote.is_empty() {
+        return Ok(local);
+    }
+    let mut levels = vec![local];
+    levels.extend(
+        remote
+            .into_iter()
+            .map(|l| Arc::new(ReadOnly(l)) as Arc<dyn StepCache>),
+    );
+    Ok(Arc::new(ReadOnly(MultiLevel::new(levels))))
 }
 
 fn resolve(args: &crate::cli::BuildOptions) -> Result<Prepared> {
@@ -168,6 +197,11 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
         )
         .into());
     }
+    if args.watch {
+        // Each rebuild is its own `strata build` (a child process, its own namespace).
+        let prep = resolve(&args.options)?;
+        return super::watch::run(&prep);
+    }
     // First, while single-threaded: everything mounted from here on dies with this process.
     sandbox::enter_private_namespace()?;
     let prep = resolve(&args.options)?;
@@ -193,6 +227,12 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
             settings.image_cache.display()
         )
     })?;
+
+    if args.check {
+        let result = check(&prep, cache.as_ref(), &reporter, &args);
+        reporter.finish();
+        return result;
+    }
 
     let before = OutputFiles::snapshot(settings);
     // A cached layer refused while restoring is dropped with its step, and the build starts
@@ -224,6 +264,12 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
                 outputs::checksums::refresh(&o.path)
                     .with_context(|| format!("cannot write checksums of {}", o.path.display()))?;
             }
+        }
+        if let Some(reference) = &settings.push {
+            let layout = crate::outputs::OutputType::Oci.path(&settings.image_name);
+            let pushed =
+                super::remote::push_image(reference, &layout, &settings.cache.registries.insecure)?;
+            reporter.println(&format!("pushed the image: {pushed}"));
         }
         let manifest = build_manifest(&prep, steps, outputs, started)?;
         let text = manifest.write(&Manifest::path_for(&settings.image_name))?;
@@ -334,6 +380,130 @@ fn walk_once(
         steps: std::mem::take(&mut exec.steps),
         timings: std::mem::take(&mut exec.timings),
     })
+}
+
+/// `build --check`: walks in check mode until no step diverges (a divergent step counts as
+/// cached in the next walk, so the steps after it are checked from its cached tree), then
+/// reports. Exit 5 when any step diverged.
+fn check(
+    prep: &Prepared,
+    cache: &dyn StepCache,
+    reporter: &Reporter,
+    args: &BuildArgs,
+) -> Result<()> {
+    use crate::exec::check::{Check, Diverged};
+    let settings = &prep.settings;
+    let scratch = tempfile::Builder::new()
+        .prefix("strata-check.")
+        .tempdir_in(&settings.tmp_dir)
+        .context("cannot make a scratch cache for the rebuilt layers")?;
+    let keep_dir = args
+        .keep_failed
+        .then(|| std::path::PathBuf::from(format!("{}.check", settings.image_name)));
+    let mut skip = std::collections::HashSet::new();
+    let mut diverged: Vec<Diverged> = Vec::new();
+    let passed = loop {
+        let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
+        let build_dir = BuildDir::create(&settings.tmp_dir, BUILD_DIR_PREFIX, use_tmpfs)?;
+        let paths = BuildPaths::under(&build_dir.path);
+        let mut exec = Executor::new(prep, cache, paths.clone(), Mode::Check, reporter);
+        exec.set_check(Check::new(
+            args.check_from.clone(),
+            skip.clone(),
+            Local::new(Store::open(scratch.path())?),
+            keep_dir.clone(),
+        ));
+        let walked = (|| -> Result<()> {
+            for d in [&paths.image_dir, &paths.mount_dir] {
+                std::fs::create_dir_all(d)?;
+            }
+            prep.tree
+                .materialize(&paths.hooks_dir)
+                .context("cannot write the merged hook tree")?;
+            exec.walk()
+        })();
+        let cleanup = build_dir.cleanup();
+        match walked {
+            Ok(()) => {
+                cleanup?;
+                break exec.checked().to_vec();
+            }
+            Err(e) => match e.downcast::<Diverged>() {
+                Ok(d) if skip.len() <= exec.steps.len() + diverged.len() + 1 => {
+                    reporter.println(&format!("[{}] {d}", d.step));
+                    skip.insert(d.key.clone());
+                    diverged.push(d);
+                    cleanup?;
+                }
+                Ok(d) => return Err(d.into()),
+                Err(e) => return Err(e),
+            },
+        }
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            schema: u32,
+            checked: usize,
+            diverged: Vec<serde_json::Value>,
+            passed: &'a [String],
+        }
+        let report = Report {
+            schema: 1,
+            checked: passed.len() + diverged.len(),
+            diverged: diverged
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "step": d.step, "key": d.key, "cached": d.cached, "rebuilt": d.rebuilt,
+                        "files": d.files, "kept": d.kept,
+                    })
+                })
+                .collect(),
+            passed: &passed,
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        for d in &diverged {
+            writeln!(out, "{d}")?;
+            if let Some(files) = &d.files {
+                for f in &files.files {
+                    for line in f.to_string().lines() {
+                        writeln!(out, "    {line}")?;
+                    }
+                }
+            }
+            if let Some(k) = &d.kept {
+                writeln!(out, "    both layers kept in {}", k.display())?;
+            }
+        }
+        writeln!(
+            out,
+            "check: {} steps rebuilt to their cached layers, {} did not",
+            passed.len(),
+            diverged.len()
+        )?;
+    }
+    if diverged.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            Exit::Divergent,
+            format!(
+                "{} of {} checked steps did not rebuild to their cached layers: {}",
+                diverged.len(),
+                passed.len() + diverged.len(),
+                diverged
+                    .iter()
+                    .map(|d| d.step.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .into())
+    }
 }
 
 fn build_manifest(

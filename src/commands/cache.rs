@@ -74,6 +74,9 @@ fn short(k: &str) -> &str {
 }
 
 pub fn run(args: CacheArgs) -> Result<()> {
+    if super::remote::is_registry_command(&args.command) {
+        return super::remote::run(&args.cache_dir, args.command);
+    }
     if !args.cache_dir.join("index.sqlite").exists() {
         return Err(Failure::bad_input(format!(
             "{} is not a strata cache (no index.sqlite); pass --cache-dir or set STRATA_CACHE_DIR",
@@ -92,6 +95,10 @@ pub fn run(args: CacheArgs) -> Result<()> {
     };
     let mut out = io::stdout().lock();
     match args.command {
+        CacheCommand::Push { .. }
+        | CacheCommand::Pull { .. }
+        | CacheCommand::Prune { .. }
+        | CacheCommand::Keygen { .. } => unreachable!("handled above"),
         CacheCommand::Ls { json } => {
             let steps = store.list_steps()?;
             if json {

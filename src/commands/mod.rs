@@ -5,23 +5,41 @@
 pub mod build;
 pub mod cache;
 pub mod dib;
+pub mod diff;
 pub mod elements;
 pub mod face;
+pub mod remote;
+pub mod shell;
+pub mod watch;
 
 use crate::cli::{BuildOptions, Cli, Command};
-use crate::settings::{BuildRequest, CacheSettings, DiskRequest};
+use crate::settings::{BuildRequest, CacheSettings, DiskRequest, RegistrySettings};
 
-/// Runs one parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// Runs one parsed command line; returns the exit status of a command that ends well
+/// (`strata diff` ends well with 1 when the builds differ).
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    let done = match cli.command {
         Command::Build(args) => build::build(args, cli.progress),
         Command::Plan(args) => build::plan(args),
+        Command::Shell(args) => return shell::run(args, cli.progress),
         Command::Cache(args) => cache::run(args),
+        Command::Diff(args) => {
+            // As diff(1): any trouble is status 2.
+            return diff::run(&args).map_err(|e| {
+                if crate::cancel::find(&e).is_some() {
+                    e
+                } else {
+                    crate::exit::Failure::new(crate::exit::Exit::BadInput, crate::exit::render(&e))
+                        .into()
+                }
+            });
+        }
         Command::Dib(args) => dib::run(args.command),
         Command::Elements(args) => elements::run(&args),
         Command::Completions { shell } => face::completions(shell),
         Command::Man { dir } => face::man(dir.as_deref()),
-    }
+    };
+    done.map(|()| 0)
 }
 
 /// The build as the user asked for it, from the command line.
@@ -48,9 +66,18 @@ pub fn request(o: &BuildOptions) -> BuildRequest {
             ttl: o.cache_ttl,
             no_cache: o.no_cache,
             rebuild_from: o.rebuild_from.clone(),
+            registries: RegistrySettings {
+                from: o.cache_from.clone(),
+                to: o.cache_to.clone(),
+                insecure: o.registry.insecure.clone(),
+                sign_key: o.registry.sign_key.clone(),
+                trust: o.registry.trust.clone(),
+            },
         },
         no_tmpfs: o.no_tmpfs,
         min_tmpfs: o.min_tmpfs,
+        oci_compression: o.oci_compression,
+        push: o.push.clone(),
         disk: DiskRequest {
             image_size_kib: o.image_size,
             image_extra_mb: o.image_extra_size,

@@ -314,13 +314,14 @@ pub fn run(job: &Job) -> Result<Produced> {
         } else {
             None
         };
-        let (w, laps) = outputs::tree::write(
+        let (w, laps) = outputs::write_from_tree(
             job.cache,
             root,
             scan.as_ref(),
             &tree,
             &settings.image_name,
             &super::pack_options(settings),
+            &super::image_settings(settings),
         )?;
         written.extend(w);
         timings.extend(laps);

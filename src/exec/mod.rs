@@ -15,11 +15,15 @@
 //! ```
 //!
 //! In [`Mode::Plan`] the same walk runs without running anything (the cache given is
-//! read-only): `strata plan` and the cache state of each step come from here too.
+//! read-only): `strata plan` and the cache state of each step come from here too. In
+//! [`Mode::Check`] (`build --check`, see `check.rs`) every cached step runs again from its
+//! cached parent tree and its new layer is compared with the cached one.
 
+pub mod check;
 pub mod disk_step;
 pub mod hooks;
 pub mod prepare;
+pub mod shell;
 pub mod snapshot;
 
 use crate::cache::{Hit, Lookup, StepCache};
@@ -30,7 +34,7 @@ use crate::layer::PackOptions;
 use crate::manifest::{Manifest, ManifestStep, StepInputs};
 use crate::outputs::{self, OutputType, Written};
 use crate::phase::Phase;
-use crate::plan::{self, Action, DiskStep, Step, StepId, StepView};
+use crate::plan::{self, Action, BreakPoint, DiskStep, Step, StepId, StepView, StopAt};
 use crate::progress::{Event, Reporter};
 use crate::sandbox::{self, ChrootMounts};
 use crate::settings::{self, BuildPaths, Settings};
@@ -49,6 +53,8 @@ pub enum Mode {
     Build { explain: bool },
     /// Run nothing (`strata plan`): report keys and cache state.
     Plan,
+    /// Run every cached step again and compare (`strata build --check`).
+    Check,
 }
 
 /// The pack settings of a build's layers and tar outputs.
@@ -57,6 +63,15 @@ pub fn pack_options(settings: &Settings) -> PackOptions {
         source_date_epoch: settings.source_date_epoch,
         level: 3,
         workers: 2,
+    }
+}
+
+/// How a build's container image outputs are made.
+pub fn image_settings(settings: &Settings) -> outputs::ImageSettings {
+    outputs::ImageSettings {
+        arch: settings.arch.clone(),
+        compression: settings.oci_compression,
+        source_date_epoch: settings.source_date_epoch,
     }
 }
 
@@ -75,6 +90,13 @@ pub struct Executor<'a> {
     distro: String,
     /// The disk step, once the rootfs steps are walked (disk builds).
     disk: Option<DiskStep>,
+    /// `build --check`'s state.
+    check: Option<check::Check>,
+    /// `strata shell --at`: where the walk stops; `stopped` once it did (phase, label).
+    stop_at: Option<StopAt>,
+    stopped: Option<(Phase, String)>,
+    /// A `break=` shell ran: nothing more is cached (the shell may have changed the tree).
+    tainted: bool,
     /// Every step walked, as the manifest records it.
     pub steps: Vec<ManifestStep>,
     /// Every step walked, as `plan` shows it.
@@ -104,6 +126,10 @@ impl<'a> Executor<'a> {
             ran_any: false,
             distro: "any".into(),
             disk: None,
+            check: None,
+            stop_at: None,
+            stopped: None,
+            tainted: false,
             steps: Vec::new(),
             views: Vec::new(),
             timings: Vec::new(),
@@ -115,7 +141,22 @@ impl<'a> Executor<'a> {
     }
 
     fn building(&self) -> bool {
-        matches!(self.mode, Mode::Build { .. })
+        matches!(self.mode, Mode::Build { .. } | Mode::Check)
+    }
+
+    /// Makes the walk stop at `stop` (`strata shell --at`).
+    pub fn stop_at(&mut self, stop: StopAt) {
+        self.stop_at = Some(stop);
+    }
+
+    /// Sets up `build --check` (see `check.rs`).
+    pub fn set_check(&mut self, check: check::Check) {
+        self.check = Some(check);
+    }
+
+    /// The steps `build --check` found to rebuild to their cached layers.
+    pub fn checked(&self) -> &[String] {
+        self.check.as_ref().map_or(&[], |c| c.passed.as_slice())
     }
 
     /// Walks every rootfs step (and, for disk builds, keys the disk step).
@@ -125,10 +166,16 @@ impl<'a> Executor<'a> {
             .into_iter()
             .filter(|p| !disk || *p <= Phase::PostRoot)
         {
+            if self.stopped.is_some() {
+                return Ok(());
+            }
             self.walk_phase(phase)?;
             if phase == Phase::Root {
                 hooks::write_install_type_env(&self.paths.hooks_dir)?;
             }
+        }
+        if self.stopped.is_some() {
+            return Ok(());
         }
         if disk {
             // The disk step stands for block-device.d .. cleanup.d: rebuilding from any of them
@@ -184,10 +231,27 @@ impl<'a> Executor<'a> {
             )
             .into());
         }
+        let stop_here = self
+            .stop_at
+            .as_ref()
+            .is_some_and(|s| s.phase == phase && s.hook.is_none());
+        if stop_here && self.stop_at.as_ref().is_some_and(|s| s.before) {
+            self.stopped = Some((phase, format!("before {phase}")));
+            return Ok(());
+        }
+        if matches!(self.mode, Mode::Build { .. }) && self.breaks_at(BreakPoint::Before(phase)) {
+            self.break_shell(phase, &format!("before-{}", phase.name()))?;
+        }
         // Steps are keyed in one chain per phase; a hook-tree change by an earlier step of the
         // same phase cannot change this phase's hook list (dib lists a phase's hooks once, too).
         for step in steps {
+            if self.stopped.is_some() {
+                return Ok(());
+            }
             self.walk_step(step)?;
+        }
+        if self.stopped.is_some() {
+            return Ok(());
         }
         if phase == Phase::Install
             && let Some(step) = plan::packages_step(
@@ -199,7 +263,24 @@ impl<'a> Executor<'a> {
         {
             self.walk_step(step)?;
         }
+        if stop_here {
+            self.stopped = Some((phase, format!("after {phase}")));
+            return Ok(());
+        }
+        if matches!(self.mode, Mode::Build { .. }) && self.breaks_at(BreakPoint::After(phase)) {
+            self.break_shell(phase, &format!("after-{}", phase.name()))?;
+        }
         Ok(())
+    }
+
+    /// True when `step` is the `--at` step of `strata shell`.
+    fn is_stop_step(&self, step: &Step) -> bool {
+        match (&self.stop_at, &step.id) {
+            (Some(s), StepId::Hook { phase, hook }) => {
+                s.phase == *phase && s.hook.as_deref().is_some_and(|h| h == hook || hook == "*")
+            }
+            _ => false,
+        }
     }
 
     fn update_forcing(&mut self, step: &Step) {
@@ -250,11 +331,32 @@ impl<'a> Executor<'a> {
     }
 
     fn walk_step(&mut self, step: Step) -> Result<()> {
+        if self.is_stop_step(&step) {
+            let phase = step.id.phase().unwrap_or(Phase::Install);
+            let label = step.label();
+            if self.stop_at.as_ref().is_some_and(|s| s.before) {
+                self.stopped = Some((phase, format!("before {label}")));
+                return Ok(());
+            }
+            self.walk_step_now(step)?;
+            self.stopped = Some((phase, format!("after {label}")));
+            return Ok(());
+        }
+        self.walk_step_now(step)
+    }
+
+    fn walk_step_now(&mut self, step: Step) -> Result<()> {
         self.update_forcing(&step);
         let label = step.label();
         let hit = self.lookup(&step)?;
         self.views
             .push(StepView::of(&step, hit.as_ref().map(|h| h.level.as_str())));
+        if hit.is_some() && self.check.as_mut().is_some_and(|c| c.wants(&step)) {
+            let r = self.snapshots.restore()?;
+            self.note_restore(r);
+            let hit = hit.context("checked above")?;
+            return self.check_step(step, hit);
+        }
         if let Some(hit) = hit {
             if self.building() {
                 self.reporter
@@ -268,6 +370,7 @@ impl<'a> Executor<'a> {
                 });
                 if self.cache.writable() {
                     self.cache.touch_step(&step.key, now())?;
+                    self.cache.share_hit(&hit)?;
                 }
             }
             let diff_id = hit.step.layer.clone();
@@ -288,7 +391,15 @@ impl<'a> Executor<'a> {
         }
         let r = self.snapshots.restore()?;
         self.note_restore(r);
-        self.run_step(&step)?;
+        if let Err(e) = self.run_step(&step) {
+            if self.breaks_at(BreakPoint::AfterError) && crate::cancel::requested().is_none() {
+                let phase = step.id.phase().unwrap_or(Phase::Install);
+                if let Err(shell) = self.break_shell(phase, "after-error") {
+                    tracing::warn!("break=after-error: {shell:#}");
+                }
+            }
+            return Err(e);
+        }
         self.parent = Some(step.key);
         Ok(())
     }
@@ -336,7 +447,11 @@ impl<'a> Executor<'a> {
             step: &label,
             key: &step.key,
         });
-        let before = self.snapshots.before()?;
+        let before = if self.tainted {
+            None
+        } else {
+            self.snapshots.before()?
+        };
         if let Err(e) = self.execute(step) {
             self.reporter.event(&Event::StepEnd {
                 step: &label,
@@ -350,7 +465,7 @@ impl<'a> Executor<'a> {
         self.ran_any = true;
         let layers = self.snapshots.after(before)?;
         let seconds = started.elapsed().as_secs_f64();
-        if self.cache.writable() {
+        if self.cache.writable() && !self.tainted {
             let t = now();
             let record = crate::cache::StepRecord {
                 key: step.key.clone(),
@@ -553,13 +668,14 @@ impl<'a> Executor<'a> {
                 None
             };
             let started = Instant::now();
-            let written = outputs::tree::write(
+            let written = outputs::write_from_tree(
                 self.cache,
                 &self.paths.mount_dir,
                 scan.as_ref(),
                 &missing,
                 &settings.image_name,
                 &pack_options(settings),
+                &image_settings(settings),
             );
             if let Some(scan) = scan {
                 self.snapshots.keep_scan(scan);
@@ -722,10 +838,7 @@ fn unchanged_output(
         return None;
     }
     let recorded = prev.output(t)?.blake3.clone();
-    let mut file = fs::File::open(path).ok()?;
-    let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut file, &mut hasher).ok()?;
-    (hasher.finalize().to_hex().as_str() == recorded).then_some(recorded)
+    (outputs::identity(t, path)? == recorded).then_some(recorded)
 }
 
 /// Why a step missed, in lines a user can act on.

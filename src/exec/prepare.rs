@@ -64,7 +64,7 @@ impl Prepared {
         if let Some(rf) = &settings.cache.rebuild_from
             && let Some(hook) = &rf.hook
         {
-            check_hook_exists(&tree, rf.phase, hook)?;
+            check_hook_exists(&tree, rf.phase, hook).context("--rebuild-from")?;
         }
         let element_files =
             key::element_files_digest(resolved.iter().map(|e| (e.name.as_str(), e.path.as_path())))
@@ -165,7 +165,7 @@ impl Prepared {
 
 /// `--rebuild-from PHASE/HOOK` must name a hook some element has (at the top of the phase
 /// folder, or in one of its install-type sub-folders, which extra-data.d links in).
-fn check_hook_exists(tree: &elements::hooks::HookTree, phase: Phase, hook: &str) -> Result<()> {
+pub fn check_hook_exists(tree: &elements::hooks::HookTree, phase: Phase, hook: &str) -> Result<()> {
     let dir = Path::new(phase.dir_name());
     let mut known = BTreeSet::new();
     for (rel, _) in tree.entries() {
@@ -191,7 +191,7 @@ fn check_hook_exists(tree: &elements::hooks::HookTree, phase: Phase, hook: &str)
         )
     };
     Err(Failure::bad_input(format!(
-        "--rebuild-from {phase}/{hook}: no element has that hook ({choices})"
+        "{phase}/{hook}: no element has that hook ({choices})"
     ))
     .into())
 }

@@ -169,10 +169,16 @@ impl<'a> Snapshots<'a> {
         if !self.keeps_layers() {
             return Ok(None);
         }
-        Ok(Some(Before {
+        self.before_always().map(Some)
+    }
+
+    /// The scans a step will be diffed against, whether or not the cache keeps layers (for
+    /// `build --check`, which packs into a scratch cache).
+    pub fn before_always(&mut self) -> Result<Before> {
+        Ok(Before {
             root: self.take_scan()?,
             hooks: scan_excluding_mounts(&self.paths.hooks_dir)?,
-        }))
+        })
     }
 
     /// Packs what the step changed (tree and hook folder) into the cache.
@@ -180,21 +186,33 @@ impl<'a> Snapshots<'a> {
         let Some(before) = before else {
             return Ok(StepLayers::default());
         };
+        let cache = self.cache;
+        self.after_into(before, cache)
+    }
+
+    /// Packs what the step changed into `into` (the build's cache, or a scratch one).
+    pub fn after_into(&mut self, before: Before, into: &dyn StepCache) -> Result<StepLayers> {
         let after_root = scan_excluding_mounts(&self.paths.mount_dir)?;
-        let rootfs = self.store(&self.paths.mount_dir, &before.root, &after_root)?;
+        let rootfs = self.store(into, &self.paths.mount_dir, &before.root, &after_root)?;
         let after_hooks = scan_excluding_mounts(&self.paths.hooks_dir)?;
-        let hooks = self.store(&self.paths.hooks_dir, &before.hooks, &after_hooks)?;
+        let hooks = self.store(into, &self.paths.hooks_dir, &before.hooks, &after_hooks)?;
         self.scan = Some(after_root);
         Ok(StepLayers { rootfs, hooks })
     }
 
     /// Packs what changed between two scans of `root` into a blob (None if nothing changed).
-    fn store(&self, root: &Path, before: &Scan, after: &Scan) -> Result<Option<LayerRecord>> {
+    fn store(
+        &self,
+        into: &dyn StepCache,
+        root: &Path,
+        before: &Scan,
+        after: &Scan,
+    ) -> Result<Option<LayerRecord>> {
         let changes = layer::diff(before, after);
         if changes.is_empty() {
             return Ok(None);
         }
-        let Some(mut sink) = self.cache.blob_sink()? else {
+        let Some(mut sink) = into.blob_sink()? else {
             return Ok(None);
         };
         // Packing a large layer takes a while: SIGINT/SIGTERM stops it at the next write.

@@ -24,7 +24,7 @@
 mod check;
 mod diff;
 mod pack;
-mod read;
+pub(crate) mod read;
 mod scan;
 mod sys;
 mod unpack;

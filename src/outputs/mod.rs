@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! -t TYPES ──OutputType::parse──► [OutputType]  (table: name, file suffix, tree or disk, tool)
-//! final tree ──tree::write──► NAME.tar / NAME.tgz / NAME.squash        (tree outputs)
+//! final tree ──write_from_tree──► tree::write ──► NAME.tar / NAME.tgz / NAME.squash
+//!                               └► oci::write  ──► NAME.oci/ / NAME.docker.tar (one layer)
 //! disk step  ──(exec::disk_step)──► NAME.qcow2 / NAME.raw / NAME.vhd    (disk outputs)
 //! every output ──► Written { type, path, blake3, cached } ──► the manifest
 //! ```
@@ -12,6 +13,7 @@
 //! and a cache to keep what it writes in.
 
 pub mod checksums;
+pub mod folder;
 pub mod oci;
 pub mod tree;
 
@@ -31,6 +33,8 @@ pub enum OutputType {
     Qcow2,
     Raw,
     Vhd,
+    Oci,
+    Docker,
 }
 
 /// How an output type is made.
@@ -99,6 +103,20 @@ pub const TABLE: &[TypeInfo] = &[
         source: Source::Tree,
         tool: Some(("mksquashfs", "squashfs-tools")),
     },
+    TypeInfo {
+        ty: OutputType::Oci,
+        name: "oci",
+        suffix: "oci",
+        source: Source::Tree,
+        tool: None,
+    },
+    TypeInfo {
+        ty: OutputType::Docker,
+        name: "docker",
+        suffix: "docker.tar",
+        source: Source::Tree,
+        tool: None,
+    },
 ];
 
 impl OutputType {
@@ -142,9 +160,18 @@ impl OutputType {
         PathBuf::from(format!("{image_name}.{}", self.info().suffix))
     }
 
-    /// True when writing this type needs a scan of the root (the tar stream of tar / tgz).
+    /// True when writing this type needs a scan of the root (the tar stream of tar / tgz and
+    /// of the container images' layer).
     pub fn needs_scan(self) -> bool {
-        matches!(self, OutputType::Tar | OutputType::Tgz)
+        matches!(
+            self,
+            OutputType::Tar | OutputType::Tgz | OutputType::Oci | OutputType::Docker
+        )
+    }
+
+    /// True for the container image types (oci, docker).
+    pub fn is_image(self) -> bool {
+        matches!(self, OutputType::Oci | OutputType::Docker)
     }
 }
 
@@ -194,6 +221,104 @@ pub fn check_tools(
 
 /// What took how long (seconds), for the build's timing table.
 pub type Timings = Vec<(String, f64)>;
+
+/// How container image outputs are made.
+#[derive(Debug, Clone)]
+pub struct ImageSettings {
+    /// The target architecture (dpkg name, or one of dib's aliases).
+    pub arch: String,
+    pub compression: oci::Compression,
+    pub source_date_epoch: Option<i64>,
+}
+
+/// Writes the outputs made from a finished tree (`wanted`: type and cache key): tar, tgz and
+/// squashfs by [`tree::write`], oci and docker by [`oci::write`] (both kept in the cache: the
+/// archive as a file blob, the layout folder as a tar blob). `scan` is needed when any type
+/// [`OutputType::needs_scan`].
+pub fn write_from_tree(
+    cache: &dyn crate::cache::StepCache,
+    root: &std::path::Path,
+    scan: Option<&crate::layer::Scan>,
+    wanted: &[(OutputType, String)],
+    image_name: &str,
+    pack: &crate::layer::PackOptions,
+    image: &ImageSettings,
+) -> anyhow::Result<(Vec<Written>, Timings)> {
+    use anyhow::Context;
+    let (images, files): (Vec<_>, Vec<_>) = wanted.iter().cloned().partition(|(t, _)| t.is_image());
+    let (mut written, mut timings) = if files.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        tree::write(cache, root, scan, &files, image_name, pack)?
+    };
+    if !images.is_empty() {
+        let started = std::time::Instant::now();
+        let scan = scan.context("an image output needs a scan of the root folder")?;
+        let key_of = |ty| {
+            images
+                .iter()
+                .find(|(t, _)| *t == ty)
+                .map(|(_, k)| k.clone())
+        };
+        let opts = oci::ImageOptions {
+            compression: image.compression,
+            source_date_epoch: image.source_date_epoch,
+            arch: crate::arch::dpkg_arch_from_machine(&image.arch),
+            pack: pack.clone(),
+            ..oci::ImageOptions::default()
+        };
+        let formats = oci::Formats {
+            oci: key_of(OutputType::Oci).is_some(),
+            docker: key_of(OutputType::Docker).is_some(),
+        };
+        let cancelled = || crate::cancel::requested().is_some();
+        let made = oci::write(root, scan, image_name, formats, &opts, &cancelled).map_err(|e| {
+            match (e, crate::cancel::requested()) {
+                (oci::OciError::Cancelled, Some(c)) => anyhow::Error::new(c),
+                (e, _) => anyhow::Error::new(e),
+            }
+        })?;
+        if let (Some(layout), Some(key)) = (made.oci, key_of(OutputType::Oci)) {
+            folder::keep(cache, &key, &layout.path)?;
+            written.push(Written {
+                r#type: OutputType::Oci,
+                path: layout.path,
+                blake3: layout.blake3,
+                cached: false,
+            });
+        }
+        if let (Some(archive), Some(key)) = (made.docker, key_of(OutputType::Docker)) {
+            let mut f = std::fs::File::open(&archive.path)
+                .with_context(|| format!("cannot read {}", archive.path.display()))?;
+            tree::keep(cache, &key, &mut f, None)?;
+            written.push(Written {
+                r#type: OutputType::Docker,
+                path: archive.path,
+                blake3: archive.blake3,
+                cached: false,
+            });
+        }
+        let label: Vec<&str> = images.iter().map(|(t, _)| t.name()).collect();
+        timings.push((
+            format!("output {}", label.join("+")),
+            started.elapsed().as_secs_f64(),
+        ));
+    }
+    written.sort_by_key(|w| wanted.iter().position(|(t, _)| *t == w.r#type));
+    Ok((written, timings))
+}
+
+/// The digest an output of type `t` at `path` is identified by: blake3 of the file, or for an
+/// OCI layout folder the blake3 of its `index.json` (which pins the rest by sha256).
+pub fn identity(t: OutputType, path: &std::path::Path) -> Option<String> {
+    if t == OutputType::Oci {
+        return oci::layout_blake3(path).ok();
+    }
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut file, &mut hasher).ok()?;
+    Some(hasher.finalize().to_hex().to_string())
+}
 
 /// One output a build wrote (or found unchanged, or restored from the cache).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -264,10 +264,17 @@ pub fn restore_cached(
     let Some(rec) = cache.get_output(out_key)? else {
         return Ok(None);
     };
-    match restore(cache, &rec.blob_digest, path) {
+    let restored = if kind == OutputType::Oci {
+        super::folder::restore(cache, &rec.blob_digest, path)
+            .and_then(|()| super::oci::layout_blake3(path).map_err(anyhow::Error::new))
+    } else {
+        restore(cache, &rec.blob_digest, path)
+    };
+    match restored {
         Ok(digest) => {
             if cache.writable() {
                 cache.touch_output(out_key, now())?;
+                cache.share_output(&rec)?;
             }
             Ok(Some(digest))
         }

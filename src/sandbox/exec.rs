@@ -93,25 +93,41 @@ fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
 /// Starts `exec` in a new pid namespace (see the module docs). stdout and stderr go to one pipe,
 /// available from `take_output`; stdin is /dev/null or inherited.
 pub fn spawn(exec: &Exec, stdin_null: bool) -> io::Result<SandboxChild> {
+    spawn_with(exec, stdin_null, false)
+}
+
+/// Like [`spawn`], with stdin, stdout and stderr all inherited (an interactive shell, or a
+/// command whose output goes straight to the user): `take_output` gives nothing.
+pub fn spawn_attached(exec: &Exec) -> io::Result<SandboxChild> {
+    spawn_with(exec, false, true)
+}
+
+fn spawn_with(exec: &Exec, stdin_null: bool, attached: bool) -> io::Result<SandboxChild> {
     let root = match &exec.chroot {
         Some(r) => Some(cstring(r.as_os_str().as_bytes(), "the chroot path")?),
         None => None,
     };
     let cwd = cstring(exec.cwd.as_os_str().as_bytes(), "the working directory")?;
     let parent = std::process::id() as libc::pid_t;
-    let (reader, writer) = io::pipe()?;
-    let writer2 = writer.try_clone()?;
     let mut cmd = Command::new(&exec.program);
-    cmd.args(&exec.args)
-        .env_clear()
-        .envs(&exec.env)
-        .stdout(Stdio::from(writer))
-        .stderr(Stdio::from(writer2))
-        .stdin(if stdin_null {
-            Stdio::null()
-        } else {
-            Stdio::inherit()
-        });
+    cmd.args(&exec.args).env_clear().envs(&exec.env);
+    let reader = if attached {
+        cmd.stdin(Stdio::inherit())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        None
+    } else {
+        let (reader, writer) = io::pipe()?;
+        let writer2 = writer.try_clone()?;
+        cmd.stdout(Stdio::from(writer))
+            .stderr(Stdio::from(writer2))
+            .stdin(if stdin_null {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            });
+        Some(reader)
+    };
     // SAFETY: the closure only makes raw syscalls (no allocation, no locks), as required
     // between fork and exec; the CStrings it uses were built before the fork.
     unsafe {
@@ -122,7 +138,7 @@ pub fn spawn(exec: &Exec, stdin_null: bool) -> io::Result<SandboxChild> {
     drop(cmd);
     Ok(SandboxChild {
         child,
-        output: Some(reader),
+        output: reader,
     })
 }
 

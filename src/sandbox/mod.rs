@@ -26,7 +26,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use builddir::{BuildDir, sweep_dead_build_dirs, tmpfs_allowed, unmount_below};
-pub use exec::{Exec, SandboxChild, spawn};
+pub use exec::{Exec, SandboxChild, spawn, spawn_attached};
 pub use mountinfo::{MountEntry, mount_points_under, mounts_at_or_under};
 pub use mounts::{ChrootMounts, HOST_RESOLV_FALLBACK, IN_TARGET_DIR, RESOLV_ASIDE};
 

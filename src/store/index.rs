@@ -64,6 +64,12 @@ const MIGRATIONS: &[&str] = &[
         started   INTEGER NOT NULL,
         seconds   REAL NOT NULL
     );",
+    // 1 -> 2: the sha256 of blobs, computed once when a blob is first pushed to a registry
+    // (registries address blobs by sha256, the store by blake3).
+    "CREATE TABLE blob_sha256 (
+        blob   TEXT PRIMARY KEY NOT NULL,
+        sha256 TEXT NOT NULL
+    );",
 ];
 
 const STEP_COLUMNS: &str =
@@ -693,6 +699,24 @@ impl Store {
                     .optional()
             })
             .map_err(self.sql())
+    }
+
+    /// The sha256 (`sha256:<hex>`) of the blob `blob` (a blake3 digest), if it was recorded.
+    pub fn blob_sha256(&self, blob: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .prepare_cached("SELECT sha256 FROM blob_sha256 WHERE blob = ?1")
+            .and_then(|mut s| s.query_row([blob], |r| r.get(0)).optional())
+            .map_err(self.sql())
+    }
+
+    /// Records the sha256 of a blob (see [`Store::blob_sha256`]).
+    pub fn set_blob_sha256(&self, blob: &str, sha256: &str) -> Result<(), StoreError> {
+        check_digest(blob)?;
+        self.conn()
+            .prepare_cached("INSERT OR REPLACE INTO blob_sha256 (blob, sha256) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![blob, sha256]))
+            .map_err(self.sql())?;
+        Ok(())
     }
 
     /// The layer with this diff id, if indexed and its blob is on disk with the right size.

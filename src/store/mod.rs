@@ -55,7 +55,7 @@ pub use maint::{GcReport, LayerCheck, RmReport, Usage, VerifyReport};
 
 /// Version of the index schema, kept in `PRAGMA user_version`. Bump it and add a migration in
 /// `index::MIGRATIONS` whenever the tables change.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How often a process waiting for the cache lock says so.
 const LOCK_NOTICE_EVERY: Duration = Duration::from_secs(5);

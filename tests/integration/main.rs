@@ -1,5 +1,6 @@
 //! Integration tests: run the real `strata` binary on fixture elements.
 
+mod audit;
 mod build;
 mod debian;
 mod dib_helpers;
@@ -8,5 +9,9 @@ mod elements;
 mod face;
 mod faults;
 mod harness;
+mod registry;
+#[path = "../support/registry_server.rs"]
+mod registry_server;
 mod sandbox;
+mod shell;
 mod util;
