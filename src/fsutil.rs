@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! locked_temp_in(DIR, PREFIX) ──► DIR/PREFIXxxxx, flock held while open (cache blobs, tags)
+//! locked_temp_dir_in(DIR, PREFIX) ──► the same for a folder (an OCI layout being written)
 //! temp_beside(dest) ──► DIR/.strata-out.XXXX (0644, flock held) ──persist──► dest (atomic)
-//! sweep_dead(DIR, ".strata-out.") ──► every such file nobody holds a lock on is removed
+//! sweep_dead(DIR, ".strata-out.") ──► every such file or folder nobody holds a lock on is removed
 //! dead_files(DIR, PREFIX) ──► the same files, listed only (du)
 //! ```
 //!
