@@ -24,8 +24,16 @@ pub fn arguments() -> Vec<std::ffi::OsString> {
     args
 }
 
-fn output_type(s: &str) -> Result<OutputType, String> {
-    OutputType::parse(s)
+/// One `-t` value: comma-separated output types. Parsed whole (not split by clap), so an error
+/// shows the value as given (`-t tar,,raw`), not just the empty piece.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputTypes(pub Vec<OutputType>);
+
+fn output_types(s: &str) -> Result<OutputTypes, String> {
+    s.split(',')
+        .map(OutputType::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map(OutputTypes)
 }
 
 fn granularity(s: &str) -> Result<Granularity, String> {
@@ -182,11 +190,10 @@ pub struct BuildOptions {
     #[arg(
         short = 't',
         value_name = "TYPES",
-        value_delimiter = ',',
         default_value = "qcow2",
-        value_parser = output_type
+        value_parser = output_types
     )]
-    pub image_types: Vec<OutputType>,
+    pub image_types: Vec<OutputTypes>,
 
     /// Target architecture (default: the host's, in dpkg naming).
     #[arg(short = 'a', value_name = "ARCH")]

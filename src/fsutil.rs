@@ -3,8 +3,11 @@
 //! leftovers from a live writer's work.
 //!
 //! ```text
+//! locked_temp_in(DIR, PREFIX) ──► DIR/PREFIXxxxx, flock held while open (cache blobs, tags)
+//! locked_temp_dir_in(DIR, PREFIX) ──► the same for a folder (an OCI layout being written)
 //! temp_beside(dest) ──► DIR/.strata-out.XXXX (0644, flock held) ──persist──► dest (atomic)
-//! sweep_dead(DIR, ".strata-out.") ──► every such file nobody holds a lock on is removed
+//! sweep_dead(DIR, ".strata-out.") ──► every such file or folder nobody holds a lock on is removed
+//! dead_files(DIR, PREFIX) ──► the same files, listed only (du)
 //! ```
 //!
 //! A writer killed by SIGKILL leaves its temp file, but the kernel drops its lock; a live
@@ -14,7 +17,7 @@
 use anyhow::{Context, Result};
 use std::fs;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The prefix of every temp file strata writes beside an output.
@@ -44,22 +47,60 @@ pub fn parent_or_dot(path: &Path) -> &Path {
 /// for as long as it is open.
 pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = parent_or_dot(path);
+    let tmp = locked_temp_in(dir, OUTPUT_TEMP_PREFIX)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    // Outputs are ordinary files (tempfile creates them 0600).
+    set_mode(tmp.path(), 0o644)
+        .with_context(|| format!("cannot set the mode of {}", tmp.path().display()))?;
+    Ok(tmp)
+}
+
+/// A new temp file `DIR/PREFIXxxxxxx` (mode 0600) holding an exclusive `flock` for as long as
+/// it is open, so [`sweep_dead`] (in any process on this kernel) leaves it alone. The lock
+/// goes with the open file: a writer killed by SIGKILL leaves the file unlocked.
+pub fn locked_temp_in(dir: &Path, prefix: &str) -> io::Result<tempfile::NamedTempFile> {
     loop {
-        let tmp = tempfile::Builder::new()
-            .prefix(OUTPUT_TEMP_PREFIX)
-            .tempfile_in(dir)
-            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-        tmp.as_file()
-            .try_lock()
-            .map_err(|e| anyhow::anyhow!("cannot lock {}: {e}", tmp.path().display()))?;
+        let tmp = tempfile::Builder::new().prefix(prefix).tempfile_in(dir)?;
+        match tmp.as_file().try_lock() {
+            Ok(()) => {}
+            // A sweep holds it: it took the fresh file for a leftover. Start again.
+            Err(fs::TryLockError::WouldBlock) => continue,
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot lock {}: {e}", tmp.path().display()),
+                ));
+            }
+        }
         // A sweep may have taken the file for a leftover between its creation and the lock:
         // then the name no longer leads to our file, and we start again with a new one.
         if !same_file(tmp.as_file(), tmp.path()) {
             continue;
         }
-        // Outputs are ordinary files (tempfile creates them 0600).
-        set_mode(tmp.path(), 0o644)?;
         return Ok(tmp);
+    }
+}
+
+/// A new temp folder `DIR/PREFIXxxxxxx` and an exclusive `flock` on it, held for as long as the
+/// returned `File` is open (keep it beside the `TempDir`), so [`sweep_dead`] leaves it alone.
+pub fn locked_temp_dir_in(dir: &Path, prefix: &str) -> io::Result<(tempfile::TempDir, fs::File)> {
+    loop {
+        let tmp = tempfile::Builder::new().prefix(prefix).tempdir_in(dir)?;
+        let lock = fs::File::open(tmp.path())?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            // A sweep holds it: it took the fresh folder for a leftover. Start again.
+            Err(fs::TryLockError::WouldBlock) => {
+                let _ = tmp.keep();
+                continue;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        if !same_file(&lock, tmp.path()) {
+            let _ = tmp.keep();
+            continue;
+        }
+        return Ok((tmp, lock));
     }
 }
 
@@ -69,6 +110,25 @@ pub fn same_file(file: &fs::File, path: &Path) -> bool {
     match (file.metadata(), fs::symlink_metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
+    }
+}
+
+/// "cannot write DEST: ERROR", saying so plainly when DEST's folder is full (ENOSPC, EDQUOT),
+/// so a full output folder is not reported as some stream failing.
+pub fn write_error(dest: &Path, e: &io::Error) -> String {
+    let full = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        );
+    if full {
+        format!(
+            "cannot write {}: {} is full ({e})",
+            dest.display(),
+            parent_or_dot(dest).display()
+        )
+    } else {
+        format!("cannot write {}: {e}", dest.display())
     }
 }
 
@@ -82,14 +142,63 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Removes the files in `dir` whose name starts with `prefix` and that no live process holds a
-/// lock on (leftovers of killed writers). Returns how many were removed. Folders are left
-/// alone; a file that cannot be opened is skipped.
+/// Removes the files and folders in `dir` whose name starts with `prefix` and that no live
+/// process holds a lock on (leftovers of killed writers). Returns how many were removed. An
+/// entry that cannot be opened is skipped; a folder is removed whole (it never holds mounts:
+/// these are output folders such as an OCI layout being written).
 pub fn sweep_dead(dir: &Path, prefix: &str) -> io::Result<usize> {
-    let mut removed = 0;
+    let mut removed = sweep_dead_files(dir, prefix)?.len();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if !entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(prefix.as_bytes())
+            || !entry.file_type()?.is_dir()
+        {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(lock) = fs::File::open(&path) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() && same_file(&lock, &path) && fs::remove_dir_all(&path).is_ok() {
+            tracing::debug!("removed {}, left by a writer that died", path.display());
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// [`sweep_dead`], returning each removed file with its size.
+pub fn sweep_dead_files(dir: &Path, prefix: &str) -> io::Result<Vec<(PathBuf, u64)>> {
+    let mut removed = Vec::new();
+    for (path, len) in dead_files(dir, prefix)? {
+        // Taken again and removed while we hold the lock, so a writer cannot be starting on it
+        // (a new temp file always gets a new name, and checks its name after locking).
+        let Ok(file) = fs::File::open(&path) else {
+            continue;
+        };
+        if file.try_lock().is_ok() && same_file(&file, &path) && fs::remove_file(&path).is_ok() {
+            tracing::debug!("removed {}, left by a writer that died", path.display());
+            removed.push((path, len));
+        }
+    }
+    Ok(removed)
+}
+
+/// The files in `dir` whose name starts with `prefix` that nobody holds a lock on, with their
+/// sizes. Changes nothing (the lock is only tried, then dropped).
+pub fn dead_files(dir: &Path, prefix: &str) -> io::Result<Vec<(PathBuf, u64)>> {
+    let mut dead = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(dead),
         Err(e) => return Err(e),
     };
     for entry in entries {
@@ -105,16 +214,12 @@ pub fn sweep_dead(dir: &Path, prefix: &str) -> io::Result<usize> {
         let Ok(file) = fs::File::open(&path) else {
             continue;
         };
-        if file.try_lock().is_ok() {
-            // Nobody holds it: its writer is gone. Removed while we hold the lock, so a writer
-            // cannot be starting on it (a new temp file always gets a new name).
-            if fs::remove_file(&path).is_ok() {
-                tracing::debug!("removed {}, left by a build that died", path.display());
-                removed += 1;
-            }
+        if file.try_lock_shared().is_ok() {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            dead.push((path, len));
         }
     }
-    Ok(removed)
+    Ok(dead)
 }
 
 #[cfg(test)]
@@ -144,5 +249,22 @@ mod tests {
             0o644
         );
         assert_eq!(sweep_dead(&dir.path().join("missing"), "x").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_live_temp_folder_survives_a_sweep_and_a_dead_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, lock) = locked_temp_dir_in(dir.path(), OUTPUT_TEMP_PREFIX).unwrap();
+        fs::write(live.path().join("index.json"), "{}").unwrap();
+        let dead = dir.path().join(format!("{OUTPUT_TEMP_PREFIX}deadfolder"));
+        fs::create_dir_all(dead.join("blobs/sha256")).unwrap();
+        fs::write(dead.join("blobs/sha256/x"), "partial").unwrap();
+        assert_eq!(sweep_dead(dir.path(), OUTPUT_TEMP_PREFIX).unwrap(), 1);
+        assert!(!dead.exists());
+        assert!(live.path().join("index.json").exists());
+        drop(lock);
+        let path = live.keep();
+        assert_eq!(sweep_dead(dir.path(), OUTPUT_TEMP_PREFIX).unwrap(), 1);
+        assert!(!path.exists());
     }
 }

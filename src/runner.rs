@@ -189,9 +189,16 @@ pub fn run_hook(run: &HookRun, reporter: &Reporter) -> Result<HookOutcome, Sandb
     })?;
     let step = format!("{}/{}", run.phase, run.hook);
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES + 1);
+    // When exec of the hook fails (a binary for another machine, a file that is not a
+    // program), bash says why and then repeats the `exec` failure with errno already reset:
+    // "strata-hook: line N: SCRIPT: Success". That second line says nothing; it is dropped.
+    let stray_success = format!(": {}: Success", run.script.display());
     let mut emit = |raw: &[u8]| {
         let text = String::from_utf8_lossy(raw);
         let text = text.strip_suffix('\r').unwrap_or(&text);
+        if text.starts_with("strata-hook: ") && text.ends_with(&stray_success) {
+            return;
+        }
         // Progress meters redraw with \r: keep what the terminal would finally show.
         let shown = text.rsplit('\r').find(|s| !s.is_empty()).unwrap_or("");
         reporter.hook_line(&step, shown);

@@ -2,7 +2,8 @@
 //! PATH, and running them so that SIGINT/SIGTERM stops them promptly.
 //!
 //! ```text
-//! output(cmd) ──spawn (stdout/stderr piped, read on two threads)──► poll every 50 ms:
+//! output(cmd) ──spawn (stdout/stderr piped, read on two threads; PDEATHSIG=SIGKILL, so a
+//!               strata killed by SIGKILL takes the tool with it)──► poll every 50 ms:
 //!     exited ──► Output      cancelled ──► kill, wait ──► Err(Cancelled)
 //! ```
 
@@ -13,9 +14,26 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 /// Runs `cmd` to the end like `Command::output`, but kills it and returns a `Cancelled` io
-/// error as soon as SIGINT/SIGTERM arrives ([`crate::cancel`]). stdin is closed.
+/// error as soon as SIGINT/SIGTERM arrives ([`crate::cancel`]). stdin is closed. The tool dies
+/// with strata (PDEATHSIG): nothing strata started keeps a disk or a temp file busy after a
+/// kill.
 pub fn output(cmd: &mut Command) -> io::Result<Output> {
+    use std::os::unix::process::CommandExt;
     crate::cancel::check_io()?;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                // strata died between fork and prctl.
+                libc::_exit(125);
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! BuildArgs ──request()──► Settings::resolve ──► Prepared::new (elements; bad input stops here)
-//!   ──► check_tools ──► cache levels (local | none) ──► BuildDir (tmpfs) ──► Executor
+//!   ──► check_tools ──► cache levels (local | none) ──► sweep what dead builds left (their
+//!   build folders in TMP_DIR, partial outputs, cache temp files: by lock, never a live one's)
+//!   ──► BuildDir (tmpfs) ──► Executor
 //!   ──► walk + outputs ──(a refused cached layer: drop its step, start again)──► checksums
 //!   ──► NAME.strata.json ──► build history ──► timing table, summary, build-end event
 //! PlanArgs ──► the same up to the cache (read-only) ──► Executor in plan mode ──► table / JSON
@@ -30,12 +32,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// The cache a build reads and writes: the local store (then `--cache-from` registries, and
-/// the `--cache-to` one, as later levels), or none with `--no-cache`.
+/// the `--cache-to` one, as later levels), or none with `--no-cache`. The temp files of local
+/// cache writers that died are removed first.
 pub(crate) fn open_cache(settings: &Settings) -> Result<Arc<dyn StepCache>> {
     if settings.cache.no_cache {
         return Ok(Arc::new(NoCache));
     }
-    let local = Arc::new(Local::new(Store::open(&settings.cache.dir)?));
+    let store = Store::open(&settings.cache.dir)?;
+    match store.sweep_dead_temp_files() {
+        Ok(gone) if !gone.is_empty() => tracing::info!(
+            "removed {} temp files ({} bytes) that killed builds left in {}",
+            gone.len(),
+            gone.iter().map(|(_, n)| n).sum::<u64>(),
+            settings.cache.dir.join("tmp").display()
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
+    let local = Arc::new(Local::new(store));
     let remote = super::remote::build_levels(&settings.cache.registries, Some(local.clone()))?;
     if remote.is_empty() {
         return Ok(local);
@@ -44,6 +58,93 @@ pub(crate) fn open_cache(settings: &Settings) -> Result<Arc<dyn StepCache>> {
     levels.extend(remote);
     Ok(Arc::new(MultiLevel::new(levels)))
 }
+
+/// Removes what builds killed mid-way left (their folders in TMP_DIR, partial outputs beside
+/// this build's outputs). "Dead" is decided by the lock each live build holds on its folder
+/// and files, so another running build's are never touched. Failures only warn.
+fn sweep_dead_builds(settings: &Settings) {
+    match sandbox::sweep_dead_build_dirs(&settings.tmp_dir, BUILD_DIR_PREFIX) {
+        Ok(gone) if !gone.is_empty() => tracing::info!(
+            "removed {} build folders that killed builds left in {}",
+            gone.len(),
+            settings.tmp_dir.display()
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
+    let out_dir = crate::fsutil::parent_or_dot(std::path::Path::new(&settings.image_name));
+    match crate::fsutil::sweep_dead(out_dir, crate::fsutil::OUTPUT_TEMP_PREFIX) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            "removed {n} partial outputs that killed builds left in {}",
+            out_dir.display()
+        ),
+        Err(e) => tracing::warn!("cannot clean up {}: {e}", out_dir.display()),
+    }
+}
+
+/// The files a build may put under its outputs' names (each output, its checksums, the
+/// manifest), with the identity each had before the build, so a failed or cancelled build can
+/// remove those it renamed into place.
+struct OutputFiles(Vec<(std::path::PathBuf, Option<FileId>)>);
+
+/// Device, inode and change time: a file renamed into place is another file.
+type FileId = (u64, u64, i64, i64);
+
+fn file_id(path: &std::path::Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+impl OutputFiles {
+    fn snapshot(settings: &Settings) -> OutputFiles {
+        let mut paths = vec![Manifest::path_for(&settings.image_name)];
+        for t in &settings.image_types {
+            let p = t.path(&settings.image_name);
+            for ext in [".md5", ".sha256"] {
+                let mut s = p.clone().into_os_string();
+                s.push(ext);
+                paths.push(s.into());
+            }
+            paths.push(p);
+        }
+        OutputFiles(
+            paths
+                .into_iter()
+                .map(|p| {
+                    let id = file_id(&p);
+                    (p, id)
+                })
+                .collect(),
+        )
+    }
+
+    fn remove_rewritten(&self) {
+        for (path, id) in &self.0 {
+            let now = file_id(path);
+            if now.is_some() && now != *id {
+                // An OCI layout output is a folder.
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(path)
+                } else {
+                    std::fs::remove_file(path)
+                };
+                match removed {
+                    Ok(()) => tracing::info!(
+                        "removed {}: the build that wrote it did not finish",
+                        path.display()
+                    ),
+                    Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+                }
+            }
+        }
+    }
+}
+
+/// The name prefix of build folders in TMP_DIR.
+pub(crate) const BUILD_DIR_PREFIX: &str = "strata_build.";
 
 /// The cache `plan` looks at: every level read-only, and nothing is created when there is no
 /// local cache yet.
@@ -119,6 +220,7 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
     let cache = open_cache(settings)?;
     std::fs::create_dir_all(&settings.tmp_dir)
         .with_context(|| format!("cannot create TMP_DIR {}", settings.tmp_dir.display()))?;
+    sweep_dead_builds(settings);
     std::fs::create_dir_all(&settings.image_cache).with_context(|| {
         format!(
             "cannot create the image cache {}",
@@ -132,6 +234,7 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
         return result;
     }
 
+    let before = OutputFiles::snapshot(settings);
     // A cached layer refused while restoring is dropped with its step, and the build starts
     // again in a fresh folder: the steps before it are still cached, so it resumes there.
     let mut attempt = 0;
@@ -171,11 +274,17 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
         let manifest = build_manifest(&prep, steps, outputs, started)?;
         let text = manifest.write(&Manifest::path_for(&settings.image_name))?;
         if args.json {
-            println!("{text}");
+            use std::io::Write;
+            writeln!(std::io::stdout().lock(), "{text}")?;
         }
         crate::cancel::check()?;
         Ok(())
     });
+    if result.is_err() {
+        // A failed or cancelled build leaves no output of its own under an output's name (a
+        // half-done set would look like a finished build's); what it did not touch stays.
+        before.remove_rewritten();
+    }
     let flushed = cache.flush();
     let outcome = match &result {
         Ok(()) => "ok".to_string(),
@@ -239,7 +348,7 @@ fn walk_once(
 ) -> Result<Walked> {
     let settings = &prep.settings;
     let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
-    let build_dir = BuildDir::create(&settings.tmp_dir, "strata_build.", use_tmpfs)?;
+    let build_dir = BuildDir::create(&settings.tmp_dir, BUILD_DIR_PREFIX, use_tmpfs)?;
     let paths = BuildPaths::under(&build_dir.path);
     let mut exec = Executor::new(
         prep,
@@ -295,7 +404,7 @@ fn check(
     let mut diverged: Vec<Diverged> = Vec::new();
     let passed = loop {
         let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
-        let build_dir = BuildDir::create(&settings.tmp_dir, "strata_build.", use_tmpfs)?;
+        let build_dir = BuildDir::create(&settings.tmp_dir, BUILD_DIR_PREFIX, use_tmpfs)?;
         let paths = BuildPaths::under(&build_dir.path);
         let mut exec = Executor::new(prep, cache, paths.clone(), Mode::Check, reporter);
         exec.set_check(Check::new(

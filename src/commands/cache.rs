@@ -1,10 +1,19 @@
 //! `strata cache …`: list, size, collect, verify, remove and explain cached steps.
+//!
+//! ```text
+//! ls, du, explain ──► Store::open_read_only (works on a read-only cache folder)
+//! gc, rm          ──► Store::open ──► exclusive lock (queued before later builds)
+//! verify          ──► Store::verify_with(every layer through layer::check) ──► damage: exit 4
+//! ```
+//! Everything is printed with `writeln!`, so a closed pipe (`strata cache ls | head`) ends the
+//! command quietly (main exits 0 on a broken pipe).
 
 use crate::cli::{CacheArgs, CacheCommand};
-use crate::exit::Failure;
+use crate::exit::{Exit, Failure};
 use crate::key::{self, KeyInputs};
-use crate::store::Store;
+use crate::store::{LayerRecord, Store};
 use anyhow::Result;
+use std::io::{self, Read, Write};
 
 fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -18,6 +27,45 @@ fn human(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `verify`'s parse of one stored layer: decompressed and walked by the layer module's reader,
+/// nothing written. A refusal (an unsafe entry, a malformed tar, another diff id) is the
+/// answer; a cancellation stops verify.
+fn check_layer(layer: &LayerRecord, blob: &mut dyn Read) -> io::Result<Option<String>> {
+    struct Cancellable<'r>(&'r mut dyn Read);
+    impl Read for Cancellable<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            crate::cancel::check_io()?;
+            self.0.read(buf)
+        }
+    }
+    match crate::layer::check(Cancellable(blob), Some(&layer.diff_id)) {
+        Ok(_) => Ok(None),
+        Err(e) => match crate::cancel::requested() {
+            Some(c) => Err(io::Error::other(c)),
+            None => Ok(Some(e.to_string())),
+        },
+    }
+}
+
+/// gc also removes the build folders dead builds left in TMP_DIR (as `strata build` resolves
+/// it; by lock, never a live build's), when running as root (builds make them as root).
+fn sweep_build_folders() -> usize {
+    if !nix::unistd::geteuid().is_root() {
+        return 0;
+    }
+    let tmp_dir = std::env::var_os("TMP_DIR")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    match crate::sandbox::sweep_dead_build_dirs(&tmp_dir, super::build::BUILD_DIR_PREFIX) {
+        Ok(gone) => gone.len(),
+        Err(e) => {
+            tracing::warn!("{e}");
+            0
+        }
     }
 }
 
@@ -36,7 +84,16 @@ pub fn run(args: CacheArgs) -> Result<()> {
         ))
         .into());
     }
-    let store = Store::open(&args.cache_dir)?;
+    let writes = matches!(
+        args.command,
+        CacheCommand::Gc { .. } | CacheCommand::Verify | CacheCommand::Rm { .. }
+    );
+    let store = if writes {
+        Store::open(&args.cache_dir)?
+    } else {
+        Store::open_read_only(&args.cache_dir)?
+    };
+    let mut out = io::stdout().lock();
     match args.command {
         CacheCommand::Push { .. }
         | CacheCommand::Pull { .. }
@@ -55,49 +112,54 @@ pub fn run(args: CacheArgs) -> Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
                 for s in &steps {
                     let layer = s.layer.as_deref().map(short).unwrap_or("-");
-                    println!(
+                    writeln!(
+                        out,
                         "{}  {:<40} layer {:<16} hits {:>4}  {:>8.2}s",
                         short(&s.key),
                         format!("{}/{}", s.phase, s.hook),
                         layer,
                         s.hits,
                         s.seconds
-                    );
+                    )?;
                 }
-                println!("{} steps", steps.len());
+                writeln!(out, "{} steps", steps.len())?;
             }
         }
         CacheCommand::Du { json } => {
             let u = store.du()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&u)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&u)?)?;
             } else {
-                println!("blobs      {:>8}  {}", u.blobs, human(u.blob_bytes));
-                println!(
+                writeln!(out, "blobs      {:>8}  {}", u.blobs, human(u.blob_bytes))?;
+                writeln!(
+                    out,
                     "  orphaned {:>8}  {}",
                     u.orphan_blobs,
                     human(u.orphan_bytes)
-                );
-                println!(
+                )?;
+                writeln!(
+                    out,
                     "layers     {:>8}  {} uncompressed",
                     u.layers,
                     human(u.layer_bytes)
-                );
-                println!("steps      {:>8}", u.steps);
-                println!("outputs    {:>8}", u.outputs);
-                println!("builds     {:>8}", u.builds);
-                println!("index               {}", human(u.index_bytes));
-                println!("tmp        {:>8}  {}", u.tmp_files, human(u.tmp_bytes));
+                )?;
+                writeln!(out, "steps      {:>8}", u.steps)?;
+                writeln!(out, "outputs    {:>8}", u.outputs)?;
+                writeln!(out, "builds     {:>8}", u.builds)?;
+                writeln!(out, "index               {}", human(u.index_bytes))?;
+                writeln!(out, "tmp        {:>8}  {}", u.tmp_files, human(u.tmp_bytes))?;
             }
         }
         CacheCommand::Gc { max_size } => {
             let r = store.gc(max_size)?;
-            println!(
-                "gc: {} → {} (limit {}); removed {} steps, {} outputs, {} blobs ({} orphaned), {} temp files",
+            let folders = sweep_build_folders();
+            writeln!(
+                out,
+                "gc: {} → {} (limit {}); removed {} steps, {} outputs, {} blobs ({} orphaned), {} temp files, {} build folders of dead builds",
                 human(r.bytes_before),
                 human(r.bytes_after),
                 human(r.max_bytes),
@@ -105,39 +167,61 @@ pub fn run(args: CacheArgs) -> Result<()> {
                 r.outputs_removed.len(),
                 r.blobs_removed,
                 r.orphan_blobs,
-                r.tmp_files_removed
-            );
+                r.tmp_files_removed,
+                folders
+            )?;
         }
         CacheCommand::Verify => {
-            let r = store.verify()?;
+            let r = store.verify_with(&check_layer, &|| crate::cancel::check_io())?;
             for d in &r.corrupt {
-                println!("corrupt blob {d} (deleted)");
+                writeln!(out, "corrupt blob {d} (deleted)")?;
             }
             for d in &r.missing {
-                println!("missing blob {d}");
+                writeln!(out, "missing blob {d}")?;
             }
-            println!(
-                "verify: {} blobs ({}) checked; {} corrupt, {} missing; dropped {} steps and {} outputs; index {}",
+            for (d, why) in &r.refused {
+                writeln!(out, "refused layer {d}: {why}")?;
+            }
+            writeln!(
+                out,
+                "verify: {} blobs ({}) checked, {} layers parsed; {} corrupt, {} missing, {} refused; dropped {} steps and {} outputs; index {}",
                 r.blobs_checked,
                 human(r.bytes_checked),
+                r.layers_checked,
                 r.corrupt.len(),
                 r.missing.len(),
+                r.refused.len(),
                 r.steps_dropped.len(),
                 r.outputs_dropped.len(),
                 r.index_check
-            );
+            )?;
+            if !r.is_clean() {
+                return Err(Failure::new(
+                    Exit::Cache,
+                    format!(
+                        "cache {} was damaged: {} corrupt and {} missing blobs, {} refused layers, index {}; what needed them was dropped (the next build runs those steps again)",
+                        args.cache_dir.display(),
+                        r.corrupt.len(),
+                        r.missing.len(),
+                        r.refused.len(),
+                        r.index_check
+                    ),
+                )
+                .into());
+            }
         }
         CacheCommand::Rm { key } => {
             let key = store.resolve_key(&key)?;
             let r = store.rm(&key)?;
-            println!(
+            writeln!(
+                out,
                 "removed {} steps ({} and its descendants), {} outputs, {} blobs, {} freed",
                 r.steps.len(),
                 short(&key),
                 r.outputs.len(),
                 r.blobs_removed,
                 human(r.bytes_freed)
-            );
+            )?;
         }
         CacheCommand::Explain { key, json } => {
             let key = store.resolve_key(&key)?;
@@ -158,23 +242,24 @@ pub fn run(args: CacheArgs) -> Result<()> {
                     "key": step.key, "phase": step.phase, "hook": step.hook, "inputs": inputs,
                     "nearest": nearest.as_ref().map(|n| &n.key), "changes": changes,
                 });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
-                println!("{}/{} {}", step.phase, step.hook, step.key);
-                println!("{}", serde_json::to_string_pretty(&inputs)?);
+                writeln!(out, "{}/{} {}", step.phase, step.hook, step.key)?;
+                writeln!(out, "{}", serde_json::to_string_pretty(&inputs)?)?;
                 match nearest {
-                    None => println!("no other cached step at this position"),
+                    None => writeln!(out, "no other cached step at this position")?,
                     Some(n) => {
-                        println!("differs from {} by:", n.key);
+                        writeln!(out, "differs from {} by:", n.key)?;
                         for c in changes {
                             let name = c.name.map(|n| format!(" {n}")).unwrap_or_default();
-                            println!(
+                            writeln!(
+                                out,
                                 "  {}{}: {} → {}",
                                 c.input,
                                 name,
                                 c.before.unwrap_or_else(|| "(none)".into()),
                                 c.after.unwrap_or_else(|| "(none)".into())
-                            );
+                            )?;
                         }
                     }
                 }

@@ -49,7 +49,11 @@ pub fn request(o: &BuildOptions) -> BuildRequest {
         skip_base: o.skip_base,
         element_dirs: o.paths.element_path.clone(),
         image_name: o.image_name.clone(),
-        image_types: o.image_types.clone(),
+        image_types: o
+            .image_types
+            .iter()
+            .flat_map(|t| t.0.iter().copied())
+            .collect(),
         arch: o.arch.clone(),
         trace: o.trace,
         packages: o.packages.clone(),

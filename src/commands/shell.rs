@@ -53,7 +53,7 @@ pub fn run(args: ShellArgs, progress: progress::Mode) -> Result<u8> {
         .with_context(|| format!("cannot create TMP_DIR {}", settings.tmp_dir.display()))?;
     std::fs::create_dir_all(&settings.image_cache)?;
     let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
-    let build_dir = BuildDir::create(&settings.tmp_dir, "strata_build.", use_tmpfs)?;
+    let build_dir = BuildDir::create(&settings.tmp_dir, super::build::BUILD_DIR_PREFIX, use_tmpfs)?;
     let paths = BuildPaths::under(&build_dir.path);
     let mut exec = Executor::new(
         &prep,

@@ -179,6 +179,27 @@ pub fn capture_dir(
     capture(&files, base)
 }
 
+/// [`capture_dir`] of a copy (the merged hook tree in a build folder), with a failing file
+/// named as the user knows it: `origin` maps a copied file to the element's own file (None:
+/// keep the copy's path), in the error and in bash's message.
+pub fn capture_dir_named(
+    dir: &Path,
+    base: &BTreeMap<String, String>,
+    origin: &dyn Fn(&Path) -> Option<PathBuf>,
+) -> Result<BTreeMap<String, String>, ElementError> {
+    capture_dir(dir, base).map_err(|e| match e {
+        ElementError::EnvFileFailed { file, code, detail } => match origin(&file) {
+            Some(own) => ElementError::EnvFileFailed {
+                detail: detail.replace(&file.display().to_string(), &own.display().to_string()),
+                file: own,
+                code,
+            },
+            None => ElementError::EnvFileFailed { file, code, detail },
+        },
+        other => other,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,7 +152,13 @@ impl Prepared {
         let mut base = settings::phase_environment(&base, phase, &placeholder);
         // environment.d files see the real hook folder (some read files beside themselves).
         base.insert("TMP_HOOKS_PATH".into(), hooks_dir.display().to_string());
-        let captured = elements::env::capture_dir(&hooks_dir.join("environment.d"), &base)?;
+        // A failing file is named as the element has it, not as the build folder's copy.
+        let origin = |copy: &Path| {
+            let rel = copy.strip_prefix(hooks_dir).ok()?;
+            self.tree.get(rel).map(|e| e.source.clone())
+        };
+        let captured =
+            elements::env::capture_dir_named(&hooks_dir.join("environment.d"), &base, &origin)?;
         Ok(settings::normalise_for_key(&captured))
     }
 }

@@ -215,7 +215,8 @@ impl<'a> Snapshots<'a> {
         let Some(mut sink) = into.blob_sink()? else {
             return Ok(None);
         };
-        let info = layer::pack(root, &changes, &mut sink, &self.pack)?;
+        // Packing a large layer takes a while: SIGINT/SIGTERM stops it at the next write.
+        let info = layer::pack(root, &changes, &mut CancelWrite(&mut sink), &self.pack)?;
         let (digest, blob_size) = sink.finish()?;
         Ok(Some(LayerRecord {
             diff_id: info.diff_id,
@@ -270,6 +271,19 @@ impl<R: Read + ?Sized> Read for CancelRead<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         crate::cancel::check_io()?;
         self.0.read(buf)
+    }
+}
+
+/// A writer that stops with a cancellation error once SIGINT/SIGTERM arrived.
+struct CancelWrite<'w, W: ?Sized>(&'w mut W);
+
+impl<W: std::io::Write + ?Sized> std::io::Write for CancelWrite<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::cancel::check_io()?;
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 

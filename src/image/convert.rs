@@ -2,7 +2,8 @@
 //! file systems.
 //!
 //! ```text
-//! raw ──convert(fmt)──► <out>-new ──rename──► <out>       (dib's compress_and_save_image)
+//! raw ──convert(fmt)──► .strata-out.XXXX beside <out> (locked) ──rename──► <out>
+//!                                                          (dib's compress_and_save_image)
 //! tree ──copy_tree──► mounted root                         (cp -a --sparse=always)
 //! ```
 
@@ -12,7 +13,8 @@ use std::process::Command;
 use super::ImageError;
 use super::partition::one_line;
 
-/// Converts the raw image to `format` at `out` (atomically, through `<out>-new`).
+/// Converts the raw image to `format` at `out` (atomically, through a locked temp file beside
+/// it that a later build sweeps if strata is killed meanwhile).
 ///
 /// `qcow2` is compressed (`-c`) when `compress`; `vhd` becomes qemu's `vpc` with a fixed
 /// subformat (dib used vhd-util); `raw` is a sparse copy; other qemu-img formats pass through.
@@ -33,12 +35,20 @@ pub fn convert(
             "image type [{format}] is not a qemu-img format"
         )));
     }
-    let file_name = out.file_name().ok_or_else(|| {
-        ImageError::Config(format!("output path {} has no file name", out.display()))
+    if out.file_name().is_none() {
+        return Err(ImageError::Config(format!(
+            "output path {} has no file name",
+            out.display()
+        )));
+    }
+    // qemu-img truncates and writes the file in place, so our lock on it holds throughout.
+    let tmp_file = crate::fsutil::temp_beside(out).map_err(|e| {
+        ImageError::io(
+            format!("creating a temp file beside {}", out.display()),
+            std::io::Error::other(format!("{e:#}")),
+        )
     })?;
-    let mut tmp_name = file_name.to_os_string();
-    tmp_name.push("-new");
-    let tmp = out.with_file_name(tmp_name);
+    let tmp = tmp_file.path().to_path_buf();
     let mut cmd = Command::new("qemu-img");
     cmd.arg("convert");
     if compress && qemu_format == "qcow2" {
@@ -50,12 +60,11 @@ pub fn convert(
         cmd.arg("-o").arg(options.join(","));
     }
     cmd.arg(raw).arg(&tmp);
-    let shown = format!("qemu-img convert {} -> {}", raw.display(), tmp.display());
+    let shown = format!("qemu-img convert {} -> {}", raw.display(), out.display());
     cmd.env("LC_ALL", "C");
     let result = match crate::tools::output(&mut cmd) {
         Ok(r) => r,
         Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
             if let Some(c) = e
                 .get_ref()
                 .and_then(|i| i.downcast_ref::<crate::cancel::Cancelled>())
@@ -69,16 +78,26 @@ pub fn convert(
         }
     };
     if !result.status.success() {
-        let _ = std::fs::remove_file(&tmp);
+        // qemu-img names the temp file; the user knows the output's name.
+        let detail = one_line(&result.stderr, &result.stdout)
+            .replace(&tmp.display().to_string(), &out.display().to_string());
+        let full = detail.contains("No space left on device");
         return Err(ImageError::Command {
             command: shown,
-            detail: one_line(&result.stderr, &result.stdout),
+            detail: if full {
+                format!(
+                    "{detail} ({} is full)",
+                    crate::fsutil::parent_or_dot(out).display()
+                )
+            } else {
+                detail
+            },
         });
     }
-    std::fs::rename(&tmp, out).map_err(|e| {
+    tmp_file.persist(out).map(drop).map_err(|e| {
         ImageError::io(
             format!("renaming {} to {}", tmp.display(), out.display()),
-            e,
+            e.error,
         )
     })
 }
@@ -109,7 +128,17 @@ mod tests {
         std::fs::write(dir.path().join("x"), b"x").unwrap();
         let q = dir.path().join("a.qcow2");
         convert(&raw, "qcow2", &q, true, Some("compat=1.1")).unwrap();
-        assert!(!dir.path().join("a.qcow2-new").exists());
+        // No temp file left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.to_string_lossy().starts_with(".strata-out.")),
+            "{names:?}"
+        );
         let info = Command::new("qemu-img")
             .args(["info", "--output=json"])
             .arg(&q)

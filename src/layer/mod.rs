@@ -7,6 +7,7 @@
 //!                                     (full())      write_tar()  ──► plain tar (no compression)
 //!                                                   write_tar_dense() ──► same, no sparse entries
 //! blob ──► unpack(target) ──► files, whiteouts applied, UnpackStats (diff id recomputed)
+//! blob ──► check() ──► the same refusals, nothing written, CheckStats (diff id recomputed)
 //! ```
 //!
 //! Format (OCI changeset): entries in component-wise path order (a directory before its
@@ -20,6 +21,7 @@
 //! The diff id is the blake3 of the uncompressed tar stream (OCI's DiffID idea with blake3).
 //! This module knows nothing of elements, steps or caches.
 
+mod check;
 mod diff;
 mod pack;
 pub(crate) mod read;
@@ -29,6 +31,7 @@ mod unpack;
 
 use std::path::PathBuf;
 
+pub use check::{CheckStats, check};
 pub use diff::{Change, ChangeKind, Changeset, diff};
 pub use pack::{LayerInfo, PackOptions, pack, write_tar, write_tar_dense};
 pub use scan::{FileKind, Meta, Scan, ScanOptions, scan};

@@ -259,6 +259,12 @@ fn rich_tree_round_trips_with_every_file_type_and_metadata() {
     assert_eq!(st.tar_size, info.tar_size);
     assert_eq!(st.entries, info.entries);
     assert_same_tree(&src, &dst);
+    // check() reads the same stream: same diff id, same entries, nothing refused.
+    let checked = check(&blob[..], Some(&info.diff_id)).unwrap();
+    assert_eq!(
+        (checked.diff_id, checked.entries, checked.tar_size),
+        (info.diff_id.clone(), info.entries, info.tar_size)
+    );
     // Sparseness restored.
     let md = fs::metadata(dst.join("var.img")).unwrap();
     assert_eq!(md.len(), (100 << 20) + 1);
@@ -783,6 +789,136 @@ fn corrupt_blob_and_wrong_diff_id_are_errors() {
     assert!(matches!(r, Err(LayerError::DiffIdMismatch { .. })));
 }
 
+/// A zstd tar of one GNU sparse entry `f` whose map is `segs` (offset, length) with real size
+/// `real`, carrying `data` bytes.
+fn sparse_layer(segs: &[(u64, u64)], real: u64, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(data.len() as u64);
+    h.set_mtime(0);
+    {
+        let g = h.as_gnu_mut().unwrap();
+        g.name[..1].copy_from_slice(b"f");
+        g.set_real_size(real);
+        for (s, slot) in segs.iter().zip(g.sparse.iter_mut()) {
+            slot.set_offset(s.0);
+            slot.set_length(s.1);
+        }
+    }
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, data).unwrap();
+    zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
+}
+
+#[test]
+fn check_refuses_what_unpack_refuses_without_writing_anything() {
+    let a = Arena::new();
+    let out = a.outside();
+    let out_b = out.as_os_str().as_bytes();
+    let refused: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "absolute path",
+            hostile(&[Ent::File(b"/etc/strata-x", b"x")]),
+        ),
+        ("`..`", hostile(&[Ent::File(b"a/../../x", b"x")])),
+        (
+            "write through a symlink",
+            hostile(&[Ent::Symlink(b"a", out_b), Ent::File(b"a/sentinel", b"x")]),
+        ),
+        (
+            "write below a file",
+            hostile(&[Ent::File(b"f", b"x"), Ent::File(b"f/g", b"x")]),
+        ),
+        (
+            "opaque marker below a symlink",
+            hostile(&[Ent::Symlink(b"d", out_b), Ent::File(b"d/.wh..wh..opq", b"")]),
+        ),
+        (
+            "hardlink out of the tree",
+            hostile(&[Ent::Hardlink(b"h", b"../x")]),
+        ),
+        (
+            "absolute hardlink",
+            hostile(&[Ent::Hardlink(b"h", b"/etc/passwd")]),
+        ),
+        (
+            "hardlink through a symlink",
+            hostile(&[
+                Ent::Symlink(b"s", out_b),
+                Ent::Hardlink(b"h", b"s/sentinel"),
+            ]),
+        ),
+        ("whiteout of `..`", hostile(&[Ent::File(b"a/.wh..", b"")])),
+        ("empty whiteout", hostile(&[Ent::File(b".wh.", b"")])),
+        ("empty symlink", hostile(&[Ent::Symlink(b"l", b"")])),
+    ];
+    for (what, blob) in &refused {
+        let r = check(&blob[..], None);
+        assert!(matches!(r, Err(LayerError::Unsafe { .. })), "{what}: {r:?}");
+        // And unpack agrees.
+        let b = Arena::new();
+        assert!(b.unpack(blob).is_err(), "{what}: unpack accepted it");
+        b.assert_outside_intact();
+    }
+    // Malformed GNU sparse maps: out of order, past the real size, not matching the data.
+    for (segs, real, data) in [
+        (vec![(4096u64, 10u64), (0, 10)], 8192u64, vec![1u8; 20]),
+        (vec![(0, 10)], 5, vec![1u8; 10]),
+        (vec![(0, 10)], 100, vec![1u8; 20]),
+    ] {
+        let blob = sparse_layer(&segs, real, &data);
+        let r = check(&blob[..], None);
+        assert!(
+            matches!(&r, Err(LayerError::Corrupt(m)) if m.contains("sparse map")),
+            "{segs:?}: {r:?}"
+        );
+        let b = Arena::new();
+        assert!(b.unpack(&blob).is_err(), "{segs:?}: unpack accepted it");
+    }
+    // A sound sparse entry passes both.
+    let good = sparse_layer(&[(0, 10), (4096, 10)], 8192, &[7u8; 20]);
+    let st = check(&good[..], None).unwrap();
+    assert_eq!(Arena::new().unpack(&good).unwrap().diff_id, st.diff_id);
+    // Not zstd, truncated, or another diff id.
+    assert!(matches!(
+        check(&b"not zstd"[..], None),
+        Err(LayerError::Corrupt(_))
+    ));
+    let blob = hostile(&[Ent::File(b"f", b"data")]);
+    assert!(matches!(
+        check(&blob[..blob.len() / 2], None),
+        Err(LayerError::Corrupt(_))
+    ));
+    assert!(matches!(
+        check(&blob[..], Some("00")),
+        Err(LayerError::DiffIdMismatch { .. })
+    ));
+    // Replacing a symlink by a folder, or whiting it out, makes writing below it fine again.
+    for ok in [
+        hostile(&[
+            Ent::Symlink(b"a", out_b),
+            Ent::Dir(b"a/"),
+            Ent::File(b"a/x", b"x"),
+        ]),
+        hostile(&[
+            Ent::Symlink(b"a", out_b),
+            Ent::File(b".wh.a", b""),
+            Ent::Dir(b"a/"),
+            Ent::File(b"a/x", b"x"),
+        ]),
+    ] {
+        check(&ok[..], None).unwrap();
+        let b = Arena::new();
+        b.unpack(&ok).unwrap();
+        b.assert_outside_intact();
+    }
+    a.assert_outside_intact();
+}
+
 // ---- property tests -------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]
@@ -930,6 +1066,8 @@ proptest! {
         fs::create_dir(&dst).unwrap();
         let st = unpack(&blob[..], &dst, &UnpackOptions::default()).unwrap();
         prop_assert_eq!(&st.diff_id, &info.diff_id);
+        // What strata packs, check() accepts.
+        prop_assert_eq!(check(&blob[..], Some(&info.diff_id)).unwrap().entries, info.entries);
         assert_same_tree(&src, &dst);
         // Repacking the unpacked tree gives the same layer.
         let (again, _) = full_pack(&dst, &opts1());
@@ -962,6 +1100,7 @@ proptest! {
         let cs = diff(&before, &after);
         let mut blob = Vec::new();
         pack(&src, &cs, &mut blob, &opts1()).unwrap();
+        check(&blob[..], None).unwrap();
         unpack(&blob[..], &dst, &UnpackOptions::default()).unwrap();
         assert_same_tree(&src, &dst);
     }

@@ -216,7 +216,7 @@ pub fn unpack(
 }
 
 /// Normalizes an entry path: `./` and empty components dropped; absolute paths and `..` refused.
-fn sanitize(raw: &[u8]) -> Result<Vec<u8>, &'static str> {
+pub(super) fn sanitize(raw: &[u8]) -> Result<Vec<u8>, &'static str> {
     if raw.first() == Some(&b'/') {
         return Err("absolute path");
     }

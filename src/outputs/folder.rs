@@ -73,9 +73,8 @@ pub fn keep(cache: &dyn StepCache, key: &str, dir: &Path) -> Result<()> {
 /// Writes the folder kept as blob `digest` to `dest` (replacing what is there), checked.
 pub fn restore(cache: &dyn StepCache, digest: &str, dest: &Path) -> Result<()> {
     let parent = crate::fsutil::parent_or_dot(dest);
-    let tmp = tempfile::Builder::new()
-        .prefix(crate::fsutil::OUTPUT_TEMP_PREFIX)
-        .tempdir_in(parent)
+    // Locked while written, so a later build's sweep tells it from a leftover.
+    let (tmp, _lock) = crate::fsutil::locked_temp_dir_in(parent, crate::fsutil::OUTPUT_TEMP_PREFIX)
         .with_context(|| format!("cannot create a folder in {}", parent.display()))?;
     let mut blob = cache.open_blob(digest)?;
     let unpacked = (|| -> Result<()> {

@@ -1058,6 +1058,8 @@ impl Write for Fan<'_> {
 /// `NAME.oci` being built in a temp folder beside it.
 struct LayoutBuilder {
     dir: tempfile::TempDir,
+    /// Held while the folder is written, so a later build's sweep tells it from a leftover.
+    _lock: fs::File,
     /// The blob sink and the temp file it writes (for error messages).
     sink: (BlobSink, PathBuf),
 }
@@ -1069,10 +1071,9 @@ impl LayoutBuilder {
         scope: &'scope std::thread::Scope<'scope, '_>,
     ) -> Result<LayoutBuilder, OciError> {
         let parent = parent_of(dest);
-        let dir = tempfile::Builder::new()
-            .prefix(".strata-out.")
-            .tempdir_in(parent)
-            .map_err(write_err(parent))?;
+        let (dir, lock) =
+            crate::fsutil::locked_temp_dir_in(parent, crate::fsutil::OUTPUT_TEMP_PREFIX)
+                .map_err(write_err(parent))?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
             .map_err(write_err(dir.path()))?;
         let blobs = dir.path().join("blobs/sha256");
@@ -1115,6 +1116,7 @@ impl LayoutBuilder {
         };
         Ok(LayoutBuilder {
             dir,
+            _lock: lock,
             sink: (sink, tmp),
         })
     }
@@ -1212,9 +1214,8 @@ fn pad(w: &mut impl Write, n: u64) -> io::Result<()> {
 impl ArchiveBuilder {
     fn create(dest: &Path, mtime: u64) -> Result<ArchiveBuilder, OciError> {
         let parent = parent_of(dest);
-        let tmp = tempfile::Builder::new()
-            .prefix(".strata-out.")
-            .tempfile_in(parent)
+        // Locked while written, so a later build's sweep tells it from a leftover.
+        let tmp = crate::fsutil::locked_temp_in(parent, crate::fsutil::OUTPUT_TEMP_PREFIX)
             .map_err(write_err(parent))?;
         let shown = tmp.path().to_path_buf();
         fs::set_permissions(&shown, fs::Permissions::from_mode(0o644))

@@ -76,7 +76,19 @@ pub fn write(
                 None => None,
             },
         };
-        layer::write_tar(root, &Changeset::full(scan), &mut fan, opts)?;
+        if let Err(e) = layer::write_tar(root, &Changeset::full(scan), &mut fan, opts) {
+            // An output file that could not be written (a full output folder) is the cause,
+            // not "the layer stream".
+            let failed = fan
+                .tar
+                .as_ref()
+                .and_then(|t| t.failed.clone())
+                .or_else(|| fan.tgz.as_ref().and_then(|g| g.get_ref().failed.clone()));
+            return Err(match failed {
+                Some(why) => anyhow::anyhow!(why),
+                None => e.into(),
+            });
+        }
         let label: Vec<&str> = [("tar", &tar_key), ("tgz", &tgz_key)]
             .into_iter()
             .filter(|(_, k)| k.is_some())
@@ -220,8 +232,9 @@ pub fn keep(
             if let Some(e) = enc.as_mut() {
                 e.write_all(chunk)?;
             }
-            if let Some((f, _)) = sparse.as_mut() {
-                f.write(chunk)?;
+            if let Some((f, p)) = sparse.as_mut() {
+                f.write(chunk)
+                    .map_err(|e| anyhow::anyhow!(crate::fsutil::write_error(p, &e)))?;
             }
         }
         if let Some(e) = enc {
@@ -294,7 +307,8 @@ pub fn restore(cache: &dyn StepCache, digest: &str, path: &Path) -> Result<Strin
                 break;
             }
             hasher.update(&buf[..n]);
-            out.write(&buf[..n])?;
+            out.write(&buf[..n])
+                .map_err(|e| anyhow::anyhow!(crate::fsutil::write_error(path, &e)))?;
         }
         Ok(hasher.finalize().to_hex().to_string())
     })();
@@ -350,6 +364,10 @@ impl Write for Fan {
 struct FileSink {
     file: Hashing<BufWriter<tempfile::NamedTempFile>>,
     blob: Option<zstd::Encoder<'static, Box<dyn BlobSink>>>,
+    /// The output's final name, for messages.
+    dest: std::path::PathBuf,
+    /// Why writing the file failed, once it did.
+    failed: Option<String>,
 }
 
 impl FileSink {
@@ -369,6 +387,8 @@ impl FileSink {
                 hasher: blake3::Hasher::new(),
             },
             blob,
+            dest: dest.to_path_buf(),
+            failed: None,
         })
     }
 
@@ -390,8 +410,7 @@ impl FileSink {
             .file
             .inner
             .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", dest.display()))?;
+            .map_err(|e| anyhow::anyhow!(crate::fsutil::write_error(&dest, e.error())))?;
         tmp.persist(&dest)
             .with_context(|| format!("cannot write {}", dest.display()))?;
         Ok(Written {
@@ -405,14 +424,20 @@ impl FileSink {
 
 impl Write for FileSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write_all(buf)?;
+        if let Err(e) = self.file.write_all(buf) {
+            self.failed = Some(crate::fsutil::write_error(&self.dest, &e));
+            return Err(e);
+        }
         if let Some(b) = self.blob.as_mut() {
             b.write_all(buf)?;
         }
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()?;
+        if let Err(e) = self.file.flush() {
+            self.failed = Some(crate::fsutil::write_error(&self.dest, &e));
+            return Err(e);
+        }
         if let Some(b) = self.blob.as_mut() {
             b.flush()?;
         }

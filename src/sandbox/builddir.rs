@@ -1,12 +1,22 @@
 //! The build directory (dib's `TMP_BUILD_DIR`): created with mkdtemp, optionally on a tmpfs, and
-//! removed without ever deleting through a mount.
+//! removed without ever deleting through a mount; locked while its build lives, so a build
+//! killed by SIGKILL leaves a folder the next build can tell from a live build's and remove.
 //!
 //! ```text
-//! BuildDir::create(parent, prefix, tmpfs) ─► parent/prefixXXXXXXXX (+ tmpfs, mode 0755)
+//! BuildDir::create(parent, prefix, tmpfs) ─► parent/prefixXXXXXXXX, flock held on the folder
+//!                         (the underlying one, before any tmpfs) ─► + tmpfs (mode 0755), its
+//!                         root locked too
 //! BuildDir::cleanup()  ─► umount2(MNT_DETACH) every mount at/under it, deepest first, until the
 //!                         mount table shows none ─► remove the tree, refusing to enter any
 //!                         directory on another device or mount (st_dev + statx mount id)
+//! sweep_dead_build_dirs(parent, prefix) ─► every such folder that is no mount point here and
+//!                         whose lock nobody holds (its build died) ─► removed the same way
 //! ```
+//! Who sees what: a build's tmpfs is mounted inside its private mount namespace, so every other
+//! process (another build, `strata cache gc`, a build in another container sharing the folder)
+//! sees the underlying folder, whose lock the live build holds. A process inside the build's
+//! namespace (a strata started by a hook) sees a mount point there and leaves it alone; the
+//! tmpfs root is locked as well.
 //! `remove_dir_all` is never used: it recurses into live bind mounts and deletes the source's
 //! files (checked in a probe, see reference/rust-crates.md §0.4).
 
@@ -25,20 +35,47 @@ pub struct BuildDir {
     pub path: PathBuf,
     pub tmpfs: bool,
     cleaned: bool,
+    /// The folder as mkdtemp made it, exclusively locked while the build lives.
+    _lock: fs::File,
+    /// The tmpfs root mounted on it (locked too), when there is one.
+    _lock_mounted: Option<fs::File>,
+}
+
+/// Opens a folder and takes its exclusive lock without waiting: None when another process
+/// holds it.
+fn lock_dir(path: &Path) -> Result<Option<fs::File>, SandboxError> {
+    let dir = fs::File::open(path).map_err(|e| SandboxError::io("open", path, e))?;
+    match dir.try_lock() {
+        Ok(()) => Ok(Some(dir)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(SandboxError::io("lock", path, e)),
+    }
 }
 
 impl BuildDir {
-    /// Creates `parent/<prefix>XXXXXXXX` (mkdtemp, mode 0700) and mounts a tmpfs on it when
-    /// `tmpfs` is set. As in dib the tmpfs gets no size option (the kernel's default, half of
-    /// RAM); its root gets mode 0755.
+    /// Creates `parent/<prefix>XXXXXXXX` (mkdtemp, mode 0700), locks it, and mounts a tmpfs on
+    /// it when `tmpfs` is set. As in dib the tmpfs gets no size option (the kernel's default,
+    /// half of RAM); its root gets mode 0755.
     pub fn create(parent: &Path, prefix: &str, tmpfs: bool) -> Result<BuildDir, SandboxError> {
         let template = parent.join(format!("{prefix}XXXXXXXX"));
-        let path = nix::unistd::mkdtemp(&template)
-            .map_err(|e| SandboxError::io("create a build directory in", parent, e.into()))?;
-        let dir = BuildDir {
+        let (path, lock) = loop {
+            let path = nix::unistd::mkdtemp(&template)
+                .map_err(|e| SandboxError::io("create a build directory in", parent, e.into()))?;
+            // A sweep may have taken the fresh folder for a dead build's (it holds the lock
+            // while it removes it); then this name is gone and we start again with a new one.
+            let Some(lock) = lock_dir(&path)? else {
+                continue;
+            };
+            if crate::fsutil::same_file(&lock, &path) {
+                break (path, lock);
+            }
+        };
+        let mut dir = BuildDir {
             path,
             tmpfs,
             cleaned: false,
+            _lock: lock,
+            _lock_mounted: None,
         };
         if tmpfs {
             mount(
@@ -53,6 +90,7 @@ impl BuildDir {
                 target: dir.path.clone(),
                 source,
             })?;
+            dir._lock_mounted = lock_dir(&dir.path)?;
         }
         Ok(dir)
     }
@@ -76,6 +114,62 @@ impl Drop for BuildDir {
             tracing::warn!("could not clean up the build directory: {err}");
         }
     }
+}
+
+/// Removes the folders `parent/<prefix>*` that builds killed mid-way left behind: those that are
+/// not a mount point here and whose lock nobody holds (a live build holds the lock on its
+/// folder, whatever its process, container or namespace on this kernel). Each is removed
+/// without crossing a mount. A folder that cannot be removed is warned about and skipped.
+/// Returns the folders removed.
+pub fn sweep_dead_build_dirs(parent: &Path, prefix: &str) -> Result<Vec<PathBuf>, SandboxError> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(SandboxError::io("list", parent, e)),
+    };
+    let parent_meta = fs::metadata(parent).map_err(|e| SandboxError::io("inspect", parent, e))?;
+    let parent_mount = mount_id(parent);
+    for entry in entries {
+        let entry = entry.map_err(|e| SandboxError::io("list", parent, e))?;
+        if !entry.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        // A mount point here is a live build's tmpfs seen from inside its own namespace.
+        if !meta.is_dir()
+            || meta.dev() != parent_meta.dev()
+            || (parent_mount.is_some() && mount_id(&path) != parent_mount)
+        {
+            continue;
+        }
+        let lock = match lock_dir(&path) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::debug!("{e}");
+                continue;
+            }
+        };
+        if !crate::fsutil::same_file(&lock, &path) {
+            continue;
+        }
+        match remove_tree_on_one_mount(&path) {
+            Ok(()) => {
+                tracing::debug!("removed {}, left by a build that died", path.display());
+                removed.push(path);
+            }
+            Err(e) => tracing::warn!(
+                "cannot remove {}, left by a build that died: {e}",
+                path.display()
+            ),
+        }
+        drop(lock);
+    }
+    Ok(removed)
 }
 
 /// dib's `tmpfs_check`: true when MemTotal is at least twice `min_gib` GiB.

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! strata build ─► enter_private_namespace()        unshare(CLONE_NEWNS), "/" MS_REC|MS_PRIVATE
-//!             ─► BuildDir::create(TMP_DIR, tmpfs)   mkdtemp (+ tmpfs) = TMP_BUILD_DIR
+//!             ─► sweep_dead_build_dirs(TMP_DIR)     folders of dead builds (unlocked) removed
+//!             ─► BuildDir::create(TMP_DIR, tmpfs)   mkdtemp, flock (+ tmpfs) = TMP_BUILD_DIR
 //!   chroot phase ─► ChrootMounts::mount(root, hooks) proc, /dev, devpts, ro sysfs,
 //!                                                    ro hooks at /tmp/in_target.d, resolv.conf
 //!   each hook  ─► spawn(Exec)                        own pid namespace, dies with strata
@@ -24,7 +25,7 @@ mod mounts;
 use std::io;
 use std::path::PathBuf;
 
-pub use builddir::{BuildDir, tmpfs_allowed, unmount_below};
+pub use builddir::{BuildDir, sweep_dead_build_dirs, tmpfs_allowed, unmount_below};
 pub use exec::{Exec, SandboxChild, spawn, spawn_attached};
 pub use mountinfo::{MountEntry, mount_points_under, mounts_at_or_under};
 pub use mounts::{ChrootMounts, HOST_RESOLV_FALLBACK, IN_TARGET_DIR, RESOLV_ASIDE};

@@ -2,17 +2,16 @@
 //! digest checked, and listing the blob folder.
 //!
 //! ```text
-//! blob_writer() ─► tmp/blob-XXXX ─write─► hash + count ─finish─► fsync ─► rename to
+//! blob_writer() ─► tmp/blob-XXXX (flock held) ─write─► hash + count ─finish─► fsync ─► rename to
 //!                  blobs/blake3/ab/<digest> ─► fsync the folder ─► (digest, size)
 //! open_blob(d) ─► VerifiedBlob: Read that re-hashes; EOF or finish() compares with d
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
@@ -20,33 +19,37 @@ use super::{Store, StoreError, check_digest, is_digest};
 
 /// Writes one blob. Bytes go to a temp file in `<cache>/tmp` while being hashed and counted;
 /// [`BlobWriter::finish`] makes the blob visible. Dropping the writer without finishing removes
-/// the temp file; a crash leaves it in tmp/, where no reader looks and `gc` deletes it.
+/// the temp file; a crash leaves it in tmp/, where no reader looks, unlocked: the next build's
+/// [`Store::sweep_dead_temp_files`] or `gc` deletes it.
 pub struct BlobWriter {
     file: Option<BufWriter<tempfile::NamedTempFile>>,
     tmp_path: PathBuf,
     hasher: blake3::Hasher,
     size: u64,
     blobs_dir: PathBuf,
-    live: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl Store {
-    /// Starts writing a blob into a temp file in `<cache>/tmp`.
+    /// Starts writing a blob into a temp file in `<cache>/tmp`, locked while it is written.
     pub fn blob_writer(&self) -> Result<BlobWriter, StoreError> {
+        if self.read_only {
+            return Err(StoreError::io("write a blob in", &self.root)(
+                io::Error::new(
+                    io::ErrorKind::ReadOnlyFilesystem,
+                    "the cache was opened read-only",
+                ),
+            ));
+        }
         let tmp = self.tmp_dir();
-        let file = tempfile::Builder::new()
-            .prefix("blob-")
-            .tempfile_in(&tmp)
+        let file = crate::fsutil::locked_temp_in(&tmp, super::BLOB_TEMP_PREFIX)
             .map_err(StoreError::io("create temp file in", &tmp))?;
         let tmp_path = file.path().to_path_buf();
-        lock_set(&self.live_tmp).insert(tmp_path.clone());
         Ok(BlobWriter {
             file: Some(BufWriter::with_capacity(1 << 18, file)),
             tmp_path,
             hasher: blake3::Hasher::new(),
             size: 0,
             blobs_dir: self.root.join("blobs").join("blake3"),
-            live: Arc::clone(&self.live_tmp),
         })
     }
 
@@ -99,10 +102,6 @@ pub(super) fn hash_file(path: &Path) -> Result<Option<String>, StoreError> {
     Ok(Some(hasher.finalize().to_hex().to_string()))
 }
 
-fn lock_set(set: &Mutex<HashSet<PathBuf>>) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
-    set.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let file = self
@@ -152,14 +151,6 @@ impl BlobWriter {
             .and_then(|d| d.sync_all())
             .map_err(StoreError::io("fsync", &dir))?;
         Ok((digest, self.size))
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        // The NamedTempFile (if still here) deletes itself as it drops.
-        self.file = None;
-        lock_set(&self.live).remove(&self.tmp_path);
     }
 }
 
@@ -298,21 +289,9 @@ pub(super) fn list_blobs(store: &Store) -> Result<BlobListing, StoreError> {
     Ok(listing)
 }
 
-/// Files in tmp/ that no live BlobWriter of this Store owns (with the exclusive lock held,
-/// nobody else can be writing, so these are left over from crashed writers).
+/// Files in tmp/ that nobody holds a lock on: left over by writers that died (every writer
+/// locks its temp file while it lives, in whatever process).
 pub(super) fn stale_tmp(store: &Store) -> Result<Vec<(PathBuf, u64)>, StoreError> {
     let tmp = store.tmp_dir();
-    let live = lock_set(&store.live_tmp).clone();
-    let mut stale = Vec::new();
-    let entries = std::fs::read_dir(&tmp).map_err(StoreError::io("list", &tmp))?;
-    for entry in entries {
-        let entry = entry.map_err(StoreError::io("list", &tmp))?;
-        let path = entry.path();
-        if live.contains(&path) {
-            continue;
-        }
-        let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-        stale.push((path, len));
-    }
-    Ok(stale)
+    crate::fsutil::dead_files(&tmp, "").map_err(StoreError::io("list", &tmp))
 }

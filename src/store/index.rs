@@ -77,6 +77,20 @@ const STEP_COLUMNS: &str =
 
 pub(super) fn sql_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
     move |source| {
+        // A value that is not what the schema stores (bytes that are not UTF-8 in a TEXT
+        // column, a text where a number belongs) can only come from damage to the file.
+        if matches!(
+            source,
+            rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::Utf8Error(..)
+                | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+        ) {
+            return StoreError::DamagedIndex {
+                path: path.to_path_buf(),
+                reason: format!("a value does not fit its column: {source}"),
+            };
+        }
         let code = source.sqlite_error_code();
         if code == Some(rusqlite::ErrorCode::NotADatabase)
             || code == Some(rusqlite::ErrorCode::DatabaseCorrupt)
@@ -118,6 +132,89 @@ pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
             other => return other,
         }
     }
+}
+
+/// Opens the index read-only: no WAL switch, no migration. On a read-only folder SQLite cannot
+/// create the `-shm` file a WAL index needs; when nobody has the index open (no `-shm`), it
+/// is then opened as immutable.
+pub(super) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let read = |conn: Connection| -> Result<Connection, StoreError> {
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql_err(path))?;
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql_err(path))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
+        Ok(conn)
+    };
+    let plain = Connection::open_with_flags(path, flags)
+        .map_err(sql_err(path))
+        .and_then(read);
+    match plain {
+        Err(StoreError::Sqlite { source, .. })
+            if matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+            ) && !shm_path(path).exists() =>
+        {
+            let uri = format!("file:{}?immutable=1", uri_escape(path));
+            Connection::open_with_flags(uri, flags)
+                .map_err(sql_err(path))
+                .and_then(read)
+        }
+        other => other,
+    }
+}
+
+fn shm_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_os_string();
+    p.push("-shm");
+    p.into()
+}
+
+/// A path as the path part of an SQLite `file:` URI.
+fn uri_escape(path: &Path) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'%' | b'?' | b'#' => {
+                let _ = write!(out, "%{b:02x}");
+            }
+            _ if b.is_ascii() && !b.is_ascii_control() => out.push(*b as char),
+            _ => {
+                let _ = write!(out, "%{b:02x}");
+            }
+        }
+    }
+    out
+}
+
+/// `PRAGMA quick_check`: a damaged index is refused with the one-line
+/// [`StoreError::DamagedIndex`] (builds would otherwise go on writing into it).
+pub(super) fn check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let answer: String = conn
+        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+        .map_err(sql_err(path))?;
+    if answer == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::DamagedIndex {
+        path: path.to_path_buf(),
+        reason: format!(
+            "quick_check: {}",
+            answer.lines().next().unwrap_or_default().trim()
+        ),
+    })
 }
 
 fn try_open(path: &Path) -> Result<Connection, StoreError> {

@@ -1,5 +1,6 @@
-//! Cache maintenance: usage (`du`), LRU garbage collection (`gc`), re-hashing every blob
-//! (`verify`) and removing one step (`rm`). gc, verify and rm hold the exclusive lock.
+//! Cache maintenance: usage (`du`), LRU garbage collection (`gc`), re-hashing every blob and
+//! having every layer parsed by the caller (`verify`), and removing one step (`rm`). gc, verify
+//! and rm hold the exclusive lock.
 //!
 //! ```text
 //! load the index into a Model ─► decide a Removal (steps, layers, outputs, blobs)
@@ -74,6 +75,11 @@ pub struct VerifyReport {
     pub steps_dropped: Vec<String>,
     pub layers_dropped: u64,
     pub outputs_dropped: Vec<String>,
+    /// Layers the caller's check parsed.
+    pub layers_checked: u64,
+    /// Layers whose blob hashes right but that the caller's check refused (an unsafe entry, a
+    /// malformed tar, another diff id): (diff id, why); dropped with the steps that need them.
+    pub refused: Vec<(String, String)>,
     /// SQLite's `PRAGMA quick_check` answer ("ok" when the index is sound).
     pub index_check: String,
 }
@@ -81,9 +87,18 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// True if nothing was wrong.
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.missing.is_empty() && self.index_check == "ok"
+        self.corrupt.is_empty()
+            && self.missing.is_empty()
+            && self.refused.is_empty()
+            && self.index_check == "ok"
     }
 }
+
+/// How `verify_with` has each layer checked: given the layer and its blob's bytes (as stored,
+/// already known to hash to their name), answer `Ok(None)` when it is sound, `Ok(Some(why))`
+/// to refuse it, or `Err` to stop verify (an I/O error, a cancellation).
+pub type LayerCheck<'a> =
+    &'a dyn Fn(&LayerRecord, &mut dyn std::io::Read) -> std::io::Result<Option<String>>;
 
 /// What `rm` removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -171,7 +186,7 @@ impl Model {
                 for k in &sub {
                     if let Some(s) = self.steps.get(k) {
                         warn!(
-                            "cache step {k} ({}/{}) needs a damaged or missing blob; dropping it",
+                            "cache step {k} ({}/{}) needs a damaged, missing or refused layer; dropping it",
                             s.phase, s.hook
                         );
                     }
@@ -332,19 +347,25 @@ impl Store {
             max_bytes,
             ..GcReport::default()
         };
-        for (path, len) in stale_tmp(self)? {
-            debug!("removing stale temp file {}", path.display());
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            match removed {
-                Ok(()) => {
-                    report.tmp_files_removed += 1;
-                    report.tmp_bytes_removed += len;
+        // Temp files nobody holds a lock on: their writers died.
+        let tmp = self.tmp_dir();
+        for (path, len) in
+            crate::fsutil::sweep_dead_files(&tmp, "").map_err(StoreError::io("clean up", &tmp))?
+        {
+            debug!("removed stale temp file {}", path.display());
+            report.tmp_files_removed += 1;
+            report.tmp_bytes_removed += len;
+        }
+        // Nothing strata runs makes folders there; with the exclusive lock held, any is junk.
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    match std::fs::remove_dir_all(&path) {
+                        Ok(()) => report.tmp_files_removed += 1,
+                        Err(e) => warn!("cannot remove stale temp folder {}: {e}", path.display()),
+                    }
                 }
-                Err(e) => warn!("cannot remove stale temp file {}: {e}", path.display()),
             }
         }
         let listing = list_blobs(self)?;
@@ -527,15 +548,34 @@ impl Store {
 
     /// Re-hashes every blob; deletes the damaged ones and drops the layers, steps (with their
     /// descendants) and outputs that need a damaged or missing blob. Holds the exclusive lock.
+    /// Layers are not parsed: see [`Store::verify_with`].
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
-        self.exclusive("verify", || self.verify_locked())
+        self.verify_with(&|_, _| Ok(None), &|| Ok(()))
     }
 
-    fn verify_locked(&self) -> Result<VerifyReport, StoreError> {
+    /// [`Store::verify`], and every layer whose blob is sound is handed to `check_layer` (the
+    /// store does not know the layer format); a layer it refuses is dropped with its blob (when
+    /// nothing else names it) and the steps that need it, with their descendants.
+    /// `keep_going` is asked between blobs; its error stops verify before anything is dropped.
+    pub fn verify_with(
+        &self,
+        check_layer: LayerCheck<'_>,
+        keep_going: &dyn Fn() -> std::io::Result<()>,
+    ) -> Result<VerifyReport, StoreError> {
+        self.exclusive("verify", || self.verify_locked(check_layer, keep_going))
+    }
+
+    fn verify_locked(
+        &self,
+        check_layer: LayerCheck<'_>,
+        keep_going: &dyn Fn() -> std::io::Result<()>,
+    ) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         let listing = list_blobs(self)?;
+        let stop = |e| StoreError::io("verify", &self.root)(e);
         let mut bad = BTreeSet::new();
         for (digest, len) in &listing.blobs {
+            keep_going().map_err(stop)?;
             let path = self.blob_path(digest);
             report.blobs_checked += 1;
             report.bytes_checked += len;
@@ -578,9 +618,52 @@ impl Store {
             }
         }
         let mut removal = Removal::default();
+        // Every layer whose blob is sound is parsed by the caller.
+        for layer in model.layers.values() {
+            if bad.contains(&layer.blob_digest) {
+                continue;
+            }
+            keep_going().map_err(stop)?;
+            let path = self.blob_path(&layer.blob_digest);
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => return Err(StoreError::io("open", &path)(e)),
+            };
+            report.layers_checked += 1;
+            if let Some(why) = check_layer(layer, &mut file).map_err(stop)? {
+                warn!(
+                    "cache layer {} (blob {}) is refused: {why}; dropping it and the steps that need it",
+                    layer.diff_id,
+                    path.display()
+                );
+                report.refused.push((layer.diff_id.clone(), why));
+                removal.layers.insert(layer.diff_id.clone());
+            }
+        }
         model.drop_broken(&bad, &mut removal);
-        // Only the damaged blobs go; orphans are gc's business.
+        // The damaged blobs go, and the refused layers' blobs nothing else names; orphans are
+        // gc's business.
         removal.blobs = report.corrupt.iter().cloned().collect();
+        let still_named: BTreeSet<&str> = model
+            .layers
+            .values()
+            .filter(|l| !removal.layers.contains(&l.diff_id))
+            .map(|l| l.blob_digest.as_str())
+            .chain(
+                model
+                    .outputs
+                    .values()
+                    .filter(|o| !removal.outputs.contains(&o.key))
+                    .map(|o| o.blob_digest.as_str()),
+            )
+            .collect();
+        for (diff_id, _) in &report.refused {
+            if let Some(layer) = model.layers.get(diff_id)
+                && !still_named.contains(layer.blob_digest.as_str())
+            {
+                removal.blobs.insert(layer.blob_digest.clone());
+            }
+        }
         report.steps_dropped = removal.steps.iter().cloned().collect();
         report.layers_dropped = removal.layers.len() as u64;
         report.outputs_dropped = removal.outputs.iter().cloned().collect();

@@ -4,18 +4,28 @@
 //! ```text
 //! <cache>/CACHEDIR.TAG               standard signature (backup tools skip the folder)
 //! <cache>/lock                       flock: SHARED for every open Store, EXCLUSIVE for gc/verify/rm
+//! <cache>/gc.lock                    flock: EXCLUSIVE while a gc/verify/rm waits for or holds
+//!                                    `lock`; an opening Store passes it (SHARED, briefly) first
 //! <cache>/index.sqlite               WAL; PRAGMA user_version = SCHEMA_VERSION
 //! <cache>/blobs/blake3/ab/<64 hex>   content addressed: the name is the blake3 of the bytes
 //! <cache>/tmp/                       temp files; renamed into blobs/ after fsync
 //! ```
 //!
 //! API sketch:
-//! * [`Store::open`] creates the layout, migrates the index and holds a shared lock until drop.
+//! * [`Store::open`] creates the layout, migrates the index, checks it (`quick_check`) and holds
+//!   a shared lock until drop; [`Store::open_read_only`] creates and writes nothing (`ls`, `du`,
+//!   `explain` on a read-only folder).
 //! * [`Store::blob_writer`] → write → [`BlobWriter::finish`] = `(digest, size)`; then
 //!   [`Store::record_step`] indexes a step and its layers (the blobs must already exist).
 //! * [`Store::lookup_step`] / [`Store::chain`] / [`Store::layer_for`] → [`Store::open_blob`], a
 //!   reader that re-hashes and fails at EOF (or at [`VerifiedBlob::finish`]) on corruption.
-//! * [`Store::gc`], [`Store::verify`], [`Store::rm`] take the exclusive lock and delete.
+//! * [`Store::gc`], [`Store::verify_with`], [`Store::rm`] take the exclusive lock and delete.
+//! * [`Store::sweep_dead_temp_files`] removes the temp files of writers that died (every temp
+//!   file is `flock`ed by its writer while it lives), safe while other builds run.
+//!
+//! Fairness: a maintenance command first takes `gc.lock` exclusively, then waits for `lock`.
+//! A Store being opened waits for `gc.lock` (shared) before taking `lock`, so builds that start
+//! while a gc waits queue behind it, and the gc runs as soon as the builds already running end.
 //!
 //! The store knows nothing of elements, of what a phase means, or of the tar format: diff ids,
 //! keys and `inputs` are opaque text to it. It keeps two invariants: an index row only names a
@@ -29,11 +39,10 @@ mod maint;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -42,7 +51,7 @@ use tracing::{debug, info};
 
 pub use blobs::{BlobWriter, VerifiedBlob};
 pub use index::Broken;
-pub use maint::{GcReport, RmReport, Usage, VerifyReport};
+pub use maint::{GcReport, LayerCheck, RmReport, Usage, VerifyReport};
 
 /// Version of the index schema, kept in `PRAGMA user_version`. Bump it and add a migration in
 /// `index::MIGRATIONS` whenever the tables change.
@@ -50,6 +59,8 @@ pub const SCHEMA_VERSION: i64 = 2;
 
 /// How often a process waiting for the cache lock says so.
 const LOCK_NOTICE_EVERY: Duration = Duration::from_secs(5);
+/// How often a waiter tries the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(50);
 /// How long one SQLite statement waits for another process's write transaction.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -207,6 +218,9 @@ pub struct StoreOptions {
     pub lock_timeout: Option<Duration>,
 }
 
+/// The prefix of a blob being written in `<cache>/tmp`.
+const BLOB_TEMP_PREFIX: &str = "blob-";
+
 /// An open cache folder. Holds a shared lock on `<cache>/lock` until dropped, so maintenance
 /// (gc, verify, rm, which need the exclusive lock) never runs under a live build. `Store` is
 /// `Sync`: its one SQLite connection sits behind a mutex.
@@ -214,11 +228,14 @@ pub struct Store {
     root: PathBuf,
     db_path: PathBuf,
     conn: Mutex<Connection>,
-    lock: File,
+    /// `<cache>/lock` (None: a read-only folder without one).
+    lock: Option<File>,
     lock_path: PathBuf,
+    /// `<cache>/gc.lock` (None: a read-only folder without one).
+    gate: Option<File>,
+    gate_path: PathBuf,
     options: StoreOptions,
-    /// Temp files of this Store's live BlobWriters, which gc must not delete.
-    live_tmp: Arc<Mutex<HashSet<PathBuf>>>,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -234,7 +251,8 @@ impl Store {
     }
 
     /// Opens (creating if needed) the cache at `root`: creates the layout, takes a shared lock
-    /// held for the Store's life, opens the index in WAL mode and migrates it.
+    /// held for the Store's life (after any gc waiting for the cache), opens the index in WAL
+    /// mode, migrates it and checks it (`PRAGMA quick_check`: a damaged index is refused).
     pub fn open_with(root: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         for dir in [
             root.to_path_buf(),
@@ -243,28 +261,75 @@ impl Store {
         ] {
             std::fs::create_dir_all(&dir).map_err(StoreError::io("create folder", &dir))?;
         }
-        write_cachedir_tag(root)?;
-
+        let open_rw = |path: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(StoreError::io("open lock file", path))
+        };
         let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(StoreError::io("open lock file", &lock_path))?;
-        wait_for_lock(&lock, &lock_path, false, options.lock_timeout)?;
+        let gate_path = root.join("gc.lock");
+        let lock = open_rw(&lock_path)?;
+        let gate = open_rw(&gate_path)?;
+        take_shared(
+            &lock,
+            &lock_path,
+            Some(&gate),
+            &gate_path,
+            options.lock_timeout,
+        )?;
+        // Under the lock: gc (exclusive) cannot be sweeping tmp/ while the tag is written.
+        write_cachedir_tag(root)?;
 
         let db_path = root.join("index.sqlite");
         let conn = index::open(&db_path)?;
+        index::check(&conn, &db_path)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            db_path,
+            conn: Mutex::new(conn),
+            lock: Some(lock),
+            lock_path,
+            gate: Some(gate),
+            gate_path,
+            options,
+            read_only: false,
+        })
+    }
+
+    /// Opens an existing cache for reading only: creates, migrates and writes nothing, so it
+    /// works on a read-only folder (`cache ls`, `du`, `explain`). Takes the shared lock when the
+    /// lock file is there (opened read-only). Every method that writes fails.
+    pub fn open_read_only(root: &Path) -> Result<Store, StoreError> {
+        let options = StoreOptions::default();
+        let open_ro = |path: &Path| match File::open(path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("open lock file", path)(e)),
+        };
+        let lock_path = root.join("lock");
+        let gate_path = root.join("gc.lock");
+        let lock = open_ro(&lock_path)?;
+        let gate = open_ro(&gate_path)?;
+        if let Some(lock) = &lock {
+            take_shared(lock, &lock_path, gate.as_ref(), &gate_path, None)?;
+        }
+        let db_path = root.join("index.sqlite");
+        let conn = index::open_read_only(&db_path)?;
+        index::check(&conn, &db_path)?;
         Ok(Store {
             root: root.to_path_buf(),
             db_path,
             conn: Mutex::new(conn),
             lock,
             lock_path,
+            gate,
+            gate_path,
             options,
-            live_tmp: Arc::default(),
+            read_only: true,
         })
     }
 
@@ -299,27 +364,103 @@ impl Store {
     }
 
     /// Swaps the shared lock for the exclusive one for the duration of `f`, then takes the
-    /// shared lock back. While waiting this Store holds no lock at all.
+    /// shared lock back. First `gc.lock` is taken exclusively, so Stores opened from then on
+    /// wait behind this one; then `lock`, once the Stores already open have closed. While
+    /// waiting this Store holds no lock on `lock`.
     fn exclusive<T>(
         &self,
         what: &str,
         f: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.lock
-            .unlock()
+        let (Some(lock), Some(gate), false) = (&self.lock, &self.gate, self.read_only) else {
+            return Err(StoreError::io("lock", &self.lock_path)(
+                std::io::Error::new(
+                    std::io::ErrorKind::ReadOnlyFilesystem,
+                    "the cache was opened read-only",
+                ),
+            ));
+        };
+        lock.unlock()
             .map_err(StoreError::io("unlock", &self.lock_path))?;
         debug!(
             "cache {}: {what} takes the exclusive lock",
             self.root.display()
         );
-        let locked = wait_for_lock(&self.lock, &self.lock_path, true, self.options.lock_timeout);
+        let started = Instant::now();
+        let timeout = self.options.lock_timeout;
+        let gated = wait_for_lock(
+            gate,
+            &self.gate_path,
+            true,
+            "another `strata cache gc/verify/rm`",
+            timeout,
+        );
+        let locked = gated.and_then(|()| {
+            wait_for_lock(
+                lock,
+                &self.lock_path,
+                true,
+                "strata processes using the cache (new ones wait for this one)",
+                timeout.map(|t| t.saturating_sub(started.elapsed())),
+            )
+        });
         let result = locked.and_then(|()| f());
         // Converting exclusive -> shared never blocks; from no lock it may wait for another gc.
-        let relocked = wait_for_lock(&self.lock, &self.lock_path, false, None);
+        let relocked = wait_for_lock(
+            lock,
+            &self.lock_path,
+            false,
+            "`strata cache gc/verify/rm`",
+            None,
+        );
+        // Only now may new Stores open (ours holds the shared lock again).
+        let _ = gate.unlock();
         let value = result?;
         relocked?;
         Ok(value)
     }
+
+    /// Removes the temp files in `<cache>/tmp` that writers killed mid-write left behind (a
+    /// live writer holds a lock on its file, in whatever process, container or namespace on
+    /// this kernel, so it is never touched). Safe while other builds run. Returns the files
+    /// removed with their sizes.
+    pub fn sweep_dead_temp_files(&self) -> Result<Vec<(PathBuf, u64)>, StoreError> {
+        let tmp = self.tmp_dir();
+        crate::fsutil::sweep_dead_files(&tmp, BLOB_TEMP_PREFIX)
+            .map_err(StoreError::io("clean up", &tmp))
+    }
+}
+
+/// Takes the shared `lock`, after waiting while a maintenance command holds `gate` (it waits for
+/// the cache, and Stores opened meanwhile queue behind it).
+fn take_shared(
+    lock: &File,
+    lock_path: &Path,
+    gate: Option<&File>,
+    gate_path: &Path,
+    timeout: Option<Duration>,
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    if let Some(gate) = gate {
+        wait_for_lock(
+            gate,
+            gate_path,
+            false,
+            "`strata cache gc/verify/rm`, which waits for the builds already running",
+            timeout,
+        )?;
+    }
+    let locked = wait_for_lock(
+        lock,
+        lock_path,
+        false,
+        "`strata cache gc/verify/rm`",
+        timeout.map(|t| t.saturating_sub(started.elapsed())),
+    );
+    if let Some(gate) = gate {
+        let _ = gate.unlock();
+    }
+    locked
 }
 
 fn write_cachedir_tag(root: &Path) -> Result<(), StoreError> {
@@ -327,23 +468,24 @@ fn write_cachedir_tag(root: &Path) -> Result<(), StoreError> {
     if tag.exists() {
         return Ok(());
     }
-    // Written to a temp file and renamed, so a reader never sees half a tag.
-    let mut tmp = tempfile::Builder::new()
-        .prefix("tag-")
-        .tempfile_in(root.join("tmp"))
+    // Written to a (locked) temp file and renamed, so a reader never sees half a tag.
+    let mut tmp = crate::fsutil::locked_temp_in(&root.join("tmp"), "tag-")
         .map_err(StoreError::io("create temp file in", &root.join("tmp")))?;
     tmp.write_all(CACHEDIR_TAG.as_bytes())
         .map_err(StoreError::io("write", tmp.path()))?;
+    crate::fsutil::set_mode(tmp.path(), 0o644).map_err(StoreError::io("chmod", tmp.path()))?;
     tmp.persist(&tag)
         .map_err(|e| StoreError::io("create", &tag)(e.error))?;
     Ok(())
 }
 
-/// Takes the lock (shared or exclusive), polling so a waiter can say why it waits.
+/// Takes the lock (shared or exclusive), polling so a waiter can say why it waits (`holder`:
+/// who holds it).
 fn wait_for_lock(
     file: &File,
     path: &Path,
     exclusive: bool,
+    holder: &str,
     timeout: Option<Duration>,
 ) -> Result<(), StoreError> {
     let start = Instant::now();
@@ -363,11 +505,6 @@ fn wait_for_lock(
             }
         }
         if first || last_notice.elapsed() >= LOCK_NOTICE_EVERY {
-            let holder = if exclusive {
-                "strata processes using the cache"
-            } else {
-                "`strata cache gc/verify/rm`"
-            };
             info!(
                 "waiting for the cache lock {} (held by {holder}; {}s so far)",
                 path.display(),
@@ -384,7 +521,7 @@ fn wait_for_lock(
                 waited: start.elapsed(),
             });
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(LOCK_POLL);
     }
 }
 

@@ -745,25 +745,132 @@ fn rm_removes_step_descendants_and_unshared_blobs() {
 }
 
 #[test]
-fn crashed_writer_leaves_only_a_temp_file_that_gc_removes() {
+fn a_dead_writers_temp_file_is_swept_and_a_live_ones_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    // A live writer (it holds the lock on its temp file, as it would in another process).
+    let mut live = s.blob_writer().unwrap();
+    live.write_all(&[7u8; 5000]).unwrap();
+    live.flush().unwrap();
+    // A writer that died: its temp file is left, and nobody holds a lock on it.
+    let dead = dir.path().join("tmp/blob-dead1");
+    std::fs::write(&dead, [9u8; 10_000]).unwrap();
+    assert_eq!(tmp_count(dir.path()), 2);
+    let usage = s.du().unwrap();
+    assert_eq!((usage.tmp_files, usage.tmp_bytes), (1, 10_000));
+    // What the next build does at its start (other builds may be running: only the dead go).
+    let swept = s.sweep_dead_temp_files().unwrap();
+    assert_eq!(swept, vec![(dead.clone(), 10_000)]);
+    assert_eq!(tmp_count(dir.path()), 1);
+    // gc too.
+    std::fs::write(dir.path().join("tmp/blob-dead2"), b"x").unwrap();
+    let report = s.gc(u64::MAX).unwrap();
+    assert_eq!(report.tmp_files_removed, 1);
+    assert_eq!(tmp_count(dir.path()), 1);
+    let (digest, size) = live.finish().unwrap();
+    assert_eq!(size, 5000);
+    assert!(s.verify_blob(&digest).unwrap());
+    assert_eq!(tmp_count(dir.path()), 0);
+}
+
+#[test]
+fn a_waiting_gc_goes_before_stores_opened_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let quick = StoreOptions {
+        lock_timeout: Some(Duration::from_millis(400)),
+    };
+    // A running build.
+    let running = store(dir.path());
+    let root = dir.path().to_path_buf();
+    let gc = std::thread::spawn(move || Store::open(&root).unwrap().gc(0).unwrap());
+    // Wait until the gc queues (it holds gc.lock while it waits for the builds).
+    let gate = std::fs::File::open(dir.path().join("gc.lock")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while gate.try_lock_shared().is_ok() {
+        gate.unlock().unwrap();
+        assert!(std::time::Instant::now() < deadline, "gc never queued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(gate);
+    // A build starting now waits behind the gc, although the running one holds only a shared
+    // lock (without the queue it would get one too, and a stream of builds would starve gc).
+    let (err, log) = capture_logs(|| Store::open_with(dir.path(), quick.clone()).unwrap_err());
+    assert!(matches!(err, StoreError::LockTimeout { .. }), "{err}");
+    assert!(log.contains("gc/verify/rm"), "{log}");
+    assert!(!gc.is_finished());
+    // Once the running build ends, the gc runs, and then new builds open.
+    drop(running);
+    gc.join().unwrap();
+    let s = Store::open_with(dir.path(), quick).unwrap();
+    assert!(s.list_steps().unwrap().is_empty());
+}
+
+#[test]
+fn a_read_only_store_reads_and_refuses_to_write() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = store(dir.path());
-        let mut w = s.blob_writer().unwrap();
-        w.write_all(&[9u8; 10_000]).unwrap();
-        w.flush().unwrap();
-        std::mem::forget(w); // as if the process died mid-write
+        let l = layer(&s, b"content");
+        s.record_step(&step("k1", None, Some(&l), 1), &[l]).unwrap();
     }
-    assert_eq!(tmp_count(dir.path()), 1);
+    let ro = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(ro.list_steps().unwrap().len(), 1);
+    assert_eq!(ro.du().unwrap().steps, 1);
+    assert!(ro.blob_writer().is_err());
+    assert!(ro.gc(0).is_err());
+    assert!(ro.touch_step("k1", 5).is_err());
+    // A writer can open beside it (both hold shared locks).
+    let rw = store(dir.path());
+    assert_eq!(rw.get_step("k1").unwrap().unwrap().last_used, 1);
+}
+
+#[test]
+fn verify_drops_a_layer_the_check_refuses_with_its_steps() {
+    let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let usage = s.du().unwrap();
+    let good = layer(&s, b"a good layer");
+    let bad = layer(&s, b"a hostile layer");
+    s.record_step(
+        &step("k1", None, Some(&good), 1),
+        std::slice::from_ref(&good),
+    )
+    .unwrap();
+    s.record_step(
+        &step("k2", Some("k1"), Some(&bad), 1),
+        std::slice::from_ref(&bad),
+    )
+    .unwrap();
+    s.record_step(&step("k3", Some("k2"), None, 1), &[])
+        .unwrap();
+    let seen = Mutex::new(0);
+    let check = |l: &LayerRecord, r: &mut dyn Read| -> std::io::Result<Option<String>> {
+        let mut bytes = Vec::new();
+        r.read_to_end(&mut bytes)?;
+        *seen.lock().unwrap() += 1;
+        Ok((l.diff_id == bad.diff_id).then(|| "an absolute path".to_string()))
+    };
+    let report = s.verify_with(&check, &|| Ok(())).unwrap();
+    assert_eq!(*seen.lock().unwrap(), 2);
+    assert_eq!(report.layers_checked, 2);
     assert_eq!(
-        (usage.blobs, usage.tmp_files, usage.tmp_bytes),
-        (0, 1, 10_000)
+        report.refused,
+        vec![(bad.diff_id.clone(), "an absolute path".to_string())]
     );
-    let report = s.gc(u64::MAX).unwrap();
-    assert_eq!(report.tmp_files_removed, 1);
-    assert_eq!(tmp_count(dir.path()), 0);
+    assert!(!report.is_clean());
+    assert_eq!(
+        report.steps_dropped,
+        vec!["k2".to_string(), "k3".to_string()]
+    );
+    assert!(s.get_step("k1").unwrap().is_some());
+    assert!(s.layer_for(&bad.diff_id).unwrap().is_none());
+    assert!(!s.blob_path(&bad.blob_digest).exists());
+    assert!(s.blob_path(&good.blob_digest).exists());
+    assert_consistent(&s);
+    // Clean afterwards; a stop asked for between blobs ends verify with an error.
+    assert!(s.verify_with(&check, &|| Ok(())).unwrap().is_clean());
+    let stop = || Err(std::io::Error::other("cancelled"));
+    assert!(s.verify_with(&check, &stop).is_err());
+    assert!(s.get_step("k1").unwrap().is_some());
 }
 
 #[test]
@@ -871,6 +978,45 @@ fn damaged_index_pages_are_one_clear_error() {
     let err = Store::open(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::DamagedIndex { .. }), "{err}");
     assert!(err.to_string().contains("index.sqlite"));
+}
+
+#[test]
+fn an_index_damaged_inside_its_pages_is_refused_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = store(dir.path());
+        let mut parent: Option<String> = None;
+        for i in 0..200 {
+            let key = format!("k{i:03}");
+            s.record_step(&step(&key, parent.as_deref(), None, i), &[])
+                .unwrap();
+            parent = Some(key);
+        }
+    }
+    // The header and the schema page stay sound (opening works); a b-tree page further on
+    // gets random-looking bytes in its cell area, as `dd` of random bytes into the file does.
+    let path = dir.path().join("index.sqlite");
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() >= 4 * 4096, "{} bytes", bytes.len());
+    let page = 2 * 4096;
+    let mut x: u32 = 0x9e37_79b9;
+    for b in &mut bytes[page + 8..page + 4096] {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::DamagedIndex { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("index.sqlite") && msg.contains("move it aside"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "{msg}");
+    let err = Store::open_read_only(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::DamagedIndex { .. }), "{err}");
 }
 
 #[test]

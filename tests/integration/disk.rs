@@ -3,7 +3,8 @@
 //! failures and SIGKILL leaving no loop device or mount; and (ignored, for CI) the boot test of
 //! `vm debian-minimal` under qemu.
 
-use crate::harness::{BuildFixture, Manifest, repo, steps_then};
+use crate::harness::{BuildFixture, Manifest, repo, signal_when, steps_then};
+use nix::sys::signal::Signal;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -682,6 +683,54 @@ fn sigkill_during_the_disk_step_leaves_no_loop_device_and_no_mount() {
     f.assert_killed_build_left_nothing("sleep 299", &hold);
     let m = f.build_ok(&disk_args(&el, "block-device-mbr", &[]));
     assert_eq!(m.ran(), ["output/disk"]);
+}
+
+#[test]
+fn sigterm_and_sigint_while_disk_outputs_are_written_stop_the_build_with_143_and_130() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    let el = shipped_elements();
+    let bulk = [("DIB_FIXTURE_BULK_MB", "96")];
+    let args = [
+        "--element-path",
+        el.as_str(),
+        "fixture-bulk",
+        "fixture-disk",
+        "block-device-mbr",
+    ];
+    // SIGTERM while qemu-img compresses the qcow2 (its temp file beside out/img.qcow2 exists).
+    let mut cmd = f.build_cmd_typed("img", "qcow2,raw", &args);
+    cmd.envs(bulk);
+    let (status, stderr) = signal_when(
+        &mut cmd,
+        || !f.partial_outputs().is_empty(),
+        Signal::SIGTERM,
+    );
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("cancelled by SIGTERM"), "{stderr}");
+    for name in ["img.qcow2", "img.raw", "img.strata.json"] {
+        assert!(!f.out(name).exists(), "{name} left after SIGTERM");
+    }
+    assert!(loops_under(f.path()).is_empty());
+    f.assert_no_leftovers();
+    // SIGINT while the raw image is copied out, after the tar (taken from the disk) was
+    // renamed into place: the cancelled build leaves neither.
+    let mut cmd = f.build_cmd_typed("img", "tar,raw", &args);
+    cmd.envs(bulk);
+    let ready = || f.out("img.tar").exists() && !f.partial_outputs().is_empty();
+    let (status, stderr) = signal_when(&mut cmd, ready, Signal::SIGINT);
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("cancelled by SIGINT"), "{stderr}");
+    for name in ["img.tar", "img.raw", "img.strata.json"] {
+        assert!(!f.out(name).exists(), "{name} left after SIGINT");
+    }
+    assert!(loops_under(f.path()).is_empty());
+    f.assert_no_leftovers();
+    // The rootfs steps were kept; the disk step runs again and finishes.
+    f.run_ok(f.build_cmd_typed("img", "tar,raw", &args).envs(bulk));
+    let m = f.manifest();
+    assert_eq!(m.ran(), ["output/disk"]);
+    assert!(f.out("img.raw").exists() && f.out("img.tar").exists());
 }
 
 /// Kills qemu when the test ends, however it ends.

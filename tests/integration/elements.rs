@@ -524,6 +524,33 @@ fn a_failing_environment_file_is_named_with_bashs_message() {
     assert!(err.ends_with("BAR: unbound variable"), "{err}");
 }
 
+#[test]
+fn a_build_names_the_elements_own_environment_file_when_it_fails() {
+    crate::require_root!();
+    let f = crate::harness::BuildFixture::new();
+    let file = f
+        .elements()
+        .join("fixture-app/environment.d/20-fixture-app.bash");
+    let mut text = fs::read_to_string(&file).unwrap();
+    text.push_str("if [ ; then\n");
+    fs::write(&file, text).unwrap();
+    let out = f.build(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    // Both strata's words and bash's name the element's file, never the build folder's copy.
+    let shown = file.display().to_string();
+    assert_eq!(
+        errors[0].matches(shown.as_str()).count(),
+        2,
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].contains("syntax error"), "{}", errors[0]);
+    assert!(!errors[0].contains("strata_build."), "{}", errors[0]);
+}
+
 /// Runs `tests/dib_compat.sh` (downloads diskimage-builder from PyPI; needs the network, pip,
 /// python3). Run with `cargo test --test integration dib_compat -- --ignored`.
 #[test]

@@ -176,7 +176,8 @@ impl BuildFixture {
         Manifest(serde_json::from_str(&text).unwrap())
     }
 
-    /// No mount under this fixture, and no build folder left in its TMP_DIR.
+    /// No mount under this fixture, no build folder left in its TMP_DIR, no partial output in
+    /// its output folder and no temp file in its cache.
     pub fn assert_no_leftovers(&self) {
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
         let prefix = self.path().to_string_lossy().to_string();
@@ -184,12 +185,31 @@ impl BuildFixture {
         assert!(left.is_empty(), "mounts left behind: {left:#?}");
         let tmp: Vec<_> = fs::read_dir(self.path().join("tmp")).unwrap().collect();
         assert!(tmp.is_empty(), "build folders left in TMP_DIR: {tmp:?}");
+        let partial = self.partial_outputs();
+        assert!(partial.is_empty(), "partial outputs left: {partial:?}");
+        let cache_tmp: Vec<_> = fs::read_dir(self.cache().join("tmp"))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        assert!(
+            cache_tmp.is_empty(),
+            "temp files left in the cache: {cache_tmp:?}"
+        );
+    }
+
+    /// Temp files strata writes outputs into (`.strata-out.*`) anywhere under `out/`.
+    pub fn partial_outputs(&self) -> Vec<PathBuf> {
+        walkdir::WalkDir::new(self.path().join("out"))
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".strata-out."))
+            .map(|e| e.path().to_path_buf())
+            .collect()
     }
 
     /// After strata was SIGKILLed mid-build: within 10 s no process whose command line matches
-    /// `survivor` (something a hook started) is left, nothing is mounted under this fixture,
-    /// and the killed build left at most empty folders in TMP_DIR (removed here, with `hold`,
-    /// the file that kept the hook waiting), so a rerun can start.
+    /// `survivor` (something a hook started) is left and nothing is mounted under this fixture;
+    /// `hold` (the file that kept the hook waiting) is removed. What the killed build left in
+    /// TMP_DIR stays: the next build removes it (and `run_ok` checks that it did).
     pub fn assert_killed_build_left_nothing(&self, survivor: &str, hold: &Path) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
@@ -212,12 +232,11 @@ impl BuildFixture {
             "mounts left: {mounts}"
         );
         fs::remove_file(hold).unwrap();
-        for e in fs::read_dir(self.path().join("tmp")).unwrap() {
-            let p = e.unwrap().path();
-            let n = fs::read_dir(&p).map(|d| d.count()).unwrap_or(0);
-            assert_eq!(n, 0, "{} not empty", p.display());
-            fs::remove_dir(&p).unwrap();
-        }
+        let left: Vec<_> = fs::read_dir(self.path().join("tmp")).unwrap().collect();
+        assert!(
+            !left.is_empty(),
+            "the killed build left no build folder to sweep"
+        );
     }
 
     /// Lists a tar output's members (GNU tar reads it, so the output is a standard tar).
@@ -241,6 +260,48 @@ impl BuildFixture {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// Starts `cmd` (stdout discarded, stderr collected), polls `ready` every 5 ms (for up to 3
+/// minutes), then sends `signal` to strata and returns how it ended and what it printed.
+pub fn signal_when(
+    cmd: &mut Command,
+    ready: impl Fn() -> bool,
+    signal: nix::sys::signal::Signal,
+) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let mut sent = false;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            let text = reader.join().unwrap();
+            panic!("strata ended ({status}) before the moment to signal it came:\n{text}");
+        }
+        if ready() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+            sent = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if !sent {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert!(sent, "the moment to signal never came:\n{text}");
+    (status, text)
 }
 
 /// A parsed NAME.strata.json.

@@ -7,6 +7,7 @@ mod dib_helpers;
 mod disk;
 mod elements;
 mod face;
+mod faults;
 mod harness;
 mod registry;
 #[path = "../support/registry_server.rs"]

@@ -17,7 +17,7 @@ use strata::progress::{Mode, Reporter};
 use strata::runner::{HookOutcome, HookRun, run_hook};
 use strata::sandbox::{
     BuildDir, ChrootMounts, HOST_RESOLV_FALLBACK, RESOLV_ASIDE, enter_private_namespace,
-    mount_points_under,
+    mount_points_under, sweep_dead_build_dirs,
 };
 
 const HELPER_ENV: &str = "STRATA_SANDBOX_HELPER";
@@ -462,6 +462,58 @@ fn dropping_a_build_dir_cleans_it_up() {
     assert!(mount_points_under(parent.path()).unwrap().is_empty());
 }
 
+#[test]
+fn only_dead_build_folders_are_swept_even_from_inside_a_live_builds_namespace() {
+    crate::require_root!();
+    private_ns();
+    let parent = tempfile::tempdir().unwrap();
+    // Live builds: one on a tmpfs (seen from here, its own namespace, as a mount point, as a
+    // strata started by one of its hooks would see it) and one without.
+    let on_tmpfs = BuildDir::create(parent.path(), "strata_build.", true).unwrap();
+    std::fs::write(on_tmpfs.path.join("f"), "live").unwrap();
+    let plain = BuildDir::create(parent.path(), "strata_build.", false).unwrap();
+    std::fs::create_dir_all(plain.path.join("a/b")).unwrap();
+    std::fs::write(plain.path.join("a/b/f"), "live").unwrap();
+    // A dead build's folder (nobody holds its lock) with a tree in it, and one held by another
+    // process's lock (here: this test's own descriptor).
+    let dead = parent.path().join("strata_build.dead");
+    std::fs::create_dir_all(dead.join("x/y")).unwrap();
+    std::fs::write(dead.join("x/y/z"), "left").unwrap();
+    let held = parent.path().join("strata_build.held");
+    std::fs::create_dir(&held).unwrap();
+    let lock = std::fs::File::open(&held).unwrap();
+    lock.lock().unwrap();
+    let other = parent.path().join("not-a-build");
+    std::fs::create_dir(&other).unwrap();
+
+    let removed = sweep_dead_build_dirs(parent.path(), "strata_build.").unwrap();
+    assert_eq!(removed, vec![dead.clone()]);
+    assert!(!dead.exists());
+    assert_eq!(
+        std::fs::read_to_string(on_tmpfs.path.join("f")).unwrap(),
+        "live"
+    );
+    assert_eq!(
+        std::fs::read_to_string(plain.path.join("a/b/f")).unwrap(),
+        "live"
+    );
+    assert!(held.exists() && other.exists());
+    // Once the holder is gone, its folder is a dead build's.
+    drop(lock);
+    assert_eq!(
+        sweep_dead_build_dirs(parent.path(), "strata_build.").unwrap(),
+        vec![held.clone()]
+    );
+    on_tmpfs.cleanup().unwrap();
+    plain.cleanup().unwrap();
+    assert!(
+        sweep_dead_build_dirs(parent.path(), "strata_build.")
+            .unwrap()
+            .is_empty()
+    );
+    assert!(mount_points_under(parent.path()).unwrap().is_empty());
+}
+
 // ---------------------------------------------------------------- chroot mounts
 
 enum Resolv {
@@ -661,6 +713,28 @@ fn a_succeeding_hook_reports_success_and_its_output() {
     assert_eq!(o.signal, None);
     assert_eq!(o.tail, vec!["one", "two", "no newline"]);
     assert!(o.seconds > 0.0 && o.seconds < 30.0);
+}
+
+#[test]
+fn a_binary_hook_that_cannot_run_reports_why_without_a_stray_success_line() {
+    crate::require_root!();
+    // An ELF header the kernel refuses (ENOEXEC), with NUL bytes: bash calls it a binary.
+    let (o, _d) = run_script(
+        "\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0\0\0\0\0\0\0",
+        &[],
+    );
+    assert!(!o.success);
+    assert_eq!(o.tail.len(), 1, "{:?}", o.tail);
+    assert!(
+        o.tail[0].ends_with("cannot execute binary file: Exec format error"),
+        "{:?}",
+        o.tail
+    );
+    assert!(
+        o.tail.iter().all(|l| !l.ends_with(": Success")),
+        "{:?}",
+        o.tail
+    );
 }
 
 #[test]
