@@ -153,7 +153,9 @@ fn open_cache_read_only(settings: &Settings) -> Result<Arc<dyn StepCache>> {
         return Ok(Arc::new(NoCache));
     }
     let local: Arc<dyn StepCache> = if settings.cache.dir.join("index.sqlite").exists() {
-        Arc::new(ReadOnly(Local::new(Store::open(&settings.cache.dir)?)))
+        Arc::new(ReadOnly(Local::new(Store::open_read_only(
+            &settings.cache.dir,
+        )?)))
     } else {
         Arc::new(NoCache)
     };

@@ -502,6 +502,9 @@ fn write_qcow2(
     let written = qcow2::write(raw, dest, &native, previous, &cancelled).map_err(|e| {
         match (&e, crate::cancel::requested()) {
             (qcow2::Qcow2Error::Cancelled, Some(c)) => anyhow::Error::new(c),
+            (qcow2::Qcow2Error::Io { source, .. }, _) => {
+                anyhow::anyhow!(crate::fsutil::write_error(dest, source))
+            }
             _ => anyhow::Error::new(e),
         }
     })?;

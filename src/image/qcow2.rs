@@ -12,7 +12,7 @@
 //!     ──writer thread, chunks put back in order: the data area from host cluster 1 (compressed
 //!       clusters packed byte after byte, uncompressed ones cluster-aligned)
 //! end: L2 tables, L1 table, refcount blocks, refcount table, then the header in cluster 0
-//!      ──► .NAME.*.strata-tmp beside dest ──rename──► dest;  + the ClusterMap of dest
+//!      ──► a locked .strata-out.* temp file beside dest ──rename──► dest;  + the ClusterMap
 //! ```
 //!
 //! The layout is a pure function of the raw bytes and the options (compression is the same
@@ -485,11 +485,10 @@ pub fn write(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", file_name.to_string_lossy()))
-        .suffix(".strata-tmp")
-        .tempfile_in(dir)
-        .map_err(|e| {
+    // Locked while alive, so a later build can tell a dead writer's leftover (see fsutil).
+    let _ = file_name;
+    let tmp =
+        crate::fsutil::locked_temp_in(dir, crate::fsutil::OUTPUT_TEMP_PREFIX).map_err(|e| {
             Qcow2Error::io(format!("creating a temporary file in {}", dir.display()), e)
         })?;
     let shown = tmp.path().display().to_string();
