@@ -12,7 +12,9 @@
 # (`--progress json`). Builds run one at a time in a temp folder under $TMPDIR (or /var/tmp);
 # each build's layer cache is removed after it (dib's download cache, DIB_IMAGE_CACHE, is
 # shared). DIB_VENV reuses a venv that has diskimage-builder. Run as root, e.g. with
-# `nice -n 10 tests/dib_sweep.sh -o /var/tmp/sweep` beside other work.
+# `nice -n 10 tests/dib_sweep.sh -o /var/tmp/sweep` beside other work. Never run two sweeps
+# (or any two builds with dib's dpkg element) on one DIB_IMAGE_CACHE at once: dib binds
+# DIB_IMAGE_CACHE/apt into each image and apt fails on the other build's archives lock.
 set -euo pipefail
 # shellcheck source=tests/dib_env.sh
 . "$(dirname "$0")/dib_env.sh"
@@ -142,7 +144,7 @@ while IFS='|' read -r name elements vars; do
         # The last hook output and error lines, one table cell.
         tail=$(jq -r 'select(.event == "hook-output" or (.event == "log" and .level == "error"))
                 | (.line // .message)' "$out/$slug.jsonl" 2>/dev/null | tail -6 |
-            sed 's/|/\\|/g; s/`//g' | awk 'NR > 1 { printf "<br>" } { printf "`%s`", $0 }')
+            sed -E 's/\|/\\|/g; s/`//g; s#(https?://)[^/ ]+#\1MIRROR#g' | awk 'NR > 1 { printf "<br>" } { printf "`%s`", $0 }')
     fi
     printf '| %s | %s | %.0f s | %s; %s of %s | %s |\n' "\`$elements\`${vars:+ ($vars)}" "$result" \
         "$seconds" "${steps:-?}" "${cached:-?}" "${steps:-?}" "$tail" | sed "s|$work/files|FILES|g" >> "$table"
