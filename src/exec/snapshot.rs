@@ -13,7 +13,12 @@
 //! ```
 //!
 //! Mount points below the tree (cache mounts, hooks' own mounts) are left out of every scan.
+//!
+//! With a kept tree (`build --keep-tree`, see `kept_tree.rs`) the first restore brings the
+//! image's kept tree to the last cached step instead (often with nothing to unpack) and mounts
+//! an overlay of it on the tree; diffs then leave out what overlayfs' copy-up alone changed.
 
+use super::kept_tree::{ChainStep, KeptTree, Overlay, SlotPlan, UpperState};
 use crate::cache::{Hit, LayerRecord, StepCache};
 use crate::layer::{self, LayerError, PackOptions, Scan, ScanOptions, UnpackOptions};
 use crate::sandbox;
@@ -70,6 +75,8 @@ impl StepLayers {
 pub struct Before {
     root: Scan,
     hooks: Scan,
+    /// The overlay's upper folder (kept-tree builds).
+    upper: Option<UpperState>,
 }
 
 /// The tree's state with respect to the cache.
@@ -83,6 +90,12 @@ pub struct Snapshots<'a> {
     restored: bool,
     /// A scan of the tree as it is now, when known.
     scan: Option<Scan>,
+    /// The image's kept tree, when the build may use it (`--keep-tree`).
+    kept: Option<KeptTree>,
+    /// The overlay of the kept tree on the tree, once mounted.
+    overlay: Option<Overlay>,
+    /// True once anything was restored into (or mounted on) the tree.
+    touched: bool,
 }
 
 impl<'a> Snapshots<'a> {
@@ -94,7 +107,20 @@ impl<'a> Snapshots<'a> {
             pending: Vec::new(),
             restored: false,
             scan: None,
+            kept: None,
+            overlay: None,
+            touched: false,
         }
+    }
+
+    /// Lets the first restore use `kept` (see `kept_tree.rs`).
+    pub fn keep_tree(&mut self, kept: KeptTree) {
+        self.kept = Some(kept);
+    }
+
+    /// True when the tree is an overlay of a kept tree.
+    pub fn on_kept_tree(&self) -> bool {
+        self.overlay.is_some()
     }
 
     /// True when steps that run are snapshotted (the cache keeps layers).
@@ -127,7 +153,31 @@ impl<'a> Snapshots<'a> {
             return Ok(done);
         }
         let started = Instant::now();
-        for hit in std::mem::take(&mut self.pending) {
+        let pending = std::mem::take(&mut self.pending);
+        let first = !self.touched;
+        self.touched = true;
+        if first && !pending.is_empty() && self.kept.is_some() {
+            match self.restore_kept(&pending) {
+                Ok(bytes) => {
+                    done.steps = pending.len();
+                    done.bytes = bytes;
+                    done.seconds = started.elapsed().as_secs_f64();
+                    self.restored = true;
+                    self.scan = None;
+                    return Ok(done);
+                }
+                Err(e)
+                    if e.downcast_ref::<RefusedLayer>().is_some()
+                        || crate::cancel::requested().is_some() =>
+                {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!("{e:#}; restoring by unpacking instead");
+                }
+            }
+        }
+        for hit in pending {
             if let Some(diff) = &hit.step.layer {
                 let layer = hit
                     .layer(diff)
@@ -144,6 +194,44 @@ impl<'a> Snapshots<'a> {
             self.scan = None;
         }
         Ok(done)
+    }
+
+    /// Brings the kept tree to the last of `pending` and mounts an overlay of it on the tree.
+    /// Returns the compressed bytes applied to the kept tree.
+    fn restore_kept(&mut self, pending: &[Hit]) -> Result<u64> {
+        let mut kept = self.kept.take().context("no kept tree")?;
+        let chain: Vec<ChainStep> = pending
+            .iter()
+            .map(|h| (h.step.key.clone(), h.step.layer.clone()))
+            .collect();
+        let cache = self.cache;
+        let mut bytes = 0;
+        let brought = kept.bring_to(&chain, |i, tree| {
+            let hit = &pending[i];
+            let diff = hit.step.layer.as_ref().context("a step without a layer")?;
+            let layer = hit
+                .layer(diff)
+                .cloned()
+                .with_context(|| format!("the cache named no blob for layer {diff}"))?;
+            bytes += layer.blob_size;
+            apply(cache, hit, &layer, tree)
+        });
+        let mounted = brought.and_then(|b| {
+            let how = match b.plan {
+                SlotPlan::Reuse => "at the wanted step already".to_string(),
+                SlotPlan::Advance { .. } => format!("advanced by {} layers", b.applied),
+                SlotPlan::Fresh => format!("unpacked afresh ({} layers)", b.applied),
+            };
+            tracing::info!("kept tree: {how} ({})", kept.tree().display());
+            kept.mount(
+                &self.paths.mount_dir,
+                &self.paths.build_dir.join("kept-tree"),
+            )
+        });
+        // Held until the build ends (the overlay must never see its lower folder change).
+        self.kept = Some(kept);
+        self.overlay = Some(mounted?);
+        Ok(bytes)
     }
 
     /// A scan of the tree as it is now (kept from the last step when possible).
@@ -175,9 +263,14 @@ impl<'a> Snapshots<'a> {
     /// The scans a step will be diffed against, whether or not the cache keeps layers (for
     /// `build --check`, which packs into a scratch cache).
     pub fn before_always(&mut self) -> Result<Before> {
+        let upper = match &self.overlay {
+            Some(o) => Some(o.upper_state()?),
+            None => None,
+        };
         Ok(Before {
             root: self.take_scan()?,
             hooks: scan_excluding_mounts(&self.paths.hooks_dir)?,
+            upper,
         })
     }
 
@@ -193,22 +286,27 @@ impl<'a> Snapshots<'a> {
     /// Packs what the step changed into `into` (the build's cache, or a scratch one).
     pub fn after_into(&mut self, before: Before, into: &dyn StepCache) -> Result<StepLayers> {
         let after_root = scan_excluding_mounts(&self.paths.mount_dir)?;
-        let rootfs = self.store(into, &self.paths.mount_dir, &before.root, &after_root)?;
+        let changes = match (&self.overlay, &before.upper) {
+            (Some(o), Some(start)) => layer::diff_with(&before.root, &after_root, &|p, b, a| {
+                o.is_copy_up_noise(start, p, b, a)
+            }),
+            _ => layer::diff(&before.root, &after_root),
+        };
+        let rootfs = self.store(into, &self.paths.mount_dir, &changes)?;
         let after_hooks = scan_excluding_mounts(&self.paths.hooks_dir)?;
-        let hooks = self.store(into, &self.paths.hooks_dir, &before.hooks, &after_hooks)?;
+        let changes = layer::diff(&before.hooks, &after_hooks);
+        let hooks = self.store(into, &self.paths.hooks_dir, &changes)?;
         self.scan = Some(after_root);
         Ok(StepLayers { rootfs, hooks })
     }
 
-    /// Packs what changed between two scans of `root` into a blob (None if nothing changed).
+    /// Packs `changes` of `root` into a blob (None if nothing changed).
     fn store(
         &self,
         into: &dyn StepCache,
         root: &Path,
-        before: &Scan,
-        after: &Scan,
+        changes: &layer::Changeset,
     ) -> Result<Option<LayerRecord>> {
-        let changes = layer::diff(before, after);
         if changes.is_empty() {
             return Ok(None);
         }
@@ -216,7 +314,7 @@ impl<'a> Snapshots<'a> {
             return Ok(None);
         };
         // Packing a large layer takes a while: SIGINT/SIGTERM stops it at the next write.
-        let info = layer::pack(root, &changes, &mut CancelWrite(&mut sink), &self.pack)?;
+        let info = layer::pack(root, changes, &mut CancelWrite(&mut sink), &self.pack)?;
         let (digest, blob_size) = sink.finish()?;
         Ok(Some(LayerRecord {
             diff_id: info.diff_id,

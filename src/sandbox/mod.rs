@@ -25,6 +25,7 @@ mod mounts;
 use std::io;
 use std::path::PathBuf;
 
+pub(crate) use builddir::remove_tree_on_one_mount;
 pub use builddir::{BuildDir, sweep_dead_build_dirs, tmpfs_allowed, unmount_below};
 pub use exec::{Exec, SandboxChild, spawn, spawn_attached};
 pub use mountinfo::{MountEntry, mount_points_under, mounts_at_or_under};
