@@ -13,7 +13,7 @@ runs=${1:-3}
 shift || true
 here=$(cd "$(dirname "$0")/.." && pwd)
 (cd "$here" && cargo build --release --quiet)
-strata=$here/target/release/strata
+strata=${CARGO_TARGET_DIR:-$here/target}/release/strata
 work=$(mktemp -d /var/tmp/strata-vm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cd "$work"

@@ -362,7 +362,8 @@ pub struct BuildArgs {
 
     /// Restore cached steps from the image's kept tree in the cache folder instead of
     /// unpacking them (the build runs on an overlay of it); on for --watch, never for --check.
-    #[arg(long = "keep-tree", env = "STRATA_KEEP_TREE")]
+    #[arg(long = "keep-tree", env = "STRATA_KEEP_TREE",
+          value_parser = clap::builder::FalseyValueParser::new())]
     pub keep_tree: bool,
 }
 

@@ -42,9 +42,11 @@
 //!   copied up, gets a new ctime (and a directory's link count reads 1 once merged) though
 //!   nothing about it changed. [`Overlay::is_copy_up_noise`] tells such a path from a real
 //!   change (content and xattrs compared with the kept tree, inode number unchanged), so the
-//!   layers equal those of a build without a kept tree. One difference remains: a hook that
-//!   sets a file's mode, owner or times to the values it already has leaves it out of the
-//!   layer with a kept tree, where a plain tree records it (outputs are the same either way).
+//!   layers equal those of a build without a kept tree (a folder counts as unchanged only when
+//!   a child was copied up into it; /etc and /etc/resolv.conf, which the sandbox renames around
+//!   every chroot step, never). Differences remain where a hook touches a path without
+//!   changing it (a mode, owner or times set to the values it has, a rename undone): a plain
+//!   tree records it (its ctime changed), a kept tree may leave it out; outputs are the same.
 //! * `strata cache gc` drops every slot nobody holds ([`drop_slots`]).
 //! * Never for `build --check`: an audit rebuilds from the cache's own layers.
 
@@ -424,11 +426,18 @@ impl Overlay {
             && b.rdev == a.rdev
             && b.link_target == a.link_target
             && (b.nlink == a.nlink || a.kind == FileKind::Dir);
-        if !same_but_ctime {
+        // The sandbox swaps /etc/resolv.conf in and out around every chroot step (renames, so
+        // ctimes change on a plain tree too): those changes are real on both.
+        if !same_but_ctime || rel == b"etc" || rel == b"etc/resolv.conf" {
             return false;
         }
         let relp = Path::new(std::ffi::OsStr::from_bytes(rel));
         let merged = self.merged.join(relp);
+        // A folder's ctime means nothing only when a child was copied up into it (anything
+        // else that changes its entries changes it on a plain tree too).
+        if a.kind == FileKind::Dir && !self.child_copied_up(start, rel) {
+            return false;
+        }
         match start.0.get(rel) {
             // Already up when the step began: nothing is copied up again, so only a folder
             // (whose child was copied up into it) may show a ctime that means nothing.
@@ -448,6 +457,27 @@ impl Overlay {
                 a.kind != FileKind::File || same_content(&lower, &merged).unwrap_or(false)
             }
         }
+    }
+}
+
+impl Overlay {
+    /// True when a child of the folder `rel` came up into the upper folder during the step
+    /// (in it now, not at the start; whiteouts left out).
+    fn child_copied_up(&self, start: &UpperState, rel: &[u8]) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = self.upper.join(Path::new(std::ffi::OsStr::from_bytes(rel)));
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            let mut child = rel.to_vec();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(e.file_name().as_bytes());
+            let whiteout = e.file_type().is_ok_and(|t| t.is_char_device());
+            !whiteout && !start.0.contains_key(&child)
+        })
     }
 }
 
@@ -662,7 +692,10 @@ mod tests {
     #[test]
     fn slots_are_per_output_name() {
         let c = Path::new("/c");
-        assert_eq!(slot_dir(c, "/tmp/a/img"), slot_dir(c, "/tmp/a/../a/img"));
-        assert_ne!(slot_dir(c, "/tmp/a/img"), slot_dir(c, "/tmp/a/img2"));
+        let out = tempfile::tempdir().unwrap();
+        fs::create_dir(out.path().join("a")).unwrap();
+        let p = |rel: &str| out.path().join(rel).display().to_string();
+        assert_eq!(slot_dir(c, &p("a/img")), slot_dir(c, &p("a/../a/img")));
+        assert_ne!(slot_dir(c, &p("a/img")), slot_dir(c, &p("a/img2")));
     }
 }
