@@ -359,8 +359,8 @@ fn copy_dir_meta(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// A path's xattrs (not followed), sorted; overlayfs' own are left out.
-fn xattrs(path: &Path) -> Vec<(OsString, Vec<u8>)> {
-    let mut out: Vec<(OsString, Vec<u8>)> = xattr::list(path)
+fn xattrs(path: &Path) -> Xattrs {
+    let mut out: Xattrs = xattr::list(path)
         .map(|names| {
             names
                 .filter(|n| !n.as_bytes().starts_with(b"trusted.overlay."))
@@ -385,7 +385,10 @@ pub struct Overlay {
 
 /// What the upper folder held when a step started: its paths, and each folder's xattrs.
 #[derive(Debug, Default)]
-pub struct UpperState(HashMap<Vec<u8>, Option<Vec<(OsString, Vec<u8>)>>>);
+pub struct UpperState(HashMap<Vec<u8>, Option<Xattrs>>);
+
+/// A path's xattrs, sorted by name.
+type Xattrs = Vec<(OsString, Vec<u8>)>;
 
 impl Overlay {
     /// The state of the upper folder now (before a step runs).
