@@ -28,7 +28,10 @@ mod mounts;
 use std::io;
 use std::path::PathBuf;
 
-pub use builddir::{BuildDir, sweep_dead_build_dirs, tmpfs_allowed, unmount_below};
+pub(crate) use builddir::remove_tree_on_one_mount;
+pub use builddir::{
+    BuildDir, sweep_dead_build_dirs, tmpfs_allowed, unmount_below, unmount_below_except,
+};
 pub use exec::{Exec, SandboxChild, spawn, spawn_attached};
 pub use hookmounts::{LeftMount, MountKind, left_below, mount_again};
 pub use mountinfo::{MountEntry, mount_points_under, mounts_at_or_under};

@@ -4,7 +4,7 @@
 //! here or on another builder through a registry, sees the same mount a cold build sees, and
 //! nothing of the mount's content is ever packed into a layer or an output.
 
-use crate::harness::{BuildFixture, Manifest};
+use crate::harness::{BuildFixture, Manifest, repo};
 use crate::registry_server::RegistryServer;
 use std::collections::BTreeMap;
 use std::fs;
@@ -232,4 +232,35 @@ fn a_step_pulled_from_a_registry_makes_its_mounts_again_on_another_builder() {
     );
     assert!(err.contains("mounted /var/cache/hostmount again"), "{err}");
     assert_eq!(host_files(&b), expected_files());
+}
+
+#[test]
+fn a_disk_build_unmounts_what_hooks_left_in_the_tree_and_in_the_disk_and_packs_none_of_it() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    let shipped = repo().join("elements").display().to_string();
+    let args = [
+        "--element-path",
+        shipped.as_str(),
+        "fixture-app",
+        "fixture-hostmount",
+        "fixture-disk",
+        "block-device-mbr",
+    ];
+    let out = f.run_ok(
+        f.build_cmd_typed("img", "tar,raw", &args)
+            .env("DIB_FIXTURE_CLEANUP_MOUNT", "1"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Once before the tree moves into the disk (root.d's), once in the disk (cleanup.d's).
+    let unmounted: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("unmounted") && l.contains("var/cache/hostmount"))
+        .collect();
+    assert_eq!(unmounted.len(), 2, "{err}");
+    let mut want = expected_files();
+    want.insert("cleanup.deb".into(), "host only\n".into());
+    assert_eq!(host_files(&f), want);
+    assert_nothing_of_the_mount_packed(&f);
+    assert!(f.out("img.raw").exists());
 }
