@@ -264,3 +264,35 @@ fn a_disk_build_unmounts_what_hooks_left_in_the_tree_and_in_the_disk_and_packs_n
     assert_nothing_of_the_mount_packed(&f);
     assert!(f.out("img.raw").exists());
 }
+
+#[test]
+fn strata_shell_at_a_later_step_sees_the_host_folder_mounted() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    build(&f, &[]);
+    let build = f.build_cmd(ELEMENTS);
+    let mut c = crate::util::strata();
+    c.arg("shell")
+        .args(build.get_args().skip(1))
+        .args(["--at", "install.d/60-fill-host-cache", "--"])
+        .args([
+            "sh",
+            "-c",
+            "grep -c ' /var/cache/hostmount ' /proc/self/mounts; ls /var/cache/hostmount",
+        ]);
+    for (k, v) in build.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let out = c.output().unwrap();
+    f.assert_no_leftovers();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let seen = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines.first(), Some(&"1"), "{seen}\n{err}");
+    assert!(lines.contains(&"a.deb"), "{seen}");
+    assert!(err.contains("mounted /var/cache/hostmount again"), "{err}");
+}
