@@ -105,6 +105,8 @@ pub struct Snapshots<'a> {
     image_cache: PathBuf,
     /// The hook mounts live below the root, by mount id, as recorded.
     mounts: Vec<(u64, StepMount)>,
+    /// Mount ids already warned about as impossible to make again (warned once).
+    unrecorded: Vec<u64>,
 }
 
 impl<'a> Snapshots<'a> {
@@ -123,6 +125,7 @@ impl<'a> Snapshots<'a> {
             scan: None,
             image_cache,
             mounts: Vec::new(),
+            unrecorded: Vec::new(),
         }
     }
 
@@ -290,11 +293,15 @@ impl<'a> Snapshots<'a> {
                     );
                     now.push((l.id, m));
                 }
-                Err(why) => tracing::warn!(
-                    "{step} left /{} mounted, but it cannot be made again for later steps \
-                     restored from the cache: {why}",
-                    l.target.display()
-                ),
+                Err(_) if self.unrecorded.contains(&l.id) => {}
+                Err(why) => {
+                    tracing::warn!(
+                        "{step} left /{} mounted, but it cannot be made again for later steps \
+                         restored from the cache: {why}",
+                        l.target.display()
+                    );
+                    self.unrecorded.push(l.id);
+                }
             }
         }
         self.mounts = now;
