@@ -9,6 +9,7 @@ mod elements;
 mod face;
 mod faults;
 mod harness;
+mod hostmount;
 mod registry;
 #[path = "../support/registry_server.rs"]
 mod registry_server;
