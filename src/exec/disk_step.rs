@@ -18,6 +18,8 @@
 //!     pre-finalise.d   host;  finalise.d chroot (ChrootMounts on mnt);  cleanup.d host
 //!                      (TARGET_ROOT=mnt); finalise_base(mnt)  — with DIB_ROOT_LABEL,
 //!                      DIB_ROOT_FSTYPE, DIB_BOOT_LABEL, DIB_MOUNTPOINTS, IMAGE_BLOCK_DEVICE(S)
+//!     hook mounts      what those hooks left mounted in the disk is unmounted (not the
+//!                      disk's own file systems), one line each
 //!     tree outputs     from the mounted tree (if asked for; outputs::tree::write)
 //!     Disk::unmount    fstrim, umount, detach ─► image0.raw; with SOURCE_DATE_EPOCH
 //!                      Disk::unmount_reproducible: each mounted ext file system is first made
@@ -285,7 +287,7 @@ pub fn run(job: &Job) -> Result<Produced> {
         nix::mount::umount2(&built, nix::mount::MntFlags::MNT_DETACH)
             .with_context(|| format!("cannot unmount {}", built.display()))?;
     }
-    fs::remove_dir_all(&built).with_context(|| format!("cannot remove {}", built.display()))?;
+    sandbox::remove_tree_on_one_mount(&built)?;
     lap("(create disk, copy tree)", &mut phase_timer, &mut timings);
 
     let mut base = job.base_env.clone();
@@ -310,6 +312,9 @@ pub fn run(job: &Job) -> Result<Produced> {
         run_phase(job, phase, hooks_of(phase), &env)?;
         lap(phase.dir_name(), &mut phase_timer, &mut timings);
     }
+    // What the disk phases' hooks left mounted in the disk (not the disk's own file systems)
+    // stays out of the tree outputs and would keep the disk busy (dib's unmount_image).
+    sandbox::unmount_below_except(disk.root_mount(), &disk.mount_points())?;
     hooks::finalise_base(disk.root_mount())?;
 
     let mut written = Vec::new();

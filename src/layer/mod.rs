@@ -110,7 +110,7 @@ pub(crate) fn is_below(path: &[u8], dir: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod order_tests {
