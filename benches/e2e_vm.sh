@@ -68,8 +68,8 @@ printf '%-52s %10.4f  (1/%.1f; target <= 1/10)\n' "rebuild / cold" "$(echo "$e /
 if [ "${KEEP_TREE:-0}" = 1 ]; then
     printf '%-52s %10.2f  (restore %.3f s)\n' "first --keep-tree rebuild (fills the kept tree)" \
         "$kfirst" "$kfirst_r"
-    printf '%-52s %10.2f\n' "rebuild with --keep-tree" "$(median < kedit)" \
-        "restoring from the kept tree" "$(median < krestore)"
+    printf '%-52s %10.2f\n' "rebuild with --keep-tree" "$(median < kedit)"
+    printf '%-52s %10.3f\n' "restoring from the kept tree" "$(median < krestore)"
 fi
 echo "qcow2 clusters reused per rebuild: $(tr '\n' ';' < reuse)"
 echo "where a rebuild's time goes (last one):"
