@@ -26,6 +26,7 @@
 pub mod check;
 pub mod disk_step;
 pub mod hooks;
+pub mod kept_tree;
 pub mod prepare;
 pub mod shell;
 pub mod snapshot;
@@ -156,6 +157,11 @@ impl<'a> Executor<'a> {
     /// Makes the walk stop at `stop` (`strata shell --at`).
     pub fn stop_at(&mut self, stop: StopAt) {
         self.stop_at = Some(stop);
+    }
+
+    /// Lets the build restore from the image's kept tree (see `kept_tree.rs`).
+    pub fn keep_tree(&mut self, kept: kept_tree::KeptTree) {
+        self.snapshots.keep_tree(kept);
     }
 
     /// Sets up `build --check` (see `check.rs`).

@@ -32,6 +32,11 @@
 //! what an earlier one mounted is followed too; the list is tiny. Steps recorded before strata
 //! kept mounts have none, and a restore to them makes none (as before).
 
+//! With a kept tree (`build --keep-tree`, see `kept_tree.rs`) the first restore brings the
+//! image's kept tree to the last cached step instead (often with nothing to unpack) and mounts
+//! an overlay of it on the tree; diffs then leave out what overlayfs' copy-up alone changed.
+
+use super::kept_tree::{ChainStep, KeptTree, Overlay, SlotPlan, UpperState};
 use crate::cache::{Hit, LayerRecord, StepCache, StepMount};
 use crate::layer::{self, LayerError, PackOptions, Scan, ScanOptions, UnpackOptions};
 use crate::sandbox;
@@ -88,6 +93,8 @@ impl StepLayers {
 pub struct Before {
     root: Scan,
     hooks: Scan,
+    /// The overlay's upper folder (kept-tree builds).
+    upper: Option<UpperState>,
 }
 
 /// The tree's state with respect to the cache.
@@ -107,6 +114,12 @@ pub struct Snapshots<'a> {
     mounts: Vec<(u64, StepMount)>,
     /// Mount ids already warned about as impossible to make again (warned once).
     unrecorded: Vec<u64>,
+    /// The image's kept tree, when the build may use it (`--keep-tree`).
+    kept: Option<KeptTree>,
+    /// The overlay of the kept tree on the tree, once mounted.
+    overlay: Option<Overlay>,
+    /// True once anything was restored into (or mounted on) the tree.
+    touched: bool,
 }
 
 impl<'a> Snapshots<'a> {
@@ -126,7 +139,20 @@ impl<'a> Snapshots<'a> {
             image_cache,
             mounts: Vec::new(),
             unrecorded: Vec::new(),
+            kept: None,
+            overlay: None,
+            touched: false,
         }
+    }
+
+    /// Lets the first restore use `kept` (see `kept_tree.rs`).
+    pub fn keep_tree(&mut self, kept: KeptTree) {
+        self.kept = Some(kept);
+    }
+
+    /// True when the tree is an overlay of a kept tree.
+    pub fn on_kept_tree(&self) -> bool {
+        self.overlay.is_some()
     }
 
     /// True when steps that run are snapshotted (the cache keeps layers).
@@ -174,11 +200,34 @@ impl<'a> Snapshots<'a> {
         let pending = std::mem::take(&mut self.pending);
         let Some(last) = pending.last() else {
             self.restored = true;
+            self.touched = true;
             return Ok(done);
         };
         let mounts = last.step.mounts.clone();
         // A live tree (`remember` after steps ran): no layer is unpacked through a mount.
         self.unmount_hook_mounts()?;
+        let first = !self.touched;
+        self.touched = true;
+        let mut from_kept = false;
+        if first && self.kept.is_some() {
+            match self.restore_kept(&pending) {
+                Ok(bytes) => {
+                    done.steps = pending.len();
+                    done.bytes = bytes;
+                    from_kept = true;
+                }
+                Err(e)
+                    if e.downcast_ref::<RefusedLayer>().is_some()
+                        || crate::cancel::requested().is_some() =>
+                {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!("{e:#}; restoring by unpacking instead");
+                }
+            }
+        }
+        let pending = if from_kept { Vec::new() } else { pending };
         for hit in pending {
             if let Some(diff) = &hit.step.layer {
                 let layer = hit
@@ -353,6 +402,44 @@ impl<'a> Snapshots<'a> {
         })
     }
 
+    /// Brings the kept tree to the last of `pending` and mounts an overlay of it on the tree.
+    /// Returns the compressed bytes applied to the kept tree.
+    fn restore_kept(&mut self, pending: &[Hit]) -> Result<u64> {
+        let mut kept = self.kept.take().context("no kept tree")?;
+        let chain: Vec<ChainStep> = pending
+            .iter()
+            .map(|h| (h.step.key.clone(), h.step.layer.clone()))
+            .collect();
+        let cache = self.cache;
+        let mut bytes = 0;
+        let brought = kept.bring_to(&chain, |i, tree| {
+            let hit = &pending[i];
+            let diff = hit.step.layer.as_ref().context("a step without a layer")?;
+            let layer = hit
+                .layer(diff)
+                .cloned()
+                .with_context(|| format!("the cache named no blob for layer {diff}"))?;
+            bytes += layer.blob_size;
+            apply(cache, hit, &layer, tree)
+        });
+        let mounted = brought.and_then(|b| {
+            let how = match b.plan {
+                SlotPlan::Reuse => "at the wanted step already".to_string(),
+                SlotPlan::Advance { .. } => format!("advanced by {} layers", b.applied),
+                SlotPlan::Fresh => format!("unpacked afresh ({} layers)", b.applied),
+            };
+            tracing::info!("kept tree: {how} ({})", kept.tree().display());
+            kept.mount(
+                &self.paths.mount_dir,
+                &self.paths.build_dir.join("kept-tree"),
+            )
+        });
+        // Held until the build ends (the overlay must never see its lower folder change).
+        self.kept = Some(kept);
+        self.overlay = Some(mounted?);
+        Ok(bytes)
+    }
+
     /// A scan of the tree as it is now (kept from the last step when possible).
     pub fn take_scan(&mut self) -> Result<Scan> {
         match self.scan.take() {
@@ -382,9 +469,14 @@ impl<'a> Snapshots<'a> {
     /// The scans a step will be diffed against, whether or not the cache keeps layers (for
     /// `build --check`, which packs into a scratch cache).
     pub fn before_always(&mut self) -> Result<Before> {
+        let upper = match &self.overlay {
+            Some(o) => Some(o.upper_state()?),
+            None => None,
+        };
         Ok(Before {
             root: self.take_scan()?,
             hooks: scan_excluding_mounts(&self.paths.hooks_dir)?,
+            upper,
         })
     }
 
@@ -400,22 +492,27 @@ impl<'a> Snapshots<'a> {
     /// Packs what the step changed into `into` (the build's cache, or a scratch one).
     pub fn after_into(&mut self, before: Before, into: &dyn StepCache) -> Result<StepLayers> {
         let after_root = scan_excluding_mounts(&self.paths.mount_dir)?;
-        let rootfs = self.store(into, &self.paths.mount_dir, &before.root, &after_root)?;
+        let changes = match (&self.overlay, &before.upper) {
+            (Some(o), Some(start)) => layer::diff_with(&before.root, &after_root, &|p, b, a| {
+                o.is_copy_up_noise(start, p, b, a)
+            }),
+            _ => layer::diff(&before.root, &after_root),
+        };
+        let rootfs = self.store(into, &self.paths.mount_dir, &changes)?;
         let after_hooks = scan_excluding_mounts(&self.paths.hooks_dir)?;
-        let hooks = self.store(into, &self.paths.hooks_dir, &before.hooks, &after_hooks)?;
+        let changes = layer::diff(&before.hooks, &after_hooks);
+        let hooks = self.store(into, &self.paths.hooks_dir, &changes)?;
         self.scan = Some(after_root);
         Ok(StepLayers { rootfs, hooks })
     }
 
-    /// Packs what changed between two scans of `root` into a blob (None if nothing changed).
+    /// Packs `changes` of `root` into a blob (None if nothing changed).
     fn store(
         &self,
         into: &dyn StepCache,
         root: &Path,
-        before: &Scan,
-        after: &Scan,
+        changes: &layer::Changeset,
     ) -> Result<Option<LayerRecord>> {
-        let changes = layer::diff(before, after);
         if changes.is_empty() {
             return Ok(None);
         }
@@ -423,7 +520,7 @@ impl<'a> Snapshots<'a> {
             return Ok(None);
         };
         // Packing a large layer takes a while: SIGINT/SIGTERM stops it at the next write.
-        let info = layer::pack(root, &changes, &mut CancelWrite(&mut sink), &self.pack)?;
+        let info = layer::pack(root, changes, &mut CancelWrite(&mut sink), &self.pack)?;
         let (digest, blob_size) = sink.finish()?;
         Ok(Some(LayerRecord {
             diff_id: info.diff_id,

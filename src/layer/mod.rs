@@ -32,7 +32,7 @@ mod unpack;
 use std::path::PathBuf;
 
 pub use check::{CheckStats, check};
-pub use diff::{Change, ChangeKind, Changeset, diff};
+pub use diff::{Change, ChangeKind, Changeset, diff, diff_with};
 pub use pack::{LayerInfo, PackOptions, pack, write_tar, write_tar_dense};
 pub use scan::{FileKind, Meta, Scan, ScanOptions, scan};
 pub use unpack::{UnpackOptions, UnpackStats, unpack};

@@ -10,6 +10,7 @@ mod face;
 mod faults;
 mod harness;
 mod hostmount;
+mod kept_tree;
 mod registry;
 #[path = "../support/registry_server.rs"]
 mod registry_server;
