@@ -6,12 +6,14 @@
 #   restoring the cached steps before the edit     <= 0.3 s
 # Usage (as root): benches/e2e_vm.sh [RUNS] [BUILD ARGS...]   (default 3 rebuilds; ~4 min)
 # e.g. benches/e2e_vm.sh 3 (no SOURCE_DATE_EPOCH), SOURCE_DATE_EPOCH=1700000000 benches/e2e_vm.sh
+# KEEP_TREE=1: then as many rebuilds again with --keep-tree (the first fills the kept tree and
+# is reported apart; the others restore from it), restore times side by side.
 set -euo pipefail
 runs=${1:-3}
 shift || true
 here=$(cd "$(dirname "$0")/.." && pwd)
 (cd "$here" && cargo build --release --quiet)
-strata=$here/target/release/strata
+strata=${CARGO_TARGET_DIR:-$here/target}/release/strata
 work=$(mktemp -d /var/tmp/strata-vm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -46,12 +48,29 @@ for i in $(seq "$runs"); do
     grep -o '[0-9]* reused from the previous image' "edit$i.log" | head -1 >> reuse || true
 done
 
+if [ "${KEEP_TREE:-0}" = 1 ]; then
+    : > kedit; : > krestore
+    for i in $(seq 0 "$runs"); do
+        echo "rebuild $i/$runs with --keep-tree after editing install.d/$hook ($element)" >&2
+        printf '\n# benchmark kept-tree edit %s\ntrue\n' "$i" >> "over/$element/install.d/$hook"
+        t=$(ELEMENTS_PATH=$work/over build "kedit$i.log" --keep-tree "$@")
+        r=$(awk '/\(restore cached steps\)/ { print $NF }' "kedit$i.log" | tail -1)
+        if [ "$i" = 0 ]; then kfirst=$t; kfirst_r=$r; else echo "$t" >> kedit; echo "$r" >> krestore; fi
+    done
+fi
+
 e=$(median < edit); r=$(median < restore)
 printf '\n%-52s %10s\n' "measure (median of $runs rebuilds)" "seconds"
 printf '%-52s %10.2f\n' "cold vm debian-minimal -t qcow2" "$cold" \
     "rebuild after editing install.d/$hook" "$e" "restoring the cached steps before it" "$r"
 printf '%-52s %10.4f  (1/%.1f; target <= 1/10)\n' "rebuild / cold" "$(echo "$e / $cold" | bc -l)" \
     "$(echo "$cold / $e" | bc -l)"
+if [ "${KEEP_TREE:-0}" = 1 ]; then
+    printf '%-52s %10.2f  (restore %.3f s)\n' "first --keep-tree rebuild (fills the kept tree)" \
+        "$kfirst" "$kfirst_r"
+    printf '%-52s %10.2f\n' "rebuild with --keep-tree" "$(median < kedit)"
+    printf '%-52s %10.3f\n' "restoring from the kept tree" "$(median < krestore)"
+fi
 echo "qcow2 clusters reused per rebuild: $(tr '\n' ';' < reuse)"
 echo "where a rebuild's time goes (last one):"
 sed -n '/Target: build/,/END PROFILING/p' "edit$runs.log" | grep -v '^$' | sed 's/^/  /'

@@ -359,6 +359,12 @@ pub struct BuildArgs {
     /// file) changes: one line per rebuild, with its time and the steps that ran.
     #[arg(long, conflicts_with = "check")]
     pub watch: bool,
+
+    /// Restore cached steps from the image's kept tree in the cache folder instead of
+    /// unpacking them (the build runs on an overlay of it); on for --watch, never for --check.
+    #[arg(long = "keep-tree", env = "STRATA_KEEP_TREE",
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub keep_tree: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1167,7 +1167,7 @@ mod tests {
     //! Layers packed by `crate::layer::pack` from real temp trees (root needed for owners and
     //! device nodes), decompressed, and compared.
 
-    use std::ffi::{CString, OsStr};
+    use std::ffi::OsStr;
     use std::fs;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{PermissionsExt, symlink};
@@ -1187,34 +1187,10 @@ mod tests {
         false
     }
 
-    fn cpath(p: &Path) -> CString {
-        CString::new(p.as_os_str().as_bytes()).unwrap()
-    }
+    use crate::layer::tests::{mknod as mknod_dev, set_mtime};
 
     fn mknod(p: &Path, mode: u32, major: u32, minor: u32) {
-        let c = cpath(p);
-        // SAFETY: valid path.
-        let r = unsafe { libc::mknod(c.as_ptr(), mode, libc::makedev(major, minor)) };
-        assert_eq!(r, 0, "mknod {}", p.display());
-    }
-
-    fn set_mtime(p: &Path, sec: i64) {
-        let c = cpath(p);
-        let t = libc::timespec {
-            tv_sec: sec,
-            tv_nsec: 0,
-        };
-        let ts = [t, t];
-        // SAFETY: valid path and timespecs.
-        let r = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                ts.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        assert_eq!(r, 0, "utimensat {}", p.display());
+        mknod_dev(p, mode, libc::makedev(major, minor));
     }
 
     /// Every mtime under `root` set to `T`, deepest first.

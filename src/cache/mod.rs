@@ -47,7 +47,7 @@ pub use multi::MultiLevel;
 pub use none::NoCache;
 pub use readonly::ReadOnly;
 
-pub use crate::store::{BuildRecord, LayerRecord, OutputRecord, StepRecord, StoreError};
+pub use crate::store::{BuildRecord, LayerRecord, OutputRecord, StepMount, StepRecord, StoreError};
 
 use std::io::{self, Read, Write};
 

@@ -27,7 +27,7 @@
 
 use super::{
     BlobRead, BlobSink, BuildRecord, CacheError, Hit, LayerRecord, Local, Lookup, OutputRecord,
-    StepCache, StepRecord,
+    StepCache, StepMount, StepRecord,
 };
 use crate::registry::manifest::{Descriptor, ImageManifest};
 use crate::registry::media_types;
@@ -75,6 +75,10 @@ pub struct StepDoc {
     pub inputs: String,
     pub created: i64,
     pub seconds: f64,
+    /// The mounts the step's hooks left below the image root (records pushed before strata
+    /// kept them have none). Part of the config, so a signature covers them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<StepMount>,
 }
 
 /// One layer of a step record.
@@ -342,6 +346,7 @@ impl RegistryLevel {
             last_used: doc.created,
             hits: 0,
             seconds: doc.seconds,
+            mounts: doc.mounts,
         };
         Ok(Lookup::Hit(Hit {
             step,
@@ -763,6 +768,7 @@ fn push_step(
         inputs: step.inputs.clone(),
         created: step.created,
         seconds: step.seconds,
+        mounts: step.mounts.clone(),
     };
     let config = serde_json::to_vec(&doc).map_err(|e| CacheError::Other {
         cache: inner.name.clone(),

@@ -33,6 +33,7 @@ fn step_with_layer(cache: &dyn StepCache, key: &str, parent: Option<&str>, body:
         last_used: 100,
         hits: 0,
         seconds: 1.0,
+        mounts: Vec::new(),
     };
     cache
         .record_step(&step, std::slice::from_ref(&layer))

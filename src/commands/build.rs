@@ -6,7 +6,7 @@
 //! BuildArgs ──request()──► Settings::resolve ──► Prepared::new (elements; bad input stops here)
 //!   ──► check_tools ──► cache levels (local | none) ──► sweep what dead builds left (their
 //!   build folders in TMP_DIR, partial outputs, cache temp files: by lock, never a live one's)
-//!   ──► BuildDir (tmpfs) ──► Executor
+//!   ──► BuildDir (tmpfs) ──► Executor (with the image's kept tree: --keep-tree)
 //!   ──► walk + outputs ──(a refused cached layer: drop its step, start again)──► checksums
 //!   ──► NAME.strata.json ──► build history ──► timing table, summary, build-end event
 //! PlanArgs ──► the same up to the cache (read-only) ──► Executor in plan mode ──► table / JSON
@@ -242,7 +242,13 @@ pub fn build(args: BuildArgs, progress: progress::Mode) -> Result<()> {
     let mut attempt = 0;
     let walked = loop {
         attempt += 1;
-        let walked = walk_once(&prep, cache.as_ref(), &reporter, args.explain)?;
+        let walked = walk_once(
+            &prep,
+            cache.as_ref(),
+            &reporter,
+            args.explain,
+            args.keep_tree,
+        )?;
         if let Err(e) = &walked.outputs
             && attempt < 16
             && let Some(refused) = e.chain().find_map(|c| c.downcast_ref::<RefusedLayer>())
@@ -347,6 +353,7 @@ fn walk_once(
     cache: &dyn StepCache,
     reporter: &Reporter,
     explain: bool,
+    keep_tree: bool,
 ) -> Result<Walked> {
     let settings = &prep.settings;
     let use_tmpfs = settings.use_tmpfs && sandbox::tmpfs_allowed(settings.min_tmpfs);
@@ -359,6 +366,9 @@ fn walk_once(
         Mode::Build { explain },
         reporter,
     );
+    if keep_tree && let Some(kept) = open_kept_tree(settings, cache) {
+        exec.keep_tree(kept);
+    }
     let result = (|| -> Result<Vec<Written>> {
         for d in [&paths.image_dir, &paths.mount_dir] {
             std::fs::create_dir_all(d)?;
@@ -382,6 +392,24 @@ fn walk_once(
         steps: std::mem::take(&mut exec.steps),
         timings: std::mem::take(&mut exec.timings),
     })
+}
+
+/// The image's kept tree (`--keep-tree`), locked for this build; None without a writable
+/// local cache, or when another build holds it (this one then unpacks as without).
+pub(crate) fn open_kept_tree(
+    settings: &Settings,
+    cache: &dyn StepCache,
+) -> Option<crate::exec::kept_tree::KeptTree> {
+    if settings.cache.no_cache || !cache.writable() {
+        return None;
+    }
+    match crate::exec::kept_tree::KeptTree::open(&settings.cache.dir, &settings.image_name) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("{e:#}; restoring by unpacking instead");
+            None
+        }
+    }
 }
 
 /// `build --check`: walks in check mode until no step diverges (a divergent step counts as

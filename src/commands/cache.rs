@@ -3,6 +3,7 @@
 //! ```text
 //! ls, du, explain ──► Store::open_read_only (works on a read-only cache folder)
 //! gc, rm          ──► Store::open ──► exclusive lock (queued before later builds)
+//!                     (gc also drops the kept trees no build holds, cache/trees/)
 //! verify          ──► Store::verify_with(every layer through layer::check) ──► damage: exit 4
 //! ```
 //! Everything is printed with `writeln!`, so a closed pipe (`strata cache ls | head`) ends the
@@ -170,6 +171,11 @@ pub fn run(args: CacheArgs) -> Result<()> {
                 r.tmp_files_removed,
                 folders
             )?;
+            // Kept trees (`build --keep-tree`) are a convenience: gc drops every idle one.
+            let (trees, bytes) = crate::exec::kept_tree::drop_slots(&args.cache_dir)?;
+            if trees > 0 {
+                writeln!(out, "gc: dropped {trees} kept trees ({})", human(bytes))?;
+            }
         }
         CacheCommand::Verify => {
             let r = store.verify_with(&check_layer, &|| crate::cancel::check_io())?;

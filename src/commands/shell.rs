@@ -62,6 +62,11 @@ pub fn run(args: ShellArgs, progress: progress::Mode) -> Result<u8> {
         Mode::Build { explain: false },
         &reporter,
     );
+    if crate::exec::kept_tree::on_by_default()
+        && let Some(kept) = super::build::open_kept_tree(settings, cache.as_ref())
+    {
+        exec.keep_tree(kept);
+    }
     exec.stop_at(StopAt {
         phase: args.at.phase,
         hook: args.at.hook.clone(),

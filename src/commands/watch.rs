@@ -1,7 +1,8 @@
 //! `strata build --watch`: build, then build again whenever a file of the build's elements (or
 //! a host file named in a `cache-inputs`) changes. The cache makes each rebuild run only what
 //! changed; each rebuild is the same `strata build` command (without `--watch`) in a child
-//! process, its output kept in NAME.watch.log, and one line here.
+//! process, its output kept in NAME.watch.log, and one line here. Rebuilds keep the image's
+//! tree (`--keep-tree`) unless STRATA_KEEP_TREE=0.
 //!
 //! ```text
 //! elements' folders + cache-inputs files ──poll (every 250 ms)──► (path, size, mtime, mode)
@@ -107,6 +108,15 @@ fn rebuild(exe: &std::path::Path, log: &std::path::Path, name: &str, round: u32)
     let mut child = std::process::Command::new(exe)
         .args(rebuild_args())
         .args(["--progress", "plain"])
+        // Each rebuild restores from the image's kept tree (STRATA_KEEP_TREE=0 turns it off).
+        .env(
+            "STRATA_KEEP_TREE",
+            if crate::exec::kept_tree::on_by_default() {
+                "1"
+            } else {
+                "0"
+            },
+        )
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -109,6 +109,7 @@ impl Executor<'_> {
         let before = self.snapshots.before_always()?;
         self.execute(&step)?;
         self.ran_any = true;
+        self.snapshots.note_mounts(&label)?;
         let check = self.check.as_ref().context("a check walk has its state")?;
         let rebuilt = self.snapshots.after_into(before, &check.scratch)?;
         let seconds = started.elapsed().as_secs_f64();

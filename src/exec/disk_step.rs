@@ -8,7 +8,8 @@
 //!   every requested output cached under its type key? ─► restored (sparse) ─► done
 //!   else run(Job):
 //!     hooks' mounts below the tree unmounted (dib's unmount_image), one line each
-//!     restored rootfs  mnt ──rename──► built            (dib: mv mnt built)
+//!     restored rootfs  mnt ──rename──► built            (dib: mv mnt built; an overlay of a
+//!                                                        kept tree is moved with MS_MOVE)
 //!     block-device.d   host hooks (an IMAGE_BLOCK_DEVICE= line is refused, see below)
 //!     size             DiskOptions.image_size_kib, else image::image_size_for_tree(built)
 //!     config           select_config (checked before any hook ran, see prepare.rs)
@@ -17,6 +18,8 @@
 //!     pre-finalise.d   host;  finalise.d chroot (ChrootMounts on mnt);  cleanup.d host
 //!                      (TARGET_ROOT=mnt); finalise_base(mnt)  — with DIB_ROOT_LABEL,
 //!                      DIB_ROOT_FSTYPE, DIB_BOOT_LABEL, DIB_MOUNTPOINTS, IMAGE_BLOCK_DEVICE(S)
+//!     hook mounts      what those hooks left mounted in the disk is unmounted (not the
+//!                      disk's own file systems), one line each
 //!     tree outputs     from the mounted tree (if asked for; outputs::tree::write)
 //!     Disk::unmount    fstrim, umount, detach ─► image0.raw; with SOURCE_DATE_EPOCH
 //!                      Disk::unmount_reproducible: each mounted ext file system is first made
@@ -164,15 +167,21 @@ pub fn run(job: &Job) -> Result<Produced> {
     // to `built` and the disk is mounted where it was.
     sandbox::unmount_below(&paths.mount_dir)?;
     let built = paths.build_dir.join("built");
-    fs::rename(&paths.mount_dir, &built).with_context(|| {
-        format!(
-            "cannot move {} to {}",
-            paths.mount_dir.display(),
-            built.display()
-        )
-    })?;
-    fs::create_dir(&paths.mount_dir)
-        .with_context(|| format!("cannot create {}", paths.mount_dir.display()))?;
+    if super::kept_tree::is_mount_point(&paths.mount_dir)? {
+        // An overlay of a kept tree: a mount point cannot be renamed, so the mount moves.
+        fs::create_dir(&built).with_context(|| format!("cannot create {}", built.display()))?;
+        super::kept_tree::move_mount(&paths.mount_dir, &built)?;
+    } else {
+        fs::rename(&paths.mount_dir, &built).with_context(|| {
+            format!(
+                "cannot move {} to {}",
+                paths.mount_dir.display(),
+                built.display()
+            )
+        })?;
+        fs::create_dir(&paths.mount_dir)
+            .with_context(|| format!("cannot create {}", paths.mount_dir.display()))?;
+    }
 
     let hooks_of = |phase: Phase| -> &[PlannedHook] {
         job.hooks
@@ -273,7 +282,12 @@ pub fn run(job: &Job) -> Result<Produced> {
         .with_context(|| format!("cannot write {}", etc.join("fstab").display()))?;
     image::copy_tree(&built, disk.root_mount())?;
     sandbox::unmount_below(&built)?;
-    fs::remove_dir_all(&built).with_context(|| format!("cannot remove {}", built.display()))?;
+    if super::kept_tree::is_mount_point(&built)? {
+        // The overlay goes (its upper folder with the build folder); never deleted through.
+        nix::mount::umount2(&built, nix::mount::MntFlags::MNT_DETACH)
+            .with_context(|| format!("cannot unmount {}", built.display()))?;
+    }
+    sandbox::remove_tree_on_one_mount(&built)?;
     lap("(create disk, copy tree)", &mut phase_timer, &mut timings);
 
     let mut base = job.base_env.clone();
@@ -298,6 +312,9 @@ pub fn run(job: &Job) -> Result<Produced> {
         run_phase(job, phase, hooks_of(phase), &env)?;
         lap(phase.dir_name(), &mut phase_timer, &mut timings);
     }
+    // What the disk phases' hooks left mounted in the disk (not the disk's own file systems)
+    // stays out of the tree outputs and would keep the disk busy (dib's unmount_image).
+    sandbox::unmount_below_except(disk.root_mount(), &disk.mount_points())?;
     hooks::finalise_base(disk.root_mount())?;
 
     let mut written = Vec::new();

@@ -6,10 +6,14 @@
 //! Prepared (prepare.rs) + dyn StepCache + BuildPaths
 //! for each phase:  live hook folder ──► plan::phase_steps (keys chained from the previous step)
 //!   cache.lookup   hit  ──► snapshots.remember (its hook-tree layer now; the rootfs layer waits)
-//!                  miss ──► snapshots.restore() once; hooks::run_phase_hooks in the sandbox;
-//!                           snapshots.after(): scan ─ diff ─ pack ─► cache (record_step)
+//!                  miss ──► snapshots.restore() once (layers, then the hook mounts the last
+//!                           cached step left, made again); hooks::run_phase_hooks in the
+//!                           sandbox; snapshots.note_mounts() (what hooks left mounted below
+//!                           the root); snapshots.after(): scan ─ diff ─ pack ─► cache
+//!                           (record_step, with those mounts)
 //!                  unusable ──► dropped (writable cache) and run as a miss
-//! tree builds: core/finalise-base ──► outputs::tree (cached by the last key)
+//! tree builds: core/finalise-base ──► hook mounts unmounted ──► outputs::tree (cached by the
+//!              last key)
 //! disk builds: plan::disk_step ──► disk_step::run (block-device.d .. cleanup.d + disk outputs)
 //! ──► ManifestStep per step, Written per output (the command writes NAME.strata.json)
 //! ```
@@ -22,6 +26,7 @@
 pub mod check;
 pub mod disk_step;
 pub mod hooks;
+pub mod kept_tree;
 pub mod prepare;
 pub mod shell;
 pub mod snapshot;
@@ -36,7 +41,7 @@ use crate::outputs::{self, OutputType, Written};
 use crate::phase::Phase;
 use crate::plan::{self, Action, BreakPoint, DiskStep, Step, StepId, StepView, StopAt};
 use crate::progress::{Event, Reporter};
-use crate::sandbox::{self, ChrootMounts};
+use crate::sandbox::ChrootMounts;
 use crate::settings::{self, BuildPaths, Settings};
 use crate::store::Broken;
 use anyhow::{Context, Result};
@@ -114,7 +119,12 @@ impl<'a> Executor<'a> {
         mode: Mode,
         reporter: &'a Reporter,
     ) -> Executor<'a> {
-        let snapshots = Snapshots::new(cache, paths.clone(), pack_options(&prep.settings));
+        let snapshots = Snapshots::new(
+            cache,
+            paths.clone(),
+            pack_options(&prep.settings),
+            prep.settings.image_cache.clone(),
+        );
         Executor {
             prep,
             cache,
@@ -148,6 +158,11 @@ impl<'a> Executor<'a> {
     /// Makes the walk stop at `stop` (`strata shell --at`).
     pub fn stop_at(&mut self, stop: StopAt) {
         self.stop_at = Some(stop);
+    }
+
+    /// Lets the build restore from the image's kept tree (see `kept_tree.rs`).
+    pub fn keep_tree(&mut self, kept: kept_tree::KeptTree) {
+        self.snapshots.keep_tree(kept);
     }
 
     /// Sets up `build --check` (see `check.rs`).
@@ -468,6 +483,7 @@ impl<'a> Executor<'a> {
             return Err(e);
         }
         self.ran_any = true;
+        let mounts = self.snapshots.note_mounts(&label)?;
         let layers = self.snapshots.after(before)?;
         let seconds = started.elapsed().as_secs_f64();
         if self.cache.writable() && !self.tainted {
@@ -484,6 +500,7 @@ impl<'a> Executor<'a> {
                 last_used: t,
                 hits: 0,
                 seconds,
+                mounts,
             };
             self.cache.record_step(&record, &layers.records())?;
         }
@@ -660,13 +677,11 @@ impl<'a> Executor<'a> {
         }
         if !missing.is_empty() {
             crate::cancel::check()?;
-            let r = self.snapshots.restore()?;
+            let r = self.snapshots.restore_for_outputs()?;
             self.note_restore(r);
             // What hooks left mounted below the tree stays out of the outputs (dib unmounts it
             // before making images).
-            if !sandbox::unmount_below(&self.paths.mount_dir)?.is_empty() {
-                self.snapshots.forget_scan();
-            }
+            self.snapshots.unmount_hook_mounts()?;
             let scan = if missing.iter().any(|(t, _)| t.needs_scan()) {
                 Some(self.snapshots.take_scan()?)
             } else {
@@ -749,7 +764,7 @@ impl<'a> Executor<'a> {
             }
             None => {
                 crate::cancel::check().context("interrupted before output/disk")?;
-                let r = self.snapshots.restore()?;
+                let r = self.snapshots.restore_for_outputs()?;
                 self.note_restore(r);
                 self.reporter.event(&Event::StepStart {
                     step: &label,

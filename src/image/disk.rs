@@ -433,6 +433,15 @@ impl Disk {
         &self.mount_base
     }
 
+    /// Where this disk's own file systems are mounted now (hooks' mounts are not in it).
+    pub fn mount_points(&self) -> Vec<PathBuf> {
+        self.mounts
+            .iter()
+            .filter(|m| m.mounted)
+            .filter_map(|m| m.path.clone())
+            .collect()
+    }
+
     /// `IMAGE_BLOCK_DEVICE`: the loop device of `image0` (or of the first loop).
     pub fn device(&self) -> &Path {
         self.loops

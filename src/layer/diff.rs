@@ -124,6 +124,17 @@ impl Changeset {
 
 /// Computes the changes that turn the tree of `before` into the tree of `after`.
 pub fn diff(before: &Scan, after: &Scan) -> Changeset {
+    diff_with(before, after, &|_, _, _| false)
+}
+
+/// [`diff`], where a path present on both sides whose metadata differs is left out when
+/// `unchanged(path, before, after)` says the difference means nothing (a kept tree's overlay
+/// copying a file up, see `exec::kept_tree`).
+pub fn diff_with(
+    before: &Scan,
+    after: &Scan,
+    unchanged: &dyn Fn(&[u8], &Meta, &Meta) -> bool,
+) -> Changeset {
     let b = before.entries();
     let a = after.entries();
     let mut out: Vec<Change> = Vec::new();
@@ -184,7 +195,7 @@ pub fn diff(before: &Scan, after: &Scan) -> Changeset {
                     if bm.kind == FileKind::Dir {
                         covered = Some(p.clone());
                     }
-                } else if bm.changed(am) {
+                } else if bm.changed(am) && !unchanged(p, bm, am) {
                     write(&mut out, p, am, false);
                 }
                 i += 1;

@@ -32,7 +32,7 @@ mod unpack;
 use std::path::PathBuf;
 
 pub use check::{CheckStats, check};
-pub use diff::{Change, ChangeKind, Changeset, diff};
+pub use diff::{Change, ChangeKind, Changeset, diff, diff_with};
 pub use pack::{LayerInfo, PackOptions, pack, write_tar, write_tar_dense};
 pub use scan::{FileKind, Meta, Scan, ScanOptions, scan};
 pub use unpack::{UnpackOptions, UnpackStats, unpack};
@@ -110,7 +110,7 @@ pub(crate) fn is_below(path: &[u8], dir: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod order_tests {

@@ -12,11 +12,11 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn cpath(p: &Path) -> CString {
+pub(crate) fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
 
-fn mknod(p: &Path, mode: u32, dev: u64) {
+pub(crate) fn mknod(p: &Path, mode: u32, dev: u64) {
     let c = cpath(p);
     // SAFETY: valid path.
     let r = unsafe { libc::mknod(c.as_ptr(), mode, dev as libc::dev_t) };
@@ -27,7 +27,7 @@ fn lchown(p: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
 }
 
-fn set_mtime(p: &Path, sec: i64) {
+pub(crate) fn set_mtime(p: &Path, sec: i64) {
     let c = cpath(p);
     let t = libc::timespec {
         tv_sec: sec,

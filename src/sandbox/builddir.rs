@@ -236,12 +236,24 @@ pub(crate) fn unmount_all_under(path: &Path) -> Result<(), SandboxError> {
 /// the tree leaves the chroot phases), deepest first, logging one line per mount. Returns the
 /// mount points it unmounted; fails (naming them) if any is still there afterwards.
 pub fn unmount_below(root: &Path) -> Result<Vec<PathBuf>, SandboxError> {
+    unmount_below_except(root, &[])
+}
+
+/// Like [`unmount_below`], leaving alone the mounts whose mount point is one of `keep` (a
+/// disk's own file systems mounted below its root). Only mount points below `root`, as the
+/// mount table spells them, are ever touched: nothing outside the build is unmounted.
+pub fn unmount_below_except(root: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>, SandboxError> {
+    let root = &super::mountinfo::canonical(root);
+    let keep: Vec<PathBuf> = keep
+        .iter()
+        .map(|p| super::mountinfo::canonical(p))
+        .collect();
     let below = |root: &Path| -> Result<Vec<PathBuf>, SandboxError> {
         Ok(mounts_at_or_under(root)
             .map_err(|e| SandboxError::io("read the mount table for", root, e))?
             .into_iter()
             .map(|m| m.mount_point)
-            .filter(|p| p != root)
+            .filter(|p| p != root && !keep.contains(p))
             .collect())
     };
     let mut done = Vec::new();
@@ -395,6 +407,72 @@ mod tests {
         remove_tree_on_one_mount(&victim).unwrap();
         assert!(!victim.exists());
         assert!(host.path().join("sentinel").exists());
+    }
+
+    #[test]
+    fn unmount_below_takes_hook_mounts_deepest_first_and_nothing_else() {
+        super::super::enter_private_namespace().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("mnt");
+        // A sibling whose name starts like the root's: outside it.
+        let sibling = dir.path().join("mnt2");
+        for d in [&root, &sibling] {
+            fs::create_dir(d).unwrap();
+        }
+        let tmpfs = |at: &Path| {
+            mount(
+                Some("tmpfs"),
+                at,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .unwrap()
+        };
+        // The root itself is a mount point (a disk's root file system): it stays.
+        tmpfs(&root);
+        tmpfs(&sibling);
+        for d in ["a", "keep", "host"] {
+            fs::create_dir(root.join(d)).unwrap();
+        }
+        fs::write(sibling.join("sentinel"), "keep").unwrap();
+        mount(
+            Some(&sibling),
+            &root.join("host"),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        tmpfs(&root.join("a"));
+        fs::create_dir(root.join("a/b")).unwrap();
+        tmpfs(&root.join("a/b"));
+        tmpfs(&root.join("keep"));
+
+        let done = unmount_below_except(&root, &[root.join("keep")]).unwrap();
+        assert_eq!(
+            done,
+            [root.join("a/b"), root.join("a"), root.join("host")],
+            "deepest first"
+        );
+        let left: Vec<PathBuf> = mounts_at_or_under(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .collect();
+        assert_eq!(left, [root.clone(), sibling.clone(), root.join("keep")]);
+        assert_eq!(
+            fs::read_to_string(sibling.join("sentinel")).unwrap(),
+            "keep"
+        );
+        // Nothing left below but the kept one; then nothing at all below the root.
+        assert!(
+            unmount_below_except(&root, &[root.join("keep")])
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(unmount_below(&root).unwrap(), [root.join("keep")]);
+        unmount_all_under(dir.path()).unwrap();
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!                                                    ro hooks at /tmp/in_target.d, resolv.conf
 //!   each hook  ─► spawn(Exec)                        own pid namespace, dies with strata
 //!                ChrootMounts::unmount()            tree byte-identical to before (except ctimes)
+//!   hook mounts ─► left_below(root) after a step (recorded with it); mount_again(...) on a
+//!                  tree restored from the cache; unmount_below(root) before outputs
 //!             ─► BuildDir::cleanup()                unmount all below, remove without crossing mounts
 //! ```
 //!
@@ -19,14 +21,19 @@
 
 mod builddir;
 mod exec;
+mod hookmounts;
 mod mountinfo;
 mod mounts;
 
 use std::io;
 use std::path::PathBuf;
 
-pub use builddir::{BuildDir, sweep_dead_build_dirs, tmpfs_allowed, unmount_below};
+pub(crate) use builddir::remove_tree_on_one_mount;
+pub use builddir::{
+    BuildDir, sweep_dead_build_dirs, tmpfs_allowed, unmount_below, unmount_below_except,
+};
 pub use exec::{Exec, SandboxChild, spawn, spawn_attached};
+pub use hookmounts::{LeftMount, MountKind, left_below, mount_again};
 pub use mountinfo::{MountEntry, mount_points_under, mounts_at_or_under};
 pub use mounts::{ChrootMounts, HOST_RESOLV_FALLBACK, IN_TARGET_DIR, RESOLV_ASIDE};
 

@@ -14,9 +14,19 @@ use std::path::{Path, PathBuf};
 pub struct MountEntry {
     pub id: u64,
     pub parent: u64,
+    /// The device (`major:minor`) the mounted file system lives on.
+    pub dev: String,
+    /// The folder of that file system mounted here (`/` unless a bind mount of a sub-folder;
+    /// `…//deleted` when that folder was removed).
+    pub root: PathBuf,
     pub mount_point: PathBuf,
     pub fs_type: String,
+    /// Per-mount options (`rw,nosuid,relatime`).
     pub options: String,
+    /// The mount source as the kernel shows it (a device, `tmpfs`, `none`).
+    pub source: String,
+    /// The file system's own options (`rw,size=1024k,mode=755`).
+    pub super_options: String,
 }
 
 /// The mount table of the calling thread's namespace.
@@ -38,9 +48,19 @@ pub(crate) fn parse_mountinfo(text: &[u8]) -> Vec<MountEntry> {
             Some(MountEntry {
                 id: std::str::from_utf8(fields[0]).ok()?.parse().ok()?,
                 parent: std::str::from_utf8(fields[1]).ok()?.parse().ok()?,
+                dev: String::from_utf8_lossy(fields[2]).into_owned(),
+                root: PathBuf::from(OsString::from_vec(unescape(fields[3]))),
                 mount_point: PathBuf::from(OsString::from_vec(unescape(fields[4]))),
                 options: String::from_utf8_lossy(fields[5]).into_owned(),
                 fs_type: String::from_utf8_lossy(fields[sep + 1]).into_owned(),
+                source: fields
+                    .get(sep + 2)
+                    .map(|f| String::from_utf8_lossy(&unescape(f)).into_owned())
+                    .unwrap_or_default(),
+                super_options: fields
+                    .get(sep + 3)
+                    .map(|f| String::from_utf8_lossy(f).into_owned())
+                    .unwrap_or_default(),
             })
         })
         .collect()
@@ -71,7 +91,7 @@ pub(crate) fn unescape(field: &[u8]) -> Vec<u8> {
 }
 
 /// The path as the mount table spells it: absolute and free of symlinks where it exists.
-fn canonical(path: &Path) -> PathBuf {
+pub(crate) fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
@@ -125,6 +145,11 @@ mod tests {
         assert_eq!(entries[1].mount_point, PathBuf::from("/tmp/dir with space"));
         assert_eq!(entries[1].options, "ro,relatime");
         assert_eq!(entries[1].fs_type, "tmpfs");
+        assert_eq!(entries[1].dev, "0:50");
+        assert_eq!(entries[1].root, PathBuf::from("/"));
+        assert_eq!(entries[1].source, "tmpfs");
+        assert_eq!(entries[1].super_options, "rw");
+        assert_eq!(entries[0].source, "proc");
     }
 
     #[test]

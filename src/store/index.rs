@@ -13,15 +13,15 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 use tracing::warn;
 
 use super::{
-    BUSY_TIMEOUT, BuildRecord, LayerRecord, OutputRecord, SCHEMA_VERSION, StepRecord, Store,
-    StoreError, check_digest,
+    BUSY_TIMEOUT, BuildRecord, LayerRecord, OutputRecord, SCHEMA_VERSION, StepMount, StepRecord,
+    Store, StoreError, check_digest,
 };
 
 /// The fewest hex digits a key prefix given by a user may have (`cache rm`, `cache explain`).
 pub const MIN_KEY_PREFIX: usize = 6;
 
 /// `MIGRATIONS[i]` takes the schema from version i to i + 1.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 0 -> 1: the first schema.
     "CREATE TABLE steps (
         key         TEXT PRIMARY KEY NOT NULL,
@@ -70,10 +70,13 @@ const MIGRATIONS: &[&str] = &[
         blob   TEXT PRIMARY KEY NOT NULL,
         sha256 TEXT NOT NULL
     );",
+    // 2 -> 3: the mounts a step's hooks left below the image root (JSON array of StepMount;
+    // NULL for none, and for every step recorded before this version).
+    "ALTER TABLE steps ADD COLUMN mounts TEXT;",
 ];
 
-const STEP_COLUMNS: &str =
-    "key, parent, phase, hook, layer, hooks_layer, inputs, created, last_used, hits, seconds";
+const STEP_COLUMNS: &str = "key, parent, phase, hook, layer, hooks_layer, inputs, created, \
+     last_used, hits, seconds, mounts";
 
 pub(super) fn sql_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
     move |source| {
@@ -153,6 +156,15 @@ pub(super) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
                 found,
                 known: SCHEMA_VERSION,
             });
+        }
+        if (1..3).contains(&found) {
+            // An older index is read as it is: its steps have no mounts column (schema 3), so
+            // a temporary view (temp names shadow main ones; nothing is written to the file)
+            // shows them with none.
+            conn.execute_batch(
+                "CREATE TEMP VIEW steps AS SELECT *, NULL AS mounts FROM main.steps;",
+            )
+            .map_err(sql_err(path))?;
         }
         Ok(conn)
     };
@@ -294,7 +306,24 @@ fn step_from_row(row: &Row<'_>) -> rusqlite::Result<StepRecord> {
         last_used: row.get(8)?,
         hits: row.get(9)?,
         seconds: row.get(10)?,
+        mounts: mounts_col(row, 11)?,
     })
+}
+
+/// The `mounts` column: NULL (none, or a step recorded before schema 3) or a JSON array.
+fn mounts_col(row: &Row<'_>, i: usize) -> rusqlite::Result<Vec<StepMount>> {
+    let text: Option<String> = row.get(i)?;
+    match text {
+        None => Ok(Vec::new()),
+        Some(t) => serde_json::from_str(&t).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        }),
+    }
+}
+
+/// The `mounts` column of a step: NULL when it left none.
+fn mounts_text(mounts: &[StepMount]) -> Option<String> {
+    (!mounts.is_empty()).then(|| serde_json::to_string(mounts).unwrap_or_default())
 }
 
 fn layer_from_row(row: &Row<'_>) -> rusqlite::Result<LayerRecord> {
@@ -651,7 +680,7 @@ impl Store {
             tx.execute(
                 &format!(
                     "INSERT OR REPLACE INTO steps ({STEP_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
                 ),
                 params![
                     step.key,
@@ -664,7 +693,8 @@ impl Store {
                     step.created,
                     step.last_used,
                     step.hits,
-                    step.seconds
+                    step.seconds,
+                    mounts_text(&step.mounts)
                 ],
             )
             .map_err(self.sql())?;

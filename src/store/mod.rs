@@ -55,7 +55,7 @@ pub use maint::{GcReport, LayerCheck, RmReport, Usage, VerifyReport};
 
 /// Version of the index schema, kept in `PRAGMA user_version`. Bump it and add a migration in
 /// `index::MIGRATIONS` whenever the tables change.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How often a process waiting for the cache lock says so.
 const LOCK_NOTICE_EVERY: Duration = Duration::from_secs(5);
@@ -166,6 +166,36 @@ pub struct StepRecord {
     pub last_used: i64,
     pub hits: i64,
     pub seconds: f64,
+    /// The mounts the step's hooks had left below the image root when it ended (those of
+    /// earlier steps still there included), in mount order: made again on a tree restored to
+    /// this step. Empty for steps recorded before schema 3 and registry records without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<StepMount>,
+}
+
+/// One mount a step's hooks left below the image root (see `exec::snapshot`). The store keeps
+/// it as JSON in `steps.mounts` and does not interpret it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepMount {
+    /// The step whose hook made it (`root.d/50-shared-apt-cache`).
+    pub step: String,
+    /// The mount point, relative to the image root.
+    pub target: String,
+    /// `bind`, or the file-system type of a mount of its own (`tmpfs`).
+    pub kind: String,
+    /// Where a bind's source is: relative to `base`; for a mount of its own, the source as
+    /// the kernel shows it (`tmpfs`, a device).
+    pub source: String,
+    /// What a bind's `source` is relative to: `image` (the image root), `image-cache`
+    /// (DIB_IMAGE_CACHE of the build that restores it), `build` (its build folder), or `host`
+    /// (an absolute host path). Empty for a mount of its own.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub base: String,
+    /// Per-mount options as the kernel listed them (`rw,nosuid,relatime`).
+    pub options: String,
+    /// The file system's own options for a mount of its own (`size=1024k,mode=755`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fs_options: String,
 }
 
 impl StepRecord {

@@ -46,6 +46,7 @@ fn step(
         last_used,
         hits: 0,
         seconds: 1.5,
+        mounts: Vec::new(),
     }
 }
 
@@ -1189,4 +1190,78 @@ fn a_step_repaired_before_the_drop_is_kept() {
     s.drop_broken_step(&rec, stale).unwrap();
     assert!(s.lookup_step("k1").unwrap().is_some());
     assert!(s.blob_path(&l.blob_digest).exists());
+}
+
+#[test]
+fn a_schema_2_index_opens_keeps_its_steps_and_gains_the_mounts_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    // A cache as strata with schema 2 left it: a blob, its layer and a step row.
+    let l = {
+        let s = store(&root);
+        layer(&s, b"an old layer")
+    };
+    let db = root.join("index.sqlite");
+    std::fs::remove_file(&db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(root.join(format!("index.sqlite{suffix}")));
+    }
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(&index::MIGRATIONS[..2].join("\n"))
+            .unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute(
+            "INSERT INTO layers (diff_id, blob, size, blob_size) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![l.diff_id, l.blob_digest, l.size as i64, l.blob_size as i64],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO steps (key, parent, phase, hook, layer, hooks_layer, inputs, created,
+             last_used, hits, seconds) VALUES ('old', NULL, 'root.d', '50-x', ?1, NULL, '{}',
+             1, 1, 0, 0.5)",
+            [&l.diff_id],
+        )
+        .unwrap();
+    }
+    // A read-only open of the old index reads it as it is (no mounts column yet).
+    let ro = Store::open_read_only(&root).unwrap();
+    assert!(ro.lookup_step("old").unwrap().unwrap().mounts.is_empty());
+    drop(ro);
+    let s = store(&root);
+    let old = s
+        .lookup_step("old")
+        .unwrap()
+        .expect("the old step is still a hit");
+    assert_eq!(old.layer.as_deref(), Some(l.diff_id.as_str()));
+    assert!(old.mounts.is_empty());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let has_column: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('steps') WHERE name = 'mounts'")
+        .unwrap()
+        .exists([])
+        .unwrap();
+    assert!(has_column);
+    drop(conn);
+    // A step with mounts round-trips through the new column.
+    let mounts = vec![StepMount {
+        step: "root.d/50-shared-apt-cache".into(),
+        target: "var/cache/apt/archives".into(),
+        kind: "bind".into(),
+        source: "apt/debian".into(),
+        base: "image-cache".into(),
+        options: "rw,relatime".into(),
+        fs_options: String::new(),
+    }];
+    let new = StepRecord {
+        mounts: mounts.clone(),
+        ..step("new", Some("old"), None, 2)
+    };
+    s.record_step(&new, &[]).unwrap();
+    assert_eq!(s.lookup_step("new").unwrap().unwrap().mounts, mounts);
+    assert_eq!(s.get_step("old").unwrap().unwrap().mounts, vec![]);
 }

@@ -9,6 +9,8 @@ mod elements;
 mod face;
 mod faults;
 mod harness;
+mod hostmount;
+mod kept_tree;
 mod registry;
 #[path = "../support/registry_server.rs"]
 mod registry_server;
