@@ -394,6 +394,11 @@ pub struct PlanArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// For the first step that would run, print which inputs differ from the nearest cached
+    /// step at its place (as `build --explain`; every later step misses because of it).
+    #[arg(long)]
+    pub explain: bool,
 }
 
 #[derive(Debug, Args)]

@@ -582,7 +582,15 @@ pub fn plan(args: PlanArgs) -> Result<()> {
         .materialize(&paths.hooks_dir)
         .context("cannot write the merged hook tree")?;
     let reporter = Reporter::silent();
-    let mut exec = Executor::new(&prep, cache.as_ref(), paths, Mode::Plan, &reporter);
+    let mut exec = Executor::new(
+        &prep,
+        cache.as_ref(),
+        paths,
+        Mode::Plan {
+            explain: args.explain,
+        },
+        &reporter,
+    );
     exec.walk()?;
     print_plan(&exec.views, args.json)
 }

@@ -56,8 +56,9 @@ use std::time::Instant;
 pub enum Mode {
     /// Run every step that misses; `explain` prints why each miss missed.
     Build { explain: bool },
-    /// Run nothing (`strata plan`): report keys and cache state.
-    Plan,
+    /// Run nothing (`strata plan`): report keys and cache state; `explain` prints why the
+    /// first miss missed.
+    Plan { explain: bool },
     /// Run every cached step again and compare (`strata build --check`).
     Check,
 }
@@ -397,6 +398,10 @@ impl<'a> Executor<'a> {
             return Ok(());
         }
         if !self.building() {
+            let first_miss = self.views.iter().filter(|v| !v.cached).count() == 1;
+            if first_miss && self.mode == (Mode::Plan { explain: true }) {
+                self.explain_miss(&step)?;
+            }
             self.parent = Some(step.key);
             return Ok(());
         }

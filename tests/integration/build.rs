@@ -1500,6 +1500,40 @@ fn explain_names_the_changed_variable() {
     );
 }
 
+/// `strata plan --explain` (what a CI user runs to see why a build would miss): another `-o`
+/// name changes IMAGE_NAME, which every hook sees, so the first step misses and is explained;
+/// nothing is built.
+#[test]
+fn plan_explain_names_image_name_when_the_output_name_changes() {
+    crate::require_root!();
+    let f = BuildFixture::new();
+    f.build_ok(&[]);
+    let renamed = f.build_cmd_as("other", &[]);
+    let mut plan = strata();
+    plan.arg("plan")
+        .arg("--explain")
+        .args(renamed.get_args().skip(1));
+    for (k, v) in renamed.get_envs() {
+        match v {
+            Some(v) => plan.env(k, v),
+            None => plan.env_remove(k),
+        };
+    }
+    let out = f.run_ok(&mut plan);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let explained: Vec<&str> = err.lines().filter(|l| l.starts_with("explain ")).collect();
+    assert!(
+        explained
+            .iter()
+            .all(|l| l.starts_with("explain root.d/10-busybox-rootfs")),
+        "only the first miss is explained: {err}"
+    );
+    assert!(explained.iter().any(|l| l.contains("IMAGE_NAME")), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0 cached"), "{text}");
+    assert!(!f.out("other.tar").exists(), "plan built something");
+}
+
 #[test]
 fn missing_element_is_one_line_and_status_2() {
     crate::require_root!();

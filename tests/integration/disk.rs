@@ -874,7 +874,7 @@ fn build_vm_in(
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Firmware {
+pub(crate) enum Firmware {
     /// qemu's default SeaBIOS.
     Bios,
     /// OVMF (Debian's `ovmf` package), with a private copy of its variable store.
@@ -883,7 +883,7 @@ enum Firmware {
 
 /// Boots `qcow2` (snapshot mode) and waits up to 5 minutes for `login:` on the serial console;
 /// returns the console text.
-fn boot_to_login(dir: &Path, qcow2: &Path, firmware: Firmware) -> String {
+pub(crate) fn boot_to_login(dir: &Path, qcow2: &Path, firmware: Firmware) -> String {
     let serial = dir.join(format!("serial-{firmware:?}.log"));
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args([
