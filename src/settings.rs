@@ -475,7 +475,7 @@ fn declare_line(name: &str, value: &str) -> String {
     format!("declare -x {name}=\"{quoted}\"\n")
 }
 
-/// What every rootfs hook receives before environment.d runs (dib §1.6), for one element set.
+/// What every rootfs hook receives before environment.d runs (as dib exports it), for one element set.
 pub fn base_environment(
     settings: &Settings,
     paths: &BuildPaths,

@@ -3,7 +3,7 @@
 #
 # Downloads diskimage-builder from PyPI (with pip) into a temp folder, points ELEMENTS_PATH at its
 # elements, and checks for `vm debian-minimal` and `vm ubuntu-minimal` that:
-#   1. `strata elements` prints exactly the element set dib resolves (reference §5.1), and the
+#   1. `strata elements` prints exactly the element set dib resolves, and the
 #      same set dib's own resolver (element_dependencies.get_elements) returns, when importable;
 #   2. `strata elements --hooks` lists, per phase, the hooks dib would run, in dib-run-parts
 #      order, each from the right element. dib's expectation is computed here the way dib does:

@@ -18,7 +18,7 @@
 //! namespace (a strata started by a hook) sees a mount point there and leaves it alone; the
 //! tmpfs root is locked as well.
 //! `remove_dir_all` is never used: it recurses into live bind mounts and deletes the source's
-//! files (checked in a probe, see reference/rust-crates.md §0.4).
+//! files.
 
 use super::SandboxError;
 use super::mountinfo::mounts_at_or_under;
