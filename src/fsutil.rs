@@ -86,22 +86,32 @@ pub fn locked_temp_in(dir: &Path, prefix: &str) -> io::Result<tempfile::NamedTem
 pub fn locked_temp_dir_in(dir: &Path, prefix: &str) -> io::Result<(tempfile::TempDir, fs::File)> {
     loop {
         let tmp = tempfile::Builder::new().prefix(prefix).tempdir_in(dir)?;
-        let lock = fs::File::open(tmp.path())?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            // A sweep holds it: it took the fresh folder for a leftover. Start again.
-            Err(fs::TryLockError::WouldBlock) => {
+        match lock_fresh_dir(tmp.path())? {
+            Some(lock) => return Ok((tmp, lock)),
+            // The sweep removes it (or has), not this drop.
+            None => {
                 let _ = tmp.keep();
-                continue;
             }
-            Err(fs::TryLockError::Error(e)) => return Err(e),
         }
-        if !same_file(&lock, tmp.path()) {
-            let _ = tmp.keep();
-            continue;
-        }
-        return Ok((tmp, lock));
     }
+}
+
+/// Opens a folder this process has just created and takes its exclusive lock. None when a
+/// sweep got there first (between the creation and the lock it looks like a dead writer's):
+/// the sweep holds the lock, or has removed the folder, or the name now leads elsewhere. The
+/// caller then starts again with a new name.
+pub fn lock_fresh_dir(path: &Path) -> io::Result<Option<fs::File>> {
+    let lock = match fs::File::open(path) {
+        Ok(lock) => lock,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => return Ok(None),
+        Err(fs::TryLockError::Error(e)) => return Err(e),
+    }
+    Ok(same_file(&lock, path).then_some(lock))
 }
 
 /// True when `path` names the file open as `file`.
@@ -266,5 +276,29 @@ mod tests {
         let path = live.keep();
         assert_eq!(sweep_dead(dir.path(), OUTPUT_TEMP_PREFIX).unwrap(), 1);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_fresh_folder_a_sweep_got_to_first_is_given_up_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh");
+        // Removed by a sweep before it could be opened.
+        assert!(lock_fresh_dir(&path).unwrap().is_none());
+        // Held by a sweep (another open file, as another process would have).
+        fs::create_dir(&path).unwrap();
+        let sweep = fs::File::open(&path).unwrap();
+        sweep.lock().unwrap();
+        assert!(lock_fresh_dir(&path).unwrap().is_none());
+        drop(sweep);
+        // Free: locked, and a second taker is refused while it is held.
+        let lock = lock_fresh_dir(&path)
+            .unwrap()
+            .expect("a free folder is locked");
+        assert!(lock_fresh_dir(&path).unwrap().is_none());
+        drop(lock);
+        // Another error (not a folder we may open) is an error.
+        let file = dir.path().join("file");
+        fs::write(&file, "").unwrap();
+        assert!(lock_fresh_dir(&file.join("below")).is_err());
     }
 }

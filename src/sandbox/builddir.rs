@@ -61,12 +61,11 @@ impl BuildDir {
         let (path, lock) = loop {
             let path = nix::unistd::mkdtemp(&template)
                 .map_err(|e| SandboxError::io("create a build directory in", parent, e.into()))?;
-            // A sweep may have taken the fresh folder for a dead build's (it holds the lock
-            // while it removes it); then this name is gone and we start again with a new one.
-            let Some(lock) = lock_dir(&path)? else {
-                continue;
-            };
-            if crate::fsutil::same_file(&lock, &path) {
+            // A sweep may have taken the fresh folder for a dead build's; then this name is
+            // gone and we start again with a new one.
+            if let Some(lock) = crate::fsutil::lock_fresh_dir(&path)
+                .map_err(|e| SandboxError::io("lock", &path, e))?
+            {
                 break (path, lock);
             }
         };

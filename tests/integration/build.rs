@@ -341,10 +341,23 @@ fn two_builds_at_once_share_one_cache() {
     // Same image name (it is part of the keys), different output folders.
     fs::create_dir_all(f.out("a")).unwrap();
     fs::create_dir_all(f.out("b")).unwrap();
-    let a = f.build_cmd_as("a/img", &[]).spawn().unwrap();
-    let b = f.build_cmd_as("b/img", &[]).spawn().unwrap();
+    let spawn = |name: &str| {
+        f.build_cmd_as(name, &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("a/img"), spawn("b/img"));
     let (ra, rb) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(ra.status.success() && rb.status.success());
+    for (name, r) in [("a", &ra), ("b", &rb)] {
+        assert!(
+            r.status.success(),
+            "build {name} failed ({}): {}",
+            r.status,
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
     f.assert_no_leftovers();
     let m = f.build_ok(&[]);
     assert!(

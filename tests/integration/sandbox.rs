@@ -475,14 +475,28 @@ fn only_dead_build_folders_are_swept_even_from_inside_a_live_builds_namespace() 
     std::fs::create_dir_all(plain.path.join("a/b")).unwrap();
     std::fs::write(plain.path.join("a/b/f"), "live").unwrap();
     // A dead build's folder (nobody holds its lock) with a tree in it, and one held by another
-    // process's lock (here: this test's own descriptor).
+    // process's lock: flock(1), so that no descriptor of this test process holds it (a fork
+    // by a test running beside this one would inherit it and keep the lock past its drop).
     let dead = parent.path().join("strata_build.dead");
     std::fs::create_dir_all(dead.join("x/y")).unwrap();
     std::fs::write(dead.join("x/y/z"), "left").unwrap();
     let held = parent.path().join("strata_build.held");
     std::fs::create_dir(&held).unwrap();
-    let lock = std::fs::File::open(&held).unwrap();
-    lock.lock().unwrap();
+    let mut holder = std::process::Command::new("flock")
+        .arg(&held)
+        .args(["sh", "-c", "echo locked; exec cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("flock(1) from util-linux");
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "locked\n");
+    }
     let other = parent.path().join("not-a-build");
     std::fs::create_dir(&other).unwrap();
 
@@ -499,7 +513,8 @@ fn only_dead_build_folders_are_swept_even_from_inside_a_live_builds_namespace() 
     );
     assert!(held.exists() && other.exists());
     // Once the holder is gone, its folder is a dead build's.
-    drop(lock);
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
     assert_eq!(
         sweep_dead_build_dirs(parent.path(), "strata_build.").unwrap(),
         vec![held.clone()]
