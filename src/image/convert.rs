@@ -4,7 +4,8 @@
 //! ```text
 //! raw ──convert(fmt)──► .strata-out.XXXX beside <out> (locked) ──rename──► <out>
 //!                                                          (dib's compress_and_save_image)
-//! tree ──copy_tree──► mounted root                         (cp -a --sparse=always)
+//! tree ──copy_tree──► mounted root          (cp -a --sparse=always, on one CPU: a stable
+//!                                             block layout, see disk.rs)
 //! ```
 
 use std::path::Path;
@@ -103,15 +104,51 @@ pub fn convert(
 }
 
 /// Copies the contents of `src` (dot files included) into `dst`, preserving owners, modes,
-/// times, links, xattrs and holes: `cp -a --sparse=always src/. dst/`.
+/// times, links, xattrs and holes: `cp -a --sparse=always src/. dst/`, run on one CPU (the
+/// first this process may use) so that an ext4 mounted with `nodelalloc` gets the same block
+/// layout for the same tree (see disk.rs).
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), ImageError> {
-    super::run_tool(
-        Command::new("cp")
-            .args(["-a", "--sparse=always", "--no-target-directory"])
-            .arg(src.join("."))
-            .arg(dst),
-    )
-    .map(drop)
+    let mut cmd = Command::new("cp");
+    cmd.args(["-a", "--sparse=always", "--no-target-directory"])
+        .arg(src.join("."))
+        .arg(dst);
+    if let Some(cpu) = first_cpu() {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: sched_setaffinity is a plain syscall, safe between fork and exec; the set is
+        // built before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let set = one_cpu_set(cpu);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    super::run_tool(&mut cmd).map(drop)
+}
+
+/// The lowest-numbered CPU this process may run on.
+fn first_cpu() -> Option<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set))
+    }
+}
+
+fn one_cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        set
+    }
 }
 
 #[cfg(test)]

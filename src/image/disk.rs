@@ -7,7 +7,8 @@
 //!   Partition /dev/loopNpK (kernel scan → partx -a → mknod)
 //!   Mkfs      mkfs -t T [opts] -L label -U uuid ... (ids from the seed)
 //!   Mount     <mount_base>/<mp>, sorted mount-point order (swap is not mounted; a vfat the
-//!             kernel cannot mount gets a staging tmpfs instead, see staged.rs)
+//!             kernel cannot mount gets a staging tmpfs instead, see staged.rs); ext4 with
+//!             `nodelalloc` (see "Layout" below)
 //!   Fstab     remembered for Disk::fstab()
 //!   any error → rollback: umount what was mounted, detach, delete the raw files
 //! Disk::unmount → staged vfat written with mtools → per mount in reverse: sync, FITRIM (not
@@ -18,6 +19,15 @@
 //!           ext file systems written over the old ones in the raw file
 //! Drop (no unmount called) → same teardown, best effort, lazy umount as the last resort
 //! ```
+//!
+//! Layout: the qcow2 writer reuses the compressed clusters of the previous image, so the same
+//! tree copied into a fresh disk should land on the same blocks. With ext4's default delayed
+//! allocation, blocks are chosen at writeback, in whatever order the flusher threads take the
+//! inodes: two copies of one tree share about a third of their clusters. Mounted with
+//! `nodelalloc`, blocks are allocated in `write()`, in copy order; the copy runs on one CPU
+//! ([`super::copy_tree`]) because the allocator keeps a preallocation per CPU for small
+//! files. Measured on the debian-minimal tree: 96% of the clusters identical between two copies
+//! (the rest: inode tables with the copy's change times, the journal).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -399,14 +409,9 @@ impl Disk {
     }
 
     fn mount_device(&self, device: &Path, path: &Path, fstype: &str) -> Result<(), ImageError> {
-        nix::mount::mount(
-            Some(device),
-            path,
-            Some(fstype),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| {
+        // Blocks allocated in copy order: a stable layout (module doc).
+        let data = (fstype == "ext4").then_some("nodelalloc");
+        nix::mount::mount(Some(device), path, Some(fstype), MsFlags::empty(), data).map_err(|e| {
             let hint = if e == nix::errno::Errno::ENODEV {
                 format!(" (this kernel cannot mount {fstype}: it is not in /proc/filesystems)")
             } else {

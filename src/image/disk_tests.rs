@@ -639,6 +639,73 @@ fn same_seed_after_mounting_differs_only_where_the_kernel_writes() {
     assert_eq!(probe(&a, 17 * MIB), probe(&b, 17 * MIB));
 }
 
+/// A tree of many small files and a few larger ones, in nested folders (as a rootfs has).
+fn layout_tree(root: &Path) {
+    for d in 0..12 {
+        let dir = root.join(format!("d{d}/sub{}", d % 3));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..90 {
+            let len = 300 + (d * 90 + f) * 97 % 9000;
+            std::fs::write(dir.join(format!("f{f}")), vec![(d * 7 + f) as u8 | 1; len]).unwrap();
+        }
+        std::fs::write(dir.join("big"), vec![d as u8 + 1; 300_000]).unwrap();
+    }
+}
+
+/// `debugfs -R "blocks PATH"` of every regular file in `tree`, read from `raw`.
+fn file_blocks(raw: &Path, tree: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![tree.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for p in names {
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = format!("/{}", p.strip_prefix(tree).unwrap().display());
+            let blocks = debugfs(raw, 0, &format!("blocks {rel}"));
+            assert!(!blocks.trim().is_empty(), "no blocks for {rel}");
+            out.push((rel, blocks.trim().to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_same_tree_copied_into_two_fresh_disks_lands_on_the_same_blocks() {
+    // What lets the qcow2 writer reuse the previous image's clusters after an edit.
+    let src = tempfile::tempdir().unwrap();
+    layout_tree(src.path());
+    let copy = |name: &str| {
+        let s = Scratch::new();
+        let mut params = s.params("ext4", 64 * MIB, Some([5; 32]));
+        params.image_dir = s.path().join(name);
+        let disk = create(&config(default_config(), &params), &params).unwrap();
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = mi
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(disk.root_mount().to_str().unwrap()))
+            .expect("the root is mounted")
+            .to_string();
+        assert!(line.contains("nodelalloc"), "{line}");
+        convert::copy_tree(src.path(), disk.root_mount()).unwrap();
+        let raw = disk.unmount().unwrap();
+        s.assert_clean();
+        (s, raw)
+    };
+    let (_a, a) = copy("a");
+    let (_b, b) = copy("b");
+    let (fa, fb) = (file_blocks(&a, src.path()), file_blocks(&b, src.path()));
+    assert_eq!(fa.len(), 12 * 91);
+    let moved: Vec<_> = fa.iter().zip(&fb).filter(|(x, y)| x != y).collect();
+    assert!(moved.is_empty(), "files on other blocks: {moved:?}");
+}
+
 const PROBE_ENV: &str = "STRATA_IMAGE_PROBE_DIR";
 
 /// The child of `sigkill_with_a_mounted_disk_leaves_nothing_behind`: creates and mounts a disk
