@@ -409,7 +409,13 @@ pub fn run(job: &Job) -> Result<Produced> {
                 .println(&format!("[output/disk] {}: {how}", path.display()));
             let mut src =
                 fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            outputs::tree::keep(job.cache, &tkey, &mut src, None)?
+            // Compressed clusters do not compress again: stored as they are.
+            let packing = if opts.uncompressed {
+                outputs::tree::Packing::Zstd
+            } else {
+                outputs::tree::Packing::Stored
+            };
+            outputs::tree::keep_as(job.cache, &tkey, &mut src, None, packing)?
         } else {
             image::convert(
                 &raw,

@@ -15,6 +15,7 @@
 pub mod checksums;
 pub mod folder;
 pub mod oci;
+pub mod stored;
 pub mod tree;
 
 use crate::exit::{Exit, Failure};

@@ -10,7 +10,9 @@
 //!              (flate2: no file name, mtime 0, so NAME.tgz is gunzip-equal to NAME.tar)
 //!   squashfs   mksquashfs ROOT NAME.squash -comp xz -noappend [-all-time T -mkfs-time T]
 //!              -e proc/* sys/*  ─► hashed ─► blob
-//! keep(cache, key, reader, copy_to)   one pass: blake3 + zstd blob (+ a sparse copy)
+//! keep(cache, key, reader, copy_to)   one pass: blake3 + zstd blob (+ a sparse copy); keep_as
+//!                                     with Packing::Stored: raw zstd blocks, for content that
+//!                                     is compressed already (stored.rs)
 //! restore(cache, digest, path)        blob ─► temp file beside path (sparse) ─► digest checked
 //!                                     ─► renamed into place (a bad blob never leaves a file)
 //! ```
@@ -196,6 +198,37 @@ fn store_file(cache: &dyn StepCache, key: &str, p: &Path) -> Result<String> {
     keep(cache, key, &mut src, None)
 }
 
+/// How [`keep_as`] puts an output into its zstd blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// Compressed (zstd level 3, two threads).
+    Zstd,
+    /// Stored in raw blocks: for content that is compressed already (a compressed qcow2).
+    Stored,
+}
+
+/// The encoder of one blob, either packing.
+enum BlobEncoder<'a> {
+    Zstd(zstd::Encoder<'static, &'a mut Box<dyn BlobSink>>),
+    Stored(super::stored::StoredFrame<&'a mut Box<dyn BlobSink>>),
+}
+
+impl BlobEncoder<'_> {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            BlobEncoder::Zstd(e) => e.write_all(data),
+            BlobEncoder::Stored(e) => e.write_all(data),
+        }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        match self {
+            BlobEncoder::Zstd(e) => e.finish().map(drop),
+            BlobEncoder::Stored(e) => e.finish().map(drop),
+        }
+    }
+}
+
 /// Reads `src` once: hashes it, keeps it zstd-compressed as an output blob under `key` (if the
 /// cache keeps any), and writes it sparse to `copy_to` (when given). Returns the blake3 of the
 /// content.
@@ -205,6 +238,17 @@ pub fn keep(
     src: &mut impl Read,
     copy_to: Option<&Path>,
 ) -> Result<String> {
+    keep_as(cache, key, src, copy_to, Packing::Zstd)
+}
+
+/// [`keep`], with the blob packed as `packing` says.
+pub fn keep_as(
+    cache: &dyn StepCache,
+    key: &str,
+    src: &mut impl Read,
+    copy_to: Option<&Path>,
+    packing: Packing,
+) -> Result<String> {
     let mut hasher = blake3::Hasher::new();
     let mut sparse = match copy_to {
         Some(p) => Some((SparseFile::create(p)?, p)),
@@ -212,13 +256,16 @@ pub fn keep(
     };
     let mut blob: Option<Box<dyn BlobSink>> = cache.blob_sink()?;
     {
-        let mut enc = match blob.as_mut() {
-            Some(b) => {
+        let mut enc = match (blob.as_mut(), packing) {
+            (Some(b), Packing::Zstd) => {
                 let mut e = zstd::Encoder::new(b, 3)?;
                 e.multithread(2)?;
-                Some(e)
+                Some(BlobEncoder::Zstd(e))
             }
-            None => None,
+            (Some(b), Packing::Stored) => {
+                Some(BlobEncoder::Stored(super::stored::StoredFrame::new(b)))
+            }
+            (None, _) => None,
         };
         let mut buf = vec![0u8; 1 << 20];
         loop {
