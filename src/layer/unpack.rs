@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -67,42 +67,69 @@ pub struct UnpackStats {
     pub whiteouts: u64,
 }
 
-/// A `Read` over the chunks the decoder thread sends.
+/// The decoded stream as the caller sees it: the chunks the decoder thread sends, each hashed
+/// and counted when it arrives, lent out in place through `BufRead` (file data goes from the
+/// chunk straight to `write`, with no copy in between).
 struct ChunkReader {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
     back: mpsc::Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
+    hasher: blake3::Hasher,
+    total: u64,
+}
+
+impl ChunkReader {
+    /// Takes the next chunk; false at the end of the stream.
+    fn next_chunk(&mut self) -> io::Result<bool> {
+        match self.rx.recv() {
+            Ok(Ok(next)) => {
+                self.hasher.update(&next);
+                self.total += next.len() as u64;
+                let old = std::mem::replace(&mut self.cur, next);
+                let _ = self.back.send(old);
+                self.pos = 0;
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+impl BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos == self.cur.len() {
+            if !self.next_chunk()? {
+                break;
+            }
+        }
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.cur.len());
+    }
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(Ok(next)) => {
-                    let old = std::mem::replace(&mut self.cur, next);
-                    let _ = self.back.send(old);
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
+        let avail = self.fill_buf()?;
+        let n = out.len().min(avail.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
 
-/// Decodes `blob` to the end, hashing it, and sends it in chunks. Returns (hash, length).
+/// Decodes `blob` to the end and sends it in chunks (recycled through `back`). Only the zstd
+/// decoding runs here: hashing is the caller's, which has spare time while this thread is the
+/// slower of the two.
 fn decode(
     blob: impl Read,
     tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
     back: mpsc::Receiver<Vec<u8>>,
-) -> (blake3::Hasher, u64) {
-    let mut hasher = blake3::Hasher::new();
-    let mut total = 0u64;
+) {
     let mut dec = match zstd::Decoder::new(blob).and_then(|mut d| {
         d.window_log_max(31)?;
         Ok(d)
@@ -110,7 +137,7 @@ fn decode(
         Ok(d) => d,
         Err(e) => {
             let _ = tx.send(Err(e));
-            return (hasher, total);
+            return;
         }
     };
     loop {
@@ -124,18 +151,16 @@ fn decode(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let _ = tx.send(Err(e));
-                    return (hasher, total);
+                    return;
                 }
             }
         }
         if n == 0 {
-            return (hasher, total);
+            return;
         }
         buf.truncate(n);
-        hasher.update(&buf);
-        total += n as u64;
         if tx.send(Ok(buf)).is_err() {
-            return (hasher, total);
+            return;
         }
     }
 }
@@ -164,6 +189,8 @@ pub fn unpack(
             back: back_tx,
             cur: Vec::new(),
             pos: 0,
+            hasher: blake3::Hasher::new(),
+            total: 0,
         };
         let mut u = Unpacker {
             target,
@@ -172,7 +199,6 @@ pub fn unpack(
             opts,
             dirs: Vec::new(),
             written: HashSet::new(),
-            buf: vec![0u8; CHUNK],
             entries: 0,
             whiteouts: 0,
             euid: nix::unistd::geteuid().as_raw(),
@@ -185,18 +211,21 @@ pub fn unpack(
         // Drain what the tar reader did not consume (end blocks, padding) so the hash covers
         // the whole stream; on error, dropping the reader stops the decoder.
         let drained = match applied {
-            Ok(()) => io::copy(&mut tr.into_inner(), &mut io::sink())
-                .map(drop)
-                .map_err(|e| LayerError::Corrupt(e.to_string())),
+            Ok(()) => {
+                let mut rest = tr.into_inner();
+                drain(&mut rest)
+                    .map(|()| (rest.hasher, rest.total))
+                    .map_err(|e| LayerError::Corrupt(e.to_string()))
+            }
             Err(e) => {
                 drop(tr);
                 Err(e)
             }
         };
-        let (hasher, total) = decoder
+        decoder
             .join()
             .map_err(|_| LayerError::Corrupt("the decoder thread panicked".into()))?;
-        drained?;
+        let (hasher, total) = drained?;
         let diff_id = hasher.finalize().to_hex().to_string();
         if let Some(want) = &opts.expected_diff_id
             && *want != diff_id
@@ -213,6 +242,17 @@ pub fn unpack(
             whiteouts: u.whiteouts,
         })
     })
+}
+
+/// Reads `r` to its end, discarding the bytes.
+fn drain(r: &mut impl BufRead) -> io::Result<()> {
+    loop {
+        let n = r.fill_buf()?.len();
+        if n == 0 {
+            return Ok(());
+        }
+        r.consume(n);
+    }
 }
 
 /// Normalizes an entry path: `./` and empty components dropped; absolute paths and `..` refused.
@@ -262,7 +302,6 @@ struct Unpacker<'a> {
     dirs: Vec<(Vec<u8>, i64)>,
     /// Paths this layer wrote (an opaque marker must not delete them).
     written: HashSet<Vec<u8>>,
-    buf: Vec<u8>,
     entries: u64,
     whiteouts: u64,
     /// Who new files belong to and what the umask leaves of a mode, to skip the chown and
@@ -316,7 +355,7 @@ impl Unpacker<'_> {
         }
     }
 
-    fn apply_all<R: Read>(&mut self, tr: &mut TarReader<R>) -> Result<(), LayerError> {
+    fn apply_all<R: BufRead>(&mut self, tr: &mut TarReader<R>) -> Result<(), LayerError> {
         let corrupt = |e: io::Error| LayerError::Corrupt(e.to_string());
         while let Some(e) = tr.next_entry().map_err(corrupt)? {
             let path = sanitize(&e.path).map_err(|r| Self::unsafe_err(&e.path, r))?;
@@ -389,7 +428,7 @@ impl Unpacker<'_> {
         }
     }
 
-    fn apply<R: Read>(&mut self, rec: Rec, data: &mut TarReader<R>) -> Result<(), LayerError> {
+    fn apply<R: BufRead>(&mut self, rec: Rec, data: &mut TarReader<R>) -> Result<(), LayerError> {
         let (parent, name) = split_parent(&rec.path);
         let parent = parent.to_vec();
         let name = name.to_vec();
@@ -565,7 +604,7 @@ impl Unpacker<'_> {
         }
     }
 
-    fn regular<R: Read>(
+    fn regular<R: BufRead>(
         &mut self,
         dir: BorrowedFd<'_>,
         parent: &[u8],
@@ -578,24 +617,28 @@ impl Unpacker<'_> {
         let mut f: File = self.create(dir, name, || sys::create_file_at(dir, name, perm))?;
         let corrupt = |e: io::Error| Failure::Layer(LayerError::Corrupt(e.to_string()));
         match &rec.sparse {
+            // Straight from the decoded chunk to the file.
             None => loop {
-                let n = data.read_data(&mut self.buf).map_err(corrupt)?;
+                let b = data.data_buf().map_err(corrupt)?;
+                let n = b.len();
                 if n == 0 {
                     break;
                 }
-                f.write_all(&self.buf[..n])?;
+                f.write_all(b)?;
+                data.consume_data(n);
             },
             Some((segs, real)) => {
                 // Holes are never written: the file stays sparse.
                 for &(off, mut len) in segs {
                     f.seek(SeekFrom::Start(off))?;
                     while len > 0 {
-                        let want = (len as usize).min(self.buf.len());
-                        let n = data.read_data(&mut self.buf[..want]).map_err(corrupt)?;
+                        let b = data.data_buf().map_err(corrupt)?;
+                        let n = usize::try_from(len).map_or(b.len(), |l| l.min(b.len()));
                         if n == 0 {
                             return Err(corrupt(io::Error::other("sparse data ends early")));
                         }
-                        f.write_all(&self.buf[..n])?;
+                        f.write_all(&b[..n])?;
+                        data.consume_data(n);
                         len -= n as u64;
                     }
                 }
