@@ -1140,3 +1140,185 @@ fn a_path_hidden_by_an_exclude_is_not_whited_out() {
     let changes = diff(&before, &after);
     assert_eq!(changes.deleted().count(), 1);
 }
+
+/// Bytes that zstd cannot shrink much (so a layer spans several decoded pieces).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn the_diff_id_merged_from_pieces_is_the_blake3_of_the_stream() {
+    use super::unpack::{CHUNK, hash_piece, stream_hash};
+    let data = noise(8 * CHUNK + 1, 7);
+    for len in [
+        0,
+        1,
+        1024,
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        2 * CHUNK,
+        3 * CHUNK + 5,
+        4 * CHUNK,
+        5 * CHUNK - 1,
+        8 * CHUNK,
+        8 * CHUNK + 1,
+    ] {
+        let stream = &data[..len];
+        let pieces: Vec<_> = stream
+            .chunks(CHUNK)
+            .enumerate()
+            .map(|(i, p)| hash_piece(i as u64, p))
+            .collect();
+        assert_eq!(
+            stream_hash(&pieces, len as u64),
+            blake3::hash(stream),
+            "stream of {len} bytes"
+        );
+    }
+}
+
+#[test]
+fn a_layer_of_many_pieces_has_the_same_diff_id_whichever_thread_hashes() {
+    use super::unpack::{CHUNK, HashOn, unpack_with};
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d/e")).unwrap();
+    // Files crossing piece boundaries, and enough of them for several pieces.
+    write(&src.join("big"), &noise(3 * CHUNK + 777, 1));
+    write(&src.join("d/mid"), &noise(CHUNK / 2 + 3, 2));
+    for i in 0..40 {
+        write(
+            &src.join(format!("d/e/f{i}")),
+            &noise(50_000 + i, 3 + i as u64),
+        );
+    }
+    let (info, blob) = full_pack(&src, &opts1());
+    assert!(info.tar_size > 5 * CHUNK as u64, "{}", info.tar_size);
+    for hash_on in [HashOn::Caller, HashOn::Decoder, HashOn::Auto] {
+        let dst = t.path().join(format!("dst-{hash_on:?}"));
+        fs::create_dir(&dst).unwrap();
+        let st = unpack_with(&blob[..], &dst, &UnpackOptions::default(), hash_on).unwrap();
+        assert_eq!(st.diff_id, info.diff_id, "{hash_on:?}");
+        assert_eq!(st.tar_size, info.tar_size, "{hash_on:?}");
+        assert_eq!(st.pieces, info.tar_size.div_ceil(CHUNK as u64));
+        match hash_on {
+            HashOn::Caller => assert_eq!(st.pieces_hashed_by_decoder, 0),
+            HashOn::Decoder => assert_eq!(st.pieces_hashed_by_decoder, st.pieces),
+            HashOn::Auto => {}
+        }
+        assert_same_tree(&src, &dst);
+    }
+}
+
+/// The unpacker keeps the directories of the previous entry's parent open: an entry that
+/// replaces or removes one of them must not leave later entries writing into a stale
+/// descriptor (a deleted directory, or one a symlink now stands for).
+#[test]
+fn a_cached_parent_replaced_by_a_symlink_is_not_written_through() {
+    let a = Arena::new();
+    let out = a.outside();
+    assert_unsafe(a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::Dir(b"a/b/"),
+        Ent::File(b"a/b/x", b"first"),
+        Ent::Symlink(b"a", out.as_os_str().as_bytes()),
+        Ent::File(b"a/b/y", b"pwned"),
+    ])));
+    a.assert_outside_intact();
+    // Same one level down, with the child written right after the directory entry (which
+    // pushes the new directory on the cached path).
+    let a = Arena::new();
+    assert_unsafe(a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::File(b"a/x", b"first"),
+        Ent::Symlink(b"a", out.as_os_str().as_bytes()),
+        Ent::File(b"a/sentinel", b"pwned"),
+    ])));
+    a.assert_outside_intact();
+}
+
+#[test]
+fn a_cached_parent_replaced_by_a_file_refuses_its_children() {
+    let a = Arena::new();
+    let r = a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::File(b"a/x", b"first"),
+        Ent::File(b"a", b"now a file"),
+        Ent::File(b"a/y", b"orphan"),
+    ]));
+    assert_unsafe(r);
+    assert_eq!(fs::read(a.target().join("a")).unwrap(), b"now a file");
+    a.assert_outside_intact();
+}
+
+#[test]
+fn a_cached_parent_whited_out_is_made_again_for_later_entries() {
+    let a = Arena::new();
+    let t = a.target();
+    a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::Dir(b"a/b/"),
+        Ent::File(b"a/b/x", b"gone"),
+        Ent::File(b".wh.a", b""),
+        Ent::File(b"a/b/y", b"kept"),
+    ]))
+    .unwrap();
+    assert!(!t.join("a/b/x").exists());
+    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"kept");
+    // A whiteout of the cached directory itself, by its parent's entry.
+    let a = Arena::new();
+    let t = a.target();
+    a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::Dir(b"a/b/"),
+        Ent::File(b"a/b/x", b"gone"),
+        Ent::File(b"a/.wh.b", b""),
+        Ent::File(b"a/b/y", b"kept"),
+    ]))
+    .unwrap();
+    assert!(!t.join("a/b/x").exists());
+    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"kept");
+}
+
+#[test]
+fn a_cached_parent_emptied_by_an_opaque_marker_is_made_again() {
+    let a = Arena::new();
+    let t = a.target();
+    fs::create_dir_all(t.join("a/b")).unwrap();
+    write(&t.join("a/b/lower"), b"lower");
+    a.unpack(&hostile(&[
+        // `a/b` has no entry of its own in this layer: the marker below deletes it.
+        Ent::File(b"a/b/x", b"early"),
+        Ent::File(b"a/.wh..wh..opq", b""),
+        Ent::File(b"a/b/y", b"late"),
+    ]))
+    .unwrap();
+    assert!(!t.join("a/b/lower").exists());
+    assert!(!t.join("a/b/x").exists());
+    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"late");
+}
+
+#[test]
+fn a_cached_symlink_parent_replaced_by_a_directory_is_written_into() {
+    let a = Arena::new();
+    let t = a.target();
+    let out = a.outside();
+    a.unpack(&hostile(&[
+        Ent::Symlink(b"a", out.as_os_str().as_bytes()),
+        Ent::Dir(b"a/"),
+        Ent::File(b"a/sentinel", b"inside"),
+    ]))
+    .unwrap();
+    assert!(fs::symlink_metadata(t.join("a")).unwrap().is_dir());
+    assert_eq!(fs::read(t.join("a/sentinel")).unwrap(), b"inside");
+    a.assert_outside_intact();
+}

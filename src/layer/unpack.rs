@@ -21,13 +21,17 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
+};
 use tar::EntryType;
 
 use super::read::TarReader;
 use super::sys;
 use super::{LayerError, split_parent};
 
-const CHUNK: usize = 1 << 20;
+/// Size of the pieces the decoder sends (a power of two, a multiple of blake3's 1 KiB chunk).
+pub(super) const CHUNK: usize = 1 << 20;
 
 /// How to unpack.
 #[derive(Debug, Clone)]
@@ -65,17 +69,98 @@ pub struct UnpackStats {
     pub tar_size: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
+    /// 1 MiB pieces the stream was decoded in, and how many of them the decoder thread hashed
+    /// (it does when the applying side is behind; the applying thread hashes the others).
+    pub pieces: u64,
+    pub pieces_hashed_by_decoder: u64,
 }
 
-/// The decoded stream as the caller sees it: the chunks the decoder thread sends, each hashed
-/// and counted when it arrives, lent out in place through `BufRead` (file data goes from the
-/// chunk straight to `write`, with no copy in between).
+/// The blake3 of one piece of the stream (`CHUNK` bytes at offset `index * CHUNK`, the last
+/// piece possibly shorter): its chaining value as a subtree of the blake3 tree, and for the
+/// first piece also the root hash it would have if the stream were that piece alone.
+///
+/// `CHUNK` is a power of two and a multiple of blake3's 1 KiB chunk, so every piece is one whole
+/// subtree of the stream's tree; hashing the pieces apart (on either thread) and merging their
+/// chaining values in the tree's left-balanced shape ([`stream_hash`]) gives the same hash as
+/// one `Hasher` over the whole stream.
+pub(super) struct PieceHash {
+    cv: ChainingValue,
+    alone: Option<blake3::Hash>,
+}
+
+pub(super) fn hash_piece(index: u64, data: &[u8]) -> PieceHash {
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(index * CHUNK as u64);
+    h.update(data);
+    PieceHash {
+        cv: h.finalize_non_root(),
+        alone: (index == 0).then(|| h.finalize()),
+    }
+}
+
+/// The blake3 of a stream of `total` bytes from the hashes of its pieces, in order.
+pub(super) fn stream_hash(pieces: &[PieceHash], total: u64) -> blake3::Hash {
+    /// The chaining value of the subtree made of `cvs` (`len` bytes in all).
+    fn subtree(cvs: &[&ChainingValue], len: u64) -> ChainingValue {
+        match cvs {
+            [one] => **one,
+            _ => {
+                let left = left_subtree_len(len);
+                let k = (left / CHUNK as u64) as usize;
+                merge_subtrees_non_root(
+                    &subtree(&cvs[..k], left),
+                    &subtree(&cvs[k..], len - left),
+                    Mode::Hash,
+                )
+            }
+        }
+    }
+    match pieces {
+        [] => blake3::hash(b""),
+        [one] => one
+            .alone
+            .expect("the first piece is always hashed with its root hash"),
+        _ => {
+            // More than one piece: the stream is longer than CHUNK, so the left subtree is a
+            // power of two of at least CHUNK bytes, i.e. whole pieces.
+            let cvs: Vec<&ChainingValue> = pieces.iter().map(|p| &p.cv).collect();
+            let left = left_subtree_len(total);
+            let k = (left / CHUNK as u64) as usize;
+            merge_subtrees_root(
+                &subtree(&cvs[..k], left),
+                &subtree(&cvs[k..], total - left),
+                Mode::Hash,
+            )
+        }
+    }
+}
+
+/// One piece of the decoded stream, hashed already when the decoder had to wait anyway.
+struct Chunk {
+    data: Vec<u8>,
+    hash: Option<PieceHash>,
+}
+
+/// Which thread hashes the stream (tests force each one; unpacking uses `Auto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HashOn {
+    /// The decoder hashes a piece when the channel is full (it would wait otherwise), the
+    /// caller hashes the others.
+    Auto,
+    Decoder,
+    Caller,
+}
+
+/// The decoded stream as the caller sees it: the chunks the decoder thread sends, lent out in
+/// place through `BufRead` (file data goes from the chunk straight to `write`, no copy in
+/// between); each chunk is hashed on arrival unless the decoder did it.
 struct ChunkReader {
-    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    rx: mpsc::Receiver<io::Result<Chunk>>,
     back: mpsc::Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
-    hasher: blake3::Hasher,
+    pieces: Vec<PieceHash>,
+    by_decoder: u64,
     total: u64,
 }
 
@@ -84,9 +169,16 @@ impl ChunkReader {
     fn next_chunk(&mut self) -> io::Result<bool> {
         match self.rx.recv() {
             Ok(Ok(next)) => {
-                self.hasher.update(&next);
-                self.total += next.len() as u64;
-                let old = std::mem::replace(&mut self.cur, next);
+                let hash = match next.hash {
+                    Some(h) => {
+                        self.by_decoder += 1;
+                        h
+                    }
+                    None => hash_piece(self.pieces.len() as u64, &next.data),
+                };
+                self.pieces.push(hash);
+                self.total += next.data.len() as u64;
+                let old = std::mem::replace(&mut self.cur, next.data);
                 let _ = self.back.send(old);
                 self.pos = 0;
                 Ok(true)
@@ -122,13 +214,14 @@ impl Read for ChunkReader {
     }
 }
 
-/// Decodes `blob` to the end and sends it in chunks (recycled through `back`). Only the zstd
-/// decoding runs here: hashing is the caller's, which has spare time while this thread is the
-/// slower of the two.
+/// Decodes `blob` to the end and sends it in `CHUNK`-sized pieces (buffers recycled through
+/// `back`); only the last piece may be shorter. A piece is hashed here when the caller is
+/// behind (the channel is full, so this thread would only wait), otherwise by the caller.
 fn decode(
     blob: impl Read,
-    tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
+    tx: mpsc::SyncSender<io::Result<Chunk>>,
     back: mpsc::Receiver<Vec<u8>>,
+    hash_on: HashOn,
 ) {
     let mut dec = match zstd::Decoder::new(blob).and_then(|mut d| {
         d.window_log_max(31)?;
@@ -140,6 +233,7 @@ fn decode(
             return;
         }
     };
+    let mut index = 0u64;
     loop {
         let mut buf = back.try_recv().unwrap_or_default();
         buf.resize(CHUNK, 0);
@@ -159,9 +253,29 @@ fn decode(
             return;
         }
         buf.truncate(n);
-        if tx.send(Ok(buf)).is_err() {
+        let mut chunk = Chunk {
+            data: buf,
+            hash: None,
+        };
+        if hash_on == HashOn::Decoder {
+            chunk.hash = Some(hash_piece(index, &chunk.data));
+        }
+        let sent = match hash_on {
+            HashOn::Auto => match tx.try_send(Ok(chunk)) {
+                Ok(()) => Ok(()),
+                Err(mpsc::TrySendError::Full(Ok(mut chunk))) => {
+                    chunk.hash = Some(hash_piece(index, &chunk.data));
+                    tx.send(Ok(chunk)).map_err(drop)
+                }
+                Err(_) => Err(()),
+            },
+            _ => tx.send(Ok(chunk)).map_err(drop),
+        };
+        // A short piece is the last one (pieces must stay CHUNK-aligned for the hash).
+        if sent.is_err() || n < CHUNK {
             return;
         }
+        index += 1;
     }
 }
 
@@ -175,6 +289,16 @@ pub fn unpack(
     target: &Path,
     opts: &UnpackOptions,
 ) -> Result<UnpackStats, LayerError> {
+    unpack_with(blob, target, opts, HashOn::Auto)
+}
+
+/// [`unpack`] with the hashing thread chosen (tests force each one).
+pub(super) fn unpack_with(
+    blob: impl Read + Send,
+    target: &Path,
+    opts: &UnpackOptions,
+    hash_on: HashOn,
+) -> Result<UnpackStats, LayerError> {
     let root = sys::open_dir(target).map_err(|e| LayerError::Apply {
         path: ".".into(),
         target: target.to_path_buf(),
@@ -183,13 +307,14 @@ pub fn unpack(
     let (tx, rx) = mpsc::sync_channel(8);
     let (back_tx, back_rx) = mpsc::channel();
     std::thread::scope(|s| {
-        let decoder = s.spawn(move || decode(blob, tx, back_rx));
+        let decoder = s.spawn(move || decode(blob, tx, back_rx, hash_on));
         let reader = ChunkReader {
             rx,
             back: back_tx,
             cur: Vec::new(),
             pos: 0,
-            hasher: blake3::Hasher::new(),
+            pieces: Vec::new(),
+            by_decoder: 0,
             total: 0,
         };
         let mut u = Unpacker {
@@ -214,7 +339,7 @@ pub fn unpack(
             Ok(()) => {
                 let mut rest = tr.into_inner();
                 drain(&mut rest)
-                    .map(|()| (rest.hasher, rest.total))
+                    .map(|()| rest)
                     .map_err(|e| LayerError::Corrupt(e.to_string()))
             }
             Err(e) => {
@@ -225,8 +350,8 @@ pub fn unpack(
         decoder
             .join()
             .map_err(|_| LayerError::Corrupt("the decoder thread panicked".into()))?;
-        let (hasher, total) = drained?;
-        let diff_id = hasher.finalize().to_hex().to_string();
+        let rest = drained?;
+        let diff_id = stream_hash(&rest.pieces, rest.total).to_hex().to_string();
         if let Some(want) = &opts.expected_diff_id
             && *want != diff_id
         {
@@ -238,8 +363,10 @@ pub fn unpack(
         Ok(UnpackStats {
             diff_id,
             entries: u.entries,
-            tar_size: total,
+            tar_size: rest.total,
             whiteouts: u.whiteouts,
+            pieces: rest.pieces.len() as u64,
+            pieces_hashed_by_decoder: rest.by_decoder,
         })
     })
 }
