@@ -148,6 +148,7 @@ pub(super) enum HashOn {
     /// caller hashes the others.
     Auto,
     Decoder,
+    #[cfg_attr(not(test), allow(dead_code))]
     Caller,
 }
 
