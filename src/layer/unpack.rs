@@ -565,6 +565,8 @@ impl Unpacker<'_> {
         // Whiteouts and opaque markers.
         if let Some(target) = name.strip_prefix(b".wh.") {
             self.whiteouts += 1;
+            // A directory whose setgid bit we know may go, and be made again by a later walk.
+            self.setgid = None;
             if target == b".wh..opq" {
                 let Some(dir) = self.walk(&comps, false)? else {
                     return Ok(());
@@ -598,7 +600,7 @@ impl Unpacker<'_> {
         };
         let d = dir.get();
         let r = match rec.kind {
-            EntryType::Directory => self.directory(d, &name, &rec),
+            EntryType::Directory => self.directory(d, &parent, &name, &rec),
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.regular(d, &parent, &name, &rec, data)
             }
@@ -684,7 +686,13 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    fn directory(&mut self, dir: BorrowedFd<'_>, name: &[u8], rec: &Rec) -> Result<(), Failure> {
+    fn directory(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        parent: &[u8],
+        name: &[u8],
+        rec: &Rec,
+    ) -> Result<(), Failure> {
         // Its mode may change: forget what we knew about it.
         if self.setgid.as_ref().is_some_and(|(p, _)| *p == rec.path) {
             self.setgid = None;
@@ -694,19 +702,41 @@ impl Unpacker<'_> {
             self.dirs.push((Vec::new(), rec.mtime));
             return Ok(());
         }
-        match sys::mkdir_at(dir, name, 0o700) {
-            Ok(()) => {}
+        // Made with its permission bits (less the umask), like files, so that a new directory
+        // of the process's own owner needs no chown and usually no chmod.
+        let perm = rec.mode & 0o777;
+        let made = match sys::mkdir_at(dir, name, perm) {
+            Ok(()) => true,
             Err(e) if is_errno(&e, libc::EEXIST) => {
                 let st = sys::lstat_at(dir, name)?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
                     self.remove_existing(dir, name)?;
-                    sys::mkdir_at(dir, name, 0o700)?;
+                    sys::mkdir_at(dir, name, perm)?;
+                    true
+                } else {
+                    false
                 }
             }
             Err(e) => return Err(e.into()),
-        }
+        };
         let fd = sys::open_dir_at(dir, name)?;
-        self.meta_fd(fd.as_raw_fd(), rec)?;
+        // An existing directory gets its owner and mode set whatever they were; a new one in a
+        // setgid parent took the parent's group and setgid bit, so it is not `owned`.
+        let owned = made && self.owned_already(dir, parent, rec)?;
+        if self.opts.preserve_owners && !owned {
+            sys::fchown(fd.as_raw_fd(), rec.uid, rec.gid)?;
+        }
+        let exact = owned && rec.mode == perm & !self.umask;
+        if !exact {
+            sys::fchmod(fd.as_raw_fd(), rec.mode)?;
+        }
+        for (k, v) in self.xattrs_to_apply(rec) {
+            sys::fsetxattr(fd.as_raw_fd(), k, v)?;
+        }
+        if exact {
+            // Its children are likely next: no need to fstat it for its setgid bit.
+            self.setgid = Some((rec.path.clone(), false));
+        }
         self.dirs.push((rec.path.clone(), rec.mtime));
         // The next entries are most likely its children.
         let comps = components(&rec.path);
@@ -936,10 +966,14 @@ impl Unpacker<'_> {
                 let Some(d) = self.walk(&comps, false)? else {
                     continue;
                 };
-                match sys::open_dir_at(d.get(), name) {
-                    Ok(fd) => sys::futimes(fd.as_raw_fd(), *mtime),
-                    // Replaced by a later entry: nothing to restore.
-                    Err(_) => continue,
+                // Only if it is still a directory (a later entry may have replaced it);
+                // utimensat by name, without following a symlink, needs no descriptor.
+                match sys::lstat_at(d.get(), name) {
+                    Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                        sys::lutimes_at(d.get(), name, *mtime)
+                    }
+                    // Replaced or removed by a later entry: nothing to restore.
+                    _ => continue,
                 }
             };
             r.map_err(|e| self.apply_err(path, e))?;
