@@ -2,17 +2,40 @@
 //! target directory without ever writing outside it or through a symlink.
 //!
 //! ```text
-//! blob ──► [thread] zstd decode ──► blake3 + count ──► 1 MiB chunks ──► channel
-//!      ──► [caller] tar entries ──► sanitize path ──► walk parents with openat(O_NOFOLLOW)
-//!      ──► whiteout / opaque / create (O_EXCL, unlink + retry) ──► chown, chmod, xattrs, mtime
-//!      ──► directory mtimes last ──► drain the stream ──► diff id
+//! blob ─► [decoder thread] zstd decode ─► 1 MiB pieces ─► channel (8 deep) ─┐
+//!           a piece is blake3-hashed here only when the channel is full      │
+//! ┌─────────────────────────────────────────────────────────────────────────┘
+//! └► [caller] piece hashed on arrival (unless it was) ─► tar entries ─► sanitize path
+//!    ─► parent: the cached open directories of the previous entry's parent, the rest
+//!       opened component by component with openat(O_NOFOLLOW|O_DIRECTORY)
+//!    ─► whiteout / opaque / create (O_EXCL, unlink + retry)
+//!    ─► file data written from the piece in place (no copy) ─► chown, chmod only when
+//!       creation did not already give them, xattrs, mtime
+//!    ─► directory mtimes last (utimensat by name, no follow) ─► drain the stream
+//!    ─► diff id: the pieces' blake3 subtree hashes merged in the tree's shape
 //! ```
+//!
+//! Speed: `zstd -dc | tar -x` runs as two processes; here decoding is one thread and applying
+//! the other. The decoder is usually the slower of the two, so it only decodes, and hashing
+//! (needed for the diff id) goes to whichever side would otherwise wait: each piece is a whole
+//! subtree of the blake3 tree (1 MiB is a power of two of 1 KiB blake3 chunks), so pieces are
+//! hashed apart and merged ([`stream_hash`]) into the hash one `Hasher` would give. File data
+//! goes from the decoded piece straight to `write`. New files and directories are created with
+//! their permission bits, so the owner and mode calls are skipped when they would change nothing.
+//!
 //! Safety rules: an absolute path or a `..` component fails the whole unpack; every parent is
 //! opened component by component from a descriptor of the target with `O_NOFOLLOW|O_DIRECTORY`
 //! (a symlink anywhere in a parent fails the unpack, whether an earlier layer or an earlier entry
 //! of this layer planted it); files are created with `O_CREAT|O_EXCL|O_NOFOLLOW` after unlinking
 //! what was there; hardlink targets are resolved the same way; recursive deletes never follow a
 //! symlink and refuse to cross into another mount.
+//!
+//! The cached parent (`Unpacker::stack`, the open descriptors of the previous entry's parent
+//! path) is cut back to the common prefix with each entry's parent *before* the entry is
+//! applied. An entry only changes its own name in that parent (and, for a whiteout, opaque
+//! marker or replaced directory, what lies below the name), so no cached descriptor can stand
+//! for a directory the entry replaces or removes: a later entry below that name opens it again,
+//! and meets the symlink or file now there (refused) or the directory made again.
 
 use std::collections::HashSet;
 use std::fs::File;
