@@ -42,8 +42,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let f = std::fs::File::open(file)?;
             let st = layer::unpack(f, Path::new(dir), &UnpackOptions::default())?;
             eprintln!(
-                "diff_id {} tar_size {} entries {} pieces {} hashed by the decoder {}",
-                st.diff_id, st.tar_size, st.entries, st.pieces, st.pieces_hashed_by_decoder
+                "diff_id {} tar_size {} entries {}",
+                st.diff_id, st.tar_size, st.entries
             );
             Ok(())
         }

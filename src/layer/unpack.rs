@@ -2,26 +2,24 @@
 //! target directory without ever writing outside it or through a symlink.
 //!
 //! ```text
-//! blob ─► [decoder thread] zstd decode ─► 1 MiB pieces ─► channel (8 deep) ─┐
-//!           a piece is blake3-hashed here only when the channel is full      │
-//! ┌─────────────────────────────────────────────────────────────────────────┘
-//! └► [caller] piece hashed on arrival (unless it was) ─► tar entries ─► sanitize path
+//! blob ─► [decoder thread] zstd decode ─► 1 MiB pieces ─┬─► channel (8 deep) ─► [caller]
+//!                                                       └─► [hash thread] blake3 ─► diff id
+//! [caller] tar entries ─► sanitize path
 //!    ─► parent: the cached open directories of the previous entry's parent, the rest
 //!       opened component by component with openat(O_NOFOLLOW|O_DIRECTORY)
 //!    ─► whiteout / opaque / create (O_EXCL, unlink + retry)
 //!    ─► file data written from the piece in place (no copy) ─► chown, chmod only when
 //!       creation did not already give them, xattrs, mtime
 //!    ─► directory mtimes last (utimensat by name, no follow) ─► drain the stream
-//!    ─► diff id: the pieces' blake3 subtree hashes merged in the tree's shape
+//!    ─► join: diff id and length from the hash thread
 //! ```
 //!
-//! Speed: `zstd -dc | tar -x` runs as two processes; here decoding is one thread and applying
-//! the other. The decoder is usually the slower of the two, so it only decodes, and hashing
-//! (needed for the diff id) goes to whichever side would otherwise wait: each piece is a whole
-//! subtree of the blake3 tree (1 MiB is a power of two of 1 KiB blake3 chunks), so pieces are
-//! hashed apart and merged ([`stream_hash`]) into the hash one `Hasher` would give. File data
-//! goes from the decoded piece straight to `write`. New files and directories are created with
-//! their permission bits, so the owner and mode calls are skipped when they would change nothing.
+//! Speed: `zstd -dc | tar -x` overlaps decoding and writing in separate processes (and zstd
+//! reads and writes on threads of its own). Here the decoder thread only decodes (it is the
+//! slowest stage), blake3 runs on its own thread over the same shared pieces (a piece's buffer
+//! is reused once both the caller and the hasher returned it), and file data goes from the
+//! piece straight to `write`. New files and directories are created with their permission
+//! bits, so the owner and mode calls are skipped when they would change nothing.
 //!
 //! Safety rules: an absolute path or a `..` component fails the whole unpack; every parent is
 //! opened component by component from a descriptor of the target with `O_NOFOLLOW|O_DIRECTORY`
@@ -42,19 +40,16 @@ use std::fs::File;
 use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
-use blake3::hazmat::{
-    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
-};
 use tar::EntryType;
 
 use super::read::TarReader;
 use super::sys;
 use super::{LayerError, split_parent};
 
-/// Size of the pieces the decoder sends (a power of two, a multiple of blake3's 1 KiB chunk).
-pub(super) const CHUNK: usize = 1 << 20;
+/// Size of the pieces the decoder sends.
+const CHUNK: usize = 1 << 20;
 
 /// How to unpack.
 #[derive(Debug, Clone)]
@@ -92,117 +87,27 @@ pub struct UnpackStats {
     pub tar_size: u64,
     /// Whiteouts and opaque markers applied.
     pub whiteouts: u64,
-    /// 1 MiB pieces the stream was decoded in, and how many of them the decoder thread hashed
-    /// (it does when the applying side is behind; the applying thread hashes the others).
-    pub pieces: u64,
-    pub pieces_hashed_by_decoder: u64,
 }
 
-/// The blake3 of one piece of the stream (`CHUNK` bytes at offset `index * CHUNK`, the last
-/// piece possibly shorter): its chaining value as a subtree of the blake3 tree, and for the
-/// first piece also the root hash it would have if the stream were that piece alone.
-///
-/// `CHUNK` is a power of two and a multiple of blake3's 1 KiB chunk, so every piece is one whole
-/// subtree of the stream's tree; hashing the pieces apart (on either thread) and merging their
-/// chaining values in the tree's left-balanced shape ([`stream_hash`]) gives the same hash as
-/// one `Hasher` over the whole stream.
-pub(super) struct PieceHash {
-    cv: ChainingValue,
-    alone: Option<blake3::Hash>,
-}
+/// One piece of the decoded stream, shared by the applying and the hashing thread.
+type Piece = Arc<Vec<u8>>;
 
-pub(super) fn hash_piece(index: u64, data: &[u8]) -> PieceHash {
-    let mut h = blake3::Hasher::new();
-    h.set_input_offset(index * CHUNK as u64);
-    h.update(data);
-    PieceHash {
-        cv: h.finalize_non_root(),
-        alone: (index == 0).then(|| h.finalize()),
-    }
-}
-
-/// The blake3 of a stream of `total` bytes from the hashes of its pieces, in order.
-pub(super) fn stream_hash(pieces: &[PieceHash], total: u64) -> blake3::Hash {
-    /// The chaining value of the subtree made of `cvs` (`len` bytes in all).
-    fn subtree(cvs: &[&ChainingValue], len: u64) -> ChainingValue {
-        match cvs {
-            [one] => **one,
-            _ => {
-                let left = left_subtree_len(len);
-                let k = (left / CHUNK as u64) as usize;
-                merge_subtrees_non_root(
-                    &subtree(&cvs[..k], left),
-                    &subtree(&cvs[k..], len - left),
-                    Mode::Hash,
-                )
-            }
-        }
-    }
-    match pieces {
-        [] => blake3::hash(b""),
-        [one] => one
-            .alone
-            .expect("the first piece is always hashed with its root hash"),
-        _ => {
-            // More than one piece: the stream is longer than CHUNK, so the left subtree is a
-            // power of two of at least CHUNK bytes, i.e. whole pieces.
-            let cvs: Vec<&ChainingValue> = pieces.iter().map(|p| &p.cv).collect();
-            let left = left_subtree_len(total);
-            let k = (left / CHUNK as u64) as usize;
-            merge_subtrees_root(
-                &subtree(&cvs[..k], left),
-                &subtree(&cvs[k..], total - left),
-                Mode::Hash,
-            )
-        }
-    }
-}
-
-/// One piece of the decoded stream, hashed already when the decoder had to wait anyway.
-struct Chunk {
-    data: Vec<u8>,
-    hash: Option<PieceHash>,
-}
-
-/// Which thread hashes the stream (tests force each one; unpacking uses `Auto`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum HashOn {
-    /// The decoder hashes a piece when the channel is full (it would wait otherwise), the
-    /// caller hashes the others.
-    Auto,
-    Decoder,
-    #[cfg_attr(not(test), allow(dead_code))]
-    Caller,
-}
-
-/// The decoded stream as the caller sees it: the chunks the decoder thread sends, lent out in
-/// place through `BufRead` (file data goes from the chunk straight to `write`, no copy in
-/// between); each chunk is hashed on arrival unless the decoder did it.
+/// The decoded stream as the caller sees it: the pieces the decoder thread sends, lent out in
+/// place through `BufRead` (file data goes from the piece straight to `write`, no copy in
+/// between).
 struct ChunkReader {
-    rx: mpsc::Receiver<io::Result<Chunk>>,
-    back: mpsc::Sender<Vec<u8>>,
-    cur: Vec<u8>,
+    rx: mpsc::Receiver<io::Result<Piece>>,
+    back: mpsc::Sender<Piece>,
+    cur: Piece,
     pos: usize,
-    pieces: Vec<PieceHash>,
-    by_decoder: u64,
-    total: u64,
 }
 
 impl ChunkReader {
-    /// Takes the next chunk; false at the end of the stream.
+    /// Takes the next piece; false at the end of the stream.
     fn next_chunk(&mut self) -> io::Result<bool> {
         match self.rx.recv() {
             Ok(Ok(next)) => {
-                let hash = match next.hash {
-                    Some(h) => {
-                        self.by_decoder += 1;
-                        h
-                    }
-                    None => hash_piece(self.pieces.len() as u64, &next.data),
-                };
-                self.pieces.push(hash);
-                self.total += next.data.len() as u64;
-                let old = std::mem::replace(&mut self.cur, next.data);
+                let old = std::mem::replace(&mut self.cur, next);
                 let _ = self.back.send(old);
                 self.pos = 0;
                 Ok(true)
@@ -238,14 +143,13 @@ impl Read for ChunkReader {
     }
 }
 
-/// Decodes `blob` to the end and sends it in `CHUNK`-sized pieces (buffers recycled through
-/// `back`); only the last piece may be shorter. A piece is hashed here when the caller is
-/// behind (the channel is full, so this thread would only wait), otherwise by the caller.
+/// Decodes `blob` to the end and sends each piece to the hashing thread and to the caller.
+/// A piece's buffer comes back through `back` from both; the second return frees it for reuse.
 fn decode(
     blob: impl Read,
-    tx: mpsc::SyncSender<io::Result<Chunk>>,
-    back: mpsc::Receiver<Vec<u8>>,
-    hash_on: HashOn,
+    to_apply: mpsc::SyncSender<io::Result<Piece>>,
+    to_hash: mpsc::SyncSender<Piece>,
+    back: mpsc::Receiver<Piece>,
 ) {
     let mut dec = match zstd::Decoder::new(blob).and_then(|mut d| {
         d.window_log_max(31)?;
@@ -253,13 +157,16 @@ fn decode(
     }) {
         Ok(d) => d,
         Err(e) => {
-            let _ = tx.send(Err(e));
+            let _ = to_apply.send(Err(e));
             return;
         }
     };
-    let mut index = 0u64;
     loop {
-        let mut buf = back.try_recv().unwrap_or_default();
+        // The first buffer both other threads are done with, else a new one.
+        let mut buf = back
+            .try_iter()
+            .find_map(|p| Arc::try_unwrap(p).ok())
+            .unwrap_or_default();
         buf.resize(CHUNK, 0);
         let mut n = 0;
         while n < CHUNK {
@@ -268,7 +175,7 @@ fn decode(
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    let _ = to_apply.send(Err(e));
                     return;
                 }
             }
@@ -277,69 +184,52 @@ fn decode(
             return;
         }
         buf.truncate(n);
-        let mut chunk = Chunk {
-            data: buf,
-            hash: None,
-        };
-        if hash_on == HashOn::Decoder {
-            chunk.hash = Some(hash_piece(index, &chunk.data));
-        }
-        let sent = match hash_on {
-            HashOn::Auto => match tx.try_send(Ok(chunk)) {
-                Ok(()) => Ok(()),
-                Err(mpsc::TrySendError::Full(Ok(mut chunk))) => {
-                    chunk.hash = Some(hash_piece(index, &chunk.data));
-                    tx.send(Ok(chunk)).map_err(drop)
-                }
-                Err(_) => Err(()),
-            },
-            _ => tx.send(Ok(chunk)).map_err(drop),
-        };
-        // A short piece is the last one (pieces must stay CHUNK-aligned for the hash).
-        if sent.is_err() || n < CHUNK {
+        let piece = Arc::new(buf);
+        if to_hash.send(Arc::clone(&piece)).is_err() || to_apply.send(Ok(piece)).is_err() {
             return;
         }
-        index += 1;
     }
+}
+
+/// Hashes the pieces in order; returns the diff id hasher and the stream length.
+fn hash(rx: mpsc::Receiver<Piece>, back: mpsc::Sender<Piece>) -> (blake3::Hasher, u64) {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    for piece in rx {
+        hasher.update(&piece);
+        total += piece.len() as u64;
+        let _ = back.send(piece);
+    }
+    (hasher, total)
 }
 
 /// Unpacks a zstd-compressed layer onto `target` (an existing directory), applying whiteouts.
 ///
-/// Decompression and hashing run on a second thread (hence `Send`), overlapping the file writes
-/// the way `zstd -dc | tar -x` overlaps two processes. On any error the target is left partly
-/// written and must be discarded; nothing outside it has been touched.
+/// Decompression and hashing run on two more threads (hence `Send`), overlapping the file
+/// writes the way `zstd -dc | tar -x` overlaps its processes. On any error the target is left
+/// partly written and must be discarded; nothing outside it has been touched.
 pub fn unpack(
     blob: impl Read + Send,
     target: &Path,
     opts: &UnpackOptions,
-) -> Result<UnpackStats, LayerError> {
-    unpack_with(blob, target, opts, HashOn::Auto)
-}
-
-/// [`unpack`] with the hashing thread chosen (tests force each one).
-pub(super) fn unpack_with(
-    blob: impl Read + Send,
-    target: &Path,
-    opts: &UnpackOptions,
-    hash_on: HashOn,
 ) -> Result<UnpackStats, LayerError> {
     let root = sys::open_dir(target).map_err(|e| LayerError::Apply {
         path: ".".into(),
         target: target.to_path_buf(),
         source: e,
     })?;
-    let (tx, rx) = mpsc::sync_channel(8);
+    let (to_apply, rx) = mpsc::sync_channel(8);
+    let (to_hash, hash_rx) = mpsc::sync_channel(8);
     let (back_tx, back_rx) = mpsc::channel();
+    let hash_back = back_tx.clone();
     std::thread::scope(|s| {
-        let decoder = s.spawn(move || decode(blob, tx, back_rx, hash_on));
+        let decoder = s.spawn(move || decode(blob, to_apply, to_hash, back_rx));
+        let hasher = s.spawn(move || hash(hash_rx, hash_back));
         let reader = ChunkReader {
             rx,
             back: back_tx,
-            cur: Vec::new(),
+            cur: Arc::new(Vec::new()),
             pos: 0,
-            pieces: Vec::new(),
-            by_decoder: 0,
-            total: 0,
         };
         let mut u = Unpacker {
             target,
@@ -357,15 +247,11 @@ pub(super) fn unpack_with(
         };
         let mut tr = TarReader::new(reader);
         let applied = u.apply_all(&mut tr);
-        // Drain what the tar reader did not consume (end blocks, padding) so the hash covers
-        // the whole stream; on error, dropping the reader stops the decoder.
+        // Read what the tar reader did not consume (end blocks, padding) so that the decoder
+        // reaches the end and the hash covers the whole stream; on error, dropping the reader
+        // stops the decoder (and so the hasher).
         let drained = match applied {
-            Ok(()) => {
-                let mut rest = tr.into_inner();
-                drain(&mut rest)
-                    .map(|()| rest)
-                    .map_err(|e| LayerError::Corrupt(e.to_string()))
-            }
+            Ok(()) => drain(&mut tr.into_inner()).map_err(|e| LayerError::Corrupt(e.to_string())),
             Err(e) => {
                 drop(tr);
                 Err(e)
@@ -374,8 +260,11 @@ pub(super) fn unpack_with(
         decoder
             .join()
             .map_err(|_| LayerError::Corrupt("the decoder thread panicked".into()))?;
-        let rest = drained?;
-        let diff_id = stream_hash(&rest.pieces, rest.total).to_hex().to_string();
+        let (hasher, total) = hasher
+            .join()
+            .map_err(|_| LayerError::Corrupt("the hashing thread panicked".into()))?;
+        drained?;
+        let diff_id = hasher.finalize().to_hex().to_string();
         if let Some(want) = &opts.expected_diff_id
             && *want != diff_id
         {
@@ -387,10 +276,8 @@ pub(super) fn unpack_with(
         Ok(UnpackStats {
             diff_id,
             entries: u.entries,
-            tar_size: rest.total,
+            tar_size: total,
             whiteouts: u.whiteouts,
-            pieces: rest.pieces.len() as u64,
-            pieces_hashed_by_decoder: rest.by_decoder,
         })
     })
 }
