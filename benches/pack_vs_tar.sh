@@ -11,8 +11,9 @@
 # WORK=/dev/shm/... to measure tmpfs). Every timed command starts after a `sync`, so neither
 # side pays for the other's writeback. Prints each run, then medians and strata/tar ratios.
 # Outside tmpfs the unpacked trees are kept until the end instead of deleted before each run:
-# ext4 without a journal skips, when it allocates an inode, every inode deleted in the last
-# five minutes, so a timed unpack right after deleting 40 000 files measured mostly that scan.
+# ext4 without a journal (this machine's /) skips, when it allocates an inode, every inode
+# deleted in the last five minutes (ten if not yet written back), so a timed unpack right after
+# deleting 40 000 files measured mostly that scan. Leave ten minutes between two such runs.
 set -euo pipefail
 
 ROOTFS=${1:?usage: $0 ROOTFS [RUNS]}

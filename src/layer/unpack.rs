@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! blob ─► [decoder thread] zstd decode ─► 1 MiB pieces ─┬─► channel (8 deep) ─► [caller]
-//!                                                       └─► [hash thread] blake3 ─► diff id
+//!                                                       └─► channel ─► [hash thread] blake3
 //! [caller] tar entries ─► sanitize path
 //!    ─► parent: the cached open directories of the previous entry's parent, the rest
 //!       opened component by component with openat(O_NOFOLLOW|O_DIRECTORY)
@@ -31,7 +31,8 @@
 //! The cached parent (`Unpacker::stack`, the open descriptors of the previous entry's parent
 //! path) is cut back to the common prefix with each entry's parent *before* the entry is
 //! applied. An entry only changes its own name in that parent (and, for a whiteout, opaque
-//! marker or replaced directory, what lies below the name), so no cached descriptor can stand
+//! marker or replaced directory, what lies below the name; a directory entry then pushes the
+//! directory it made or kept), so no cached descriptor can stand
 //! for a directory the entry replaces or removes: a later entry below that name opens it again,
 //! and meets the symlink or file now there (refused) or the directory made again.
 
