@@ -7,7 +7,7 @@
 //! ```
 //! The layer info (diff id, sizes) goes to stderr.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::ExitCode;
@@ -38,7 +38,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         [cmd, file, dir] if cmd == "unpack" => {
             std::fs::create_dir_all(dir)?;
-            let f = BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
+            // Unbuffered, like a cached blob: the zstd decoder buffers its input itself.
+            let f = std::fs::File::open(file)?;
             let st = layer::unpack(f, Path::new(dir), &UnpackOptions::default())?;
             eprintln!(
                 "diff_id {} tar_size {} entries {}",

@@ -5,7 +5,7 @@
 //! value containing byte 0x0a, so the unpacker reads the format itself; `tar::Header` is used
 //! for field decoding only.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 
 use tar::{EntryType, GnuExtSparseHeader, Header};
 
@@ -320,5 +320,29 @@ impl<R: Read> TarReader<R> {
         }
         self.remaining -= n as u64;
         Ok(n)
+    }
+}
+
+impl<R: BufRead> TarReader<R> {
+    /// The next bytes of the current entry's data, borrowed from the reader's buffer (no copy);
+    /// empty once the data is all read. Pass how many were used to [`Self::consume_data`].
+    pub fn data_buf(&mut self) -> io::Result<&[u8]> {
+        if self.remaining == 0 {
+            return Ok(&[]);
+        }
+        let remaining = self.remaining;
+        let buf = self.inner.fill_buf()?;
+        if buf.is_empty() {
+            return Err(corrupt("truncated entry data"));
+        }
+        let n = usize::try_from(remaining).map_or(buf.len(), |r| r.min(buf.len()));
+        Ok(&buf[..n])
+    }
+
+    /// Marks `n` bytes of what [`Self::data_buf`] returned as used.
+    pub fn consume_data(&mut self, n: usize) {
+        debug_assert!(n as u64 <= self.remaining);
+        self.inner.consume(n);
+        self.remaining -= n as u64;
     }
 }

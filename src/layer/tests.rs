@@ -1140,3 +1140,150 @@ fn a_path_hidden_by_an_exclude_is_not_whited_out() {
     let changes = diff(&before, &after);
     assert_eq!(changes.deleted().count(), 1);
 }
+
+/// Bytes that zstd cannot shrink much (so a layer spans several decoded pieces).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_layer_of_many_decoded_pieces_round_trips_with_its_diff_id() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d/e")).unwrap();
+    // Files crossing the 1 MiB boundaries of the decoded pieces, and enough for several.
+    write(&src.join("big"), &noise((3 << 20) + 777, 1));
+    write(&src.join("d/mid"), &noise((1 << 19) + 3, 2));
+    for i in 0..40 {
+        write(
+            &src.join(format!("d/e/f{i}")),
+            &noise(50_000 + i, 3 + i as u64),
+        );
+    }
+    let (info, blob) = full_pack(&src, &opts1());
+    assert!(info.tar_size > 5 << 20, "{}", info.tar_size);
+    let dst = t.path().join("dst");
+    fs::create_dir(&dst).unwrap();
+    let st = unpack(&blob[..], &dst, &UnpackOptions::default()).unwrap();
+    assert_eq!(st.diff_id, info.diff_id);
+    assert_eq!(st.tar_size, info.tar_size);
+    assert_same_tree(&src, &dst);
+    // A stream cut short is an error, not a partial success.
+    let dst = t.path().join("cut");
+    fs::create_dir(&dst).unwrap();
+    let tar = zstd::decode_all(&blob[..]).unwrap();
+    let cut = zstd::encode_all(&tar[..(2 << 20) + 100], 3).unwrap();
+    assert!(unpack(&cut[..], &dst, &UnpackOptions::default()).is_err());
+}
+
+/// The unpacker keeps the directories of the previous entry's parent open: an entry that
+/// replaces or removes one of them must not leave later entries writing into a stale
+/// descriptor (a deleted directory, or one a symlink now stands for).
+#[test]
+fn a_cached_parent_replaced_by_a_symlink_is_not_written_through() {
+    let a = Arena::new();
+    let out = a.outside();
+    assert_unsafe(a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::Dir(b"a/b/"),
+        Ent::File(b"a/b/x", b"first"),
+        Ent::Symlink(b"a", out.as_os_str().as_bytes()),
+        Ent::File(b"a/b/y", b"pwned"),
+    ])));
+    a.assert_outside_intact();
+    // Same one level down, with the child written right after the directory entry (which
+    // pushes the new directory on the cached path).
+    let a = Arena::new();
+    assert_unsafe(a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::File(b"a/x", b"first"),
+        Ent::Symlink(b"a", out.as_os_str().as_bytes()),
+        Ent::File(b"a/sentinel", b"pwned"),
+    ])));
+    a.assert_outside_intact();
+}
+
+#[test]
+fn a_cached_parent_replaced_by_a_file_refuses_its_children() {
+    let a = Arena::new();
+    let r = a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::File(b"a/x", b"first"),
+        Ent::File(b"a", b"now a file"),
+        Ent::File(b"a/y", b"orphan"),
+    ]));
+    assert_unsafe(r);
+    assert_eq!(fs::read(a.target().join("a")).unwrap(), b"now a file");
+    a.assert_outside_intact();
+}
+
+#[test]
+fn a_cached_parent_whited_out_is_made_again_for_later_entries() {
+    let a = Arena::new();
+    let t = a.target();
+    a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::Dir(b"a/b/"),
+        Ent::File(b"a/b/x", b"gone"),
+        Ent::File(b".wh.a", b""),
+        Ent::File(b"a/b/y", b"kept"),
+    ]))
+    .unwrap();
+    assert!(!t.join("a/b/x").exists());
+    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"kept");
+    // A whiteout of the cached directory itself, by its parent's entry.
+    let a = Arena::new();
+    let t = a.target();
+    a.unpack(&hostile(&[
+        Ent::Dir(b"a/"),
+        Ent::Dir(b"a/b/"),
+        Ent::File(b"a/b/x", b"gone"),
+        Ent::File(b"a/.wh.b", b""),
+        Ent::File(b"a/b/y", b"kept"),
+    ]))
+    .unwrap();
+    assert!(!t.join("a/b/x").exists());
+    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"kept");
+}
+
+#[test]
+fn a_cached_parent_emptied_by_an_opaque_marker_is_made_again() {
+    let a = Arena::new();
+    let t = a.target();
+    fs::create_dir_all(t.join("a/b")).unwrap();
+    write(&t.join("a/b/lower"), b"lower");
+    a.unpack(&hostile(&[
+        // `a/b` has no entry of its own in this layer: the marker below deletes it.
+        Ent::File(b"a/b/x", b"early"),
+        Ent::File(b"a/.wh..wh..opq", b""),
+        Ent::File(b"a/b/y", b"late"),
+    ]))
+    .unwrap();
+    assert!(!t.join("a/b/lower").exists());
+    assert!(!t.join("a/b/x").exists());
+    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"late");
+}
+
+#[test]
+fn a_cached_symlink_parent_replaced_by_a_directory_is_written_into() {
+    let a = Arena::new();
+    let t = a.target();
+    let out = a.outside();
+    a.unpack(&hostile(&[
+        Ent::Symlink(b"a", out.as_os_str().as_bytes()),
+        Ent::Dir(b"a/"),
+        Ent::File(b"a/sentinel", b"inside"),
+    ]))
+    .unwrap();
+    assert!(fs::symlink_metadata(t.join("a")).unwrap().is_dir());
+    assert_eq!(fs::read(t.join("a/sentinel")).unwrap(), b"inside");
+    a.assert_outside_intact();
+}

@@ -2,24 +2,46 @@
 //! target directory without ever writing outside it or through a symlink.
 //!
 //! ```text
-//! blob ──► [thread] zstd decode ──► blake3 + count ──► 1 MiB chunks ──► channel
-//!      ──► [caller] tar entries ──► sanitize path ──► walk parents with openat(O_NOFOLLOW)
-//!      ──► whiteout / opaque / create (O_EXCL, unlink + retry) ──► chown, chmod, xattrs, mtime
-//!      ──► directory mtimes last ──► drain the stream ──► diff id
+//! blob ─► [decoder thread] zstd decode ─► 1 MiB pieces ─┬─► channel (8 deep) ─► [caller]
+//!                                                       └─► channel ─► [hash thread] blake3
+//! [caller] tar entries ─► sanitize path
+//!    ─► parent: the cached open directories of the previous entry's parent, the rest
+//!       opened component by component with openat(O_NOFOLLOW|O_DIRECTORY)
+//!    ─► whiteout / opaque / create (O_EXCL, unlink + retry)
+//!    ─► file data written from the piece in place (no copy) ─► chown, chmod only when
+//!       creation did not already give them, xattrs, mtime
+//!    ─► directory mtimes last (utimensat by name, no follow) ─► drain the stream
+//!    ─► join: diff id and length from the hash thread
 //! ```
+//!
+//! Speed: `zstd -dc | tar -x` overlaps decoding and writing in separate processes (and zstd
+//! reads and writes on threads of its own). Here the decoder thread only decodes (it is the
+//! slowest stage), blake3 runs on its own thread over the same shared pieces (a piece's buffer
+//! is reused once both the caller and the hasher returned it), and file data goes from the
+//! piece straight to `write`. New files and directories are created with their permission
+//! bits, so the owner and mode calls are skipped when they would change nothing.
+//!
 //! Safety rules: an absolute path or a `..` component fails the whole unpack; every parent is
 //! opened component by component from a descriptor of the target with `O_NOFOLLOW|O_DIRECTORY`
 //! (a symlink anywhere in a parent fails the unpack, whether an earlier layer or an earlier entry
 //! of this layer planted it); files are created with `O_CREAT|O_EXCL|O_NOFOLLOW` after unlinking
 //! what was there; hardlink targets are resolved the same way; recursive deletes never follow a
 //! symlink and refuse to cross into another mount.
+//!
+//! The cached parent (`Unpacker::stack`, the open descriptors of the previous entry's parent
+//! path) is cut back to the common prefix with each entry's parent *before* the entry is
+//! applied. An entry only changes its own name in that parent (and, for a whiteout, opaque
+//! marker or replaced directory, what lies below the name; a directory entry then pushes the
+//! directory it made or kept), so no cached descriptor can stand
+//! for a directory the entry replaces or removes: a later entry below that name opens it again,
+//! and meets the symlink or file now there (refused) or the directory made again.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use tar::EntryType;
 
@@ -27,6 +49,7 @@ use super::read::TarReader;
 use super::sys;
 use super::{LayerError, split_parent};
 
+/// Size of the pieces the decoder sends.
 const CHUNK: usize = 1 << 20;
 
 /// How to unpack.
@@ -67,54 +90,84 @@ pub struct UnpackStats {
     pub whiteouts: u64,
 }
 
-/// A `Read` over the chunks the decoder thread sends.
+/// One piece of the decoded stream, shared by the applying and the hashing thread.
+type Piece = Arc<Vec<u8>>;
+
+/// The decoded stream as the caller sees it: the pieces the decoder thread sends, lent out in
+/// place through `BufRead` (file data goes from the piece straight to `write`, no copy in
+/// between).
 struct ChunkReader {
-    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
-    back: mpsc::Sender<Vec<u8>>,
-    cur: Vec<u8>,
+    rx: mpsc::Receiver<io::Result<Piece>>,
+    back: mpsc::Sender<Piece>,
+    cur: Piece,
     pos: usize,
+}
+
+impl ChunkReader {
+    /// Takes the next piece; false at the end of the stream.
+    fn next_chunk(&mut self) -> io::Result<bool> {
+        match self.rx.recv() {
+            Ok(Ok(next)) => {
+                let old = std::mem::replace(&mut self.cur, next);
+                let _ = self.back.send(old);
+                self.pos = 0;
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+impl BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos == self.cur.len() {
+            if !self.next_chunk()? {
+                break;
+            }
+        }
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.cur.len());
+    }
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(Ok(next)) => {
-                    let old = std::mem::replace(&mut self.cur, next);
-                    let _ = self.back.send(old);
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
+        let avail = self.fill_buf()?;
+        let n = out.len().min(avail.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
 
-/// Decodes `blob` to the end, hashing it, and sends it in chunks. Returns (hash, length).
+/// Decodes `blob` to the end and sends each piece to the hashing thread and to the caller.
+/// A piece's buffer comes back through `back` from both; the second return frees it for reuse.
 fn decode(
     blob: impl Read,
-    tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
-    back: mpsc::Receiver<Vec<u8>>,
-) -> (blake3::Hasher, u64) {
-    let mut hasher = blake3::Hasher::new();
-    let mut total = 0u64;
+    to_apply: mpsc::SyncSender<io::Result<Piece>>,
+    to_hash: mpsc::SyncSender<Piece>,
+    back: mpsc::Receiver<Piece>,
+) {
     let mut dec = match zstd::Decoder::new(blob).and_then(|mut d| {
         d.window_log_max(31)?;
         Ok(d)
     }) {
         Ok(d) => d,
         Err(e) => {
-            let _ = tx.send(Err(e));
-            return (hasher, total);
+            let _ = to_apply.send(Err(e));
+            return;
         }
     };
     loop {
-        let mut buf = back.try_recv().unwrap_or_default();
+        // The first buffer both other threads are done with, else a new one.
+        let mut buf = back
+            .try_iter()
+            .find_map(|p| Arc::try_unwrap(p).ok())
+            .unwrap_or_default();
         buf.resize(CHUNK, 0);
         let mut n = 0;
         while n < CHUNK {
@@ -123,28 +176,39 @@ fn decode(
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return (hasher, total);
+                    let _ = to_apply.send(Err(e));
+                    return;
                 }
             }
         }
         if n == 0 {
-            return (hasher, total);
+            return;
         }
         buf.truncate(n);
-        hasher.update(&buf);
-        total += n as u64;
-        if tx.send(Ok(buf)).is_err() {
-            return (hasher, total);
+        let piece = Arc::new(buf);
+        if to_hash.send(Arc::clone(&piece)).is_err() || to_apply.send(Ok(piece)).is_err() {
+            return;
         }
     }
 }
 
+/// Hashes the pieces in order; returns the diff id hasher and the stream length.
+fn hash(rx: mpsc::Receiver<Piece>, back: mpsc::Sender<Piece>) -> (blake3::Hasher, u64) {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    for piece in rx {
+        hasher.update(&piece);
+        total += piece.len() as u64;
+        let _ = back.send(piece);
+    }
+    (hasher, total)
+}
+
 /// Unpacks a zstd-compressed layer onto `target` (an existing directory), applying whiteouts.
 ///
-/// Decompression and hashing run on a second thread (hence `Send`), overlapping the file writes
-/// the way `zstd -dc | tar -x` overlaps two processes. On any error the target is left partly
-/// written and must be discarded; nothing outside it has been touched.
+/// Decompression and hashing run on two more threads (hence `Send`), overlapping the file
+/// writes the way `zstd -dc | tar -x` overlaps its processes. On any error the target is left
+/// partly written and must be discarded; nothing outside it has been touched.
 pub fn unpack(
     blob: impl Read + Send,
     target: &Path,
@@ -155,14 +219,17 @@ pub fn unpack(
         target: target.to_path_buf(),
         source: e,
     })?;
-    let (tx, rx) = mpsc::sync_channel(8);
+    let (to_apply, rx) = mpsc::sync_channel(8);
+    let (to_hash, hash_rx) = mpsc::sync_channel(8);
     let (back_tx, back_rx) = mpsc::channel();
+    let hash_back = back_tx.clone();
     std::thread::scope(|s| {
-        let decoder = s.spawn(move || decode(blob, tx, back_rx));
+        let decoder = s.spawn(move || decode(blob, to_apply, to_hash, back_rx));
+        let hasher = s.spawn(move || hash(hash_rx, hash_back));
         let reader = ChunkReader {
             rx,
             back: back_tx,
-            cur: Vec::new(),
+            cur: Arc::new(Vec::new()),
             pos: 0,
         };
         let mut u = Unpacker {
@@ -172,7 +239,6 @@ pub fn unpack(
             opts,
             dirs: Vec::new(),
             written: HashSet::new(),
-            buf: vec![0u8; CHUNK],
             entries: 0,
             whiteouts: 0,
             euid: nix::unistd::geteuid().as_raw(),
@@ -182,20 +248,22 @@ pub fn unpack(
         };
         let mut tr = TarReader::new(reader);
         let applied = u.apply_all(&mut tr);
-        // Drain what the tar reader did not consume (end blocks, padding) so the hash covers
-        // the whole stream; on error, dropping the reader stops the decoder.
+        // Read what the tar reader did not consume (end blocks, padding) so that the decoder
+        // reaches the end and the hash covers the whole stream; on error, dropping the reader
+        // stops the decoder (and so the hasher).
         let drained = match applied {
-            Ok(()) => io::copy(&mut tr.into_inner(), &mut io::sink())
-                .map(drop)
-                .map_err(|e| LayerError::Corrupt(e.to_string())),
+            Ok(()) => drain(&mut tr.into_inner()).map_err(|e| LayerError::Corrupt(e.to_string())),
             Err(e) => {
                 drop(tr);
                 Err(e)
             }
         };
-        let (hasher, total) = decoder
+        decoder
             .join()
             .map_err(|_| LayerError::Corrupt("the decoder thread panicked".into()))?;
+        let (hasher, total) = hasher
+            .join()
+            .map_err(|_| LayerError::Corrupt("the hashing thread panicked".into()))?;
         drained?;
         let diff_id = hasher.finalize().to_hex().to_string();
         if let Some(want) = &opts.expected_diff_id
@@ -213,6 +281,17 @@ pub fn unpack(
             whiteouts: u.whiteouts,
         })
     })
+}
+
+/// Reads `r` to its end, discarding the bytes.
+fn drain(r: &mut impl BufRead) -> io::Result<()> {
+    loop {
+        let n = r.fill_buf()?.len();
+        if n == 0 {
+            return Ok(());
+        }
+        r.consume(n);
+    }
 }
 
 /// Normalizes an entry path: `./` and empty components dropped; absolute paths and `..` refused.
@@ -262,7 +341,6 @@ struct Unpacker<'a> {
     dirs: Vec<(Vec<u8>, i64)>,
     /// Paths this layer wrote (an opaque marker must not delete them).
     written: HashSet<Vec<u8>>,
-    buf: Vec<u8>,
     entries: u64,
     whiteouts: u64,
     /// Who new files belong to and what the umask leaves of a mode, to skip the chown and
@@ -316,7 +394,7 @@ impl Unpacker<'_> {
         }
     }
 
-    fn apply_all<R: Read>(&mut self, tr: &mut TarReader<R>) -> Result<(), LayerError> {
+    fn apply_all<R: BufRead>(&mut self, tr: &mut TarReader<R>) -> Result<(), LayerError> {
         let corrupt = |e: io::Error| LayerError::Corrupt(e.to_string());
         while let Some(e) = tr.next_entry().map_err(corrupt)? {
             let path = sanitize(&e.path).map_err(|r| Self::unsafe_err(&e.path, r))?;
@@ -389,7 +467,7 @@ impl Unpacker<'_> {
         }
     }
 
-    fn apply<R: Read>(&mut self, rec: Rec, data: &mut TarReader<R>) -> Result<(), LayerError> {
+    fn apply<R: BufRead>(&mut self, rec: Rec, data: &mut TarReader<R>) -> Result<(), LayerError> {
         let (parent, name) = split_parent(&rec.path);
         let parent = parent.to_vec();
         let name = name.to_vec();
@@ -398,6 +476,8 @@ impl Unpacker<'_> {
         // Whiteouts and opaque markers.
         if let Some(target) = name.strip_prefix(b".wh.") {
             self.whiteouts += 1;
+            // A directory whose setgid bit we know may go, and be made again by a later walk.
+            self.setgid = None;
             if target == b".wh..opq" {
                 let Some(dir) = self.walk(&comps, false)? else {
                     return Ok(());
@@ -431,7 +511,7 @@ impl Unpacker<'_> {
         };
         let d = dir.get();
         let r = match rec.kind {
-            EntryType::Directory => self.directory(d, &name, &rec),
+            EntryType::Directory => self.directory(d, &parent, &name, &rec),
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.regular(d, &parent, &name, &rec, data)
             }
@@ -517,7 +597,13 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    fn directory(&mut self, dir: BorrowedFd<'_>, name: &[u8], rec: &Rec) -> Result<(), Failure> {
+    fn directory(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        parent: &[u8],
+        name: &[u8],
+        rec: &Rec,
+    ) -> Result<(), Failure> {
         // Its mode may change: forget what we knew about it.
         if self.setgid.as_ref().is_some_and(|(p, _)| *p == rec.path) {
             self.setgid = None;
@@ -527,19 +613,41 @@ impl Unpacker<'_> {
             self.dirs.push((Vec::new(), rec.mtime));
             return Ok(());
         }
-        match sys::mkdir_at(dir, name, 0o700) {
-            Ok(()) => {}
+        // Made with its permission bits (less the umask), like files, so that a new directory
+        // of the process's own owner needs no chown and usually no chmod.
+        let perm = rec.mode & 0o777;
+        let made = match sys::mkdir_at(dir, name, perm) {
+            Ok(()) => true,
             Err(e) if is_errno(&e, libc::EEXIST) => {
                 let st = sys::lstat_at(dir, name)?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
                     self.remove_existing(dir, name)?;
-                    sys::mkdir_at(dir, name, 0o700)?;
+                    sys::mkdir_at(dir, name, perm)?;
+                    true
+                } else {
+                    false
                 }
             }
             Err(e) => return Err(e.into()),
-        }
+        };
         let fd = sys::open_dir_at(dir, name)?;
-        self.meta_fd(fd.as_raw_fd(), rec)?;
+        // An existing directory gets its owner and mode set whatever they were; a new one in a
+        // setgid parent took the parent's group and setgid bit, so it is not `owned`.
+        let owned = made && self.owned_already(dir, parent, rec)?;
+        if self.opts.preserve_owners && !owned {
+            sys::fchown(fd.as_raw_fd(), rec.uid, rec.gid)?;
+        }
+        let exact = owned && rec.mode == perm & !self.umask;
+        if !exact {
+            sys::fchmod(fd.as_raw_fd(), rec.mode)?;
+        }
+        for (k, v) in self.xattrs_to_apply(rec) {
+            sys::fsetxattr(fd.as_raw_fd(), k, v)?;
+        }
+        if exact {
+            // Its children are likely next: no need to fstat it for its setgid bit.
+            self.setgid = Some((rec.path.clone(), false));
+        }
         self.dirs.push((rec.path.clone(), rec.mtime));
         // The next entries are most likely its children.
         let comps = components(&rec.path);
@@ -565,7 +673,7 @@ impl Unpacker<'_> {
         }
     }
 
-    fn regular<R: Read>(
+    fn regular<R: BufRead>(
         &mut self,
         dir: BorrowedFd<'_>,
         parent: &[u8],
@@ -578,24 +686,28 @@ impl Unpacker<'_> {
         let mut f: File = self.create(dir, name, || sys::create_file_at(dir, name, perm))?;
         let corrupt = |e: io::Error| Failure::Layer(LayerError::Corrupt(e.to_string()));
         match &rec.sparse {
+            // Straight from the decoded chunk to the file.
             None => loop {
-                let n = data.read_data(&mut self.buf).map_err(corrupt)?;
+                let b = data.data_buf().map_err(corrupt)?;
+                let n = b.len();
                 if n == 0 {
                     break;
                 }
-                f.write_all(&self.buf[..n])?;
+                f.write_all(b)?;
+                data.consume_data(n);
             },
             Some((segs, real)) => {
                 // Holes are never written: the file stays sparse.
                 for &(off, mut len) in segs {
                     f.seek(SeekFrom::Start(off))?;
                     while len > 0 {
-                        let want = (len as usize).min(self.buf.len());
-                        let n = data.read_data(&mut self.buf[..want]).map_err(corrupt)?;
+                        let b = data.data_buf().map_err(corrupt)?;
+                        let n = usize::try_from(len).map_or(b.len(), |l| l.min(b.len()));
                         if n == 0 {
                             return Err(corrupt(io::Error::other("sparse data ends early")));
                         }
-                        f.write_all(&self.buf[..n])?;
+                        f.write_all(&b[..n])?;
+                        data.consume_data(n);
                         len -= n as u64;
                     }
                 }
@@ -765,10 +877,14 @@ impl Unpacker<'_> {
                 let Some(d) = self.walk(&comps, false)? else {
                     continue;
                 };
-                match sys::open_dir_at(d.get(), name) {
-                    Ok(fd) => sys::futimes(fd.as_raw_fd(), *mtime),
-                    // Replaced by a later entry: nothing to restore.
-                    Err(_) => continue,
+                // Only if it is still a directory (a later entry may have replaced it);
+                // utimensat by name, without following a symlink, needs no descriptor.
+                match sys::lstat_at(d.get(), name) {
+                    Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                        sys::lutimes_at(d.get(), name, *mtime)
+                    }
+                    // Replaced or removed by a later entry: nothing to restore.
+                    _ => continue,
                 }
             };
             r.map_err(|e| self.apply_err(path, e))?;
