@@ -5,8 +5,13 @@
 //!
 //! ```text
 //! write(cache, root, scan, [(type, key)], ..)
-//!   tar, tgz   ONE deterministic tar stream (layer::write_tar) ─┬─► NAME.tar            (+ blob)
-//!                                                               └─► gzip -9 ─► NAME.tgz (+ blob)
+//!   tar, tgz   ONE deterministic tar stream (layer::write_tar, which hashes it: the tar's digest)
+//!                ├─► NAME.tar (temp file, renamed into place)
+//!                │     └─► chunked blob (chunked.rs): zstd frames of content-defined chunks;
+//!                │         a chunk the previous tar output of NAME had is not compressed
+//!                │         again, its frame is copied from that output's blob
+//!                │         + its chunk index, kept as the output key(KEY, "tar-chunk-index")
+//!                └─► gzip -9 ─► NAME.tgz (+ one zstd stream of it as its blob; hashed)
 //!              (flate2: no file name, mtime 0, so NAME.tgz is gunzip-equal to NAME.tar)
 //!   squashfs   mksquashfs ROOT NAME.squash -comp xz -noappend [-all-time T -mkfs-time T]
 //!              -e proc/* sys/*  ─► hashed ─► blob
@@ -14,6 +19,23 @@
 //! restore(cache, digest, path)        blob ─► temp file beside path (sparse) ─► digest checked
 //!                                     ─► renamed into place (a bad blob never leaves a file)
 //! ```
+//!
+//! The previous tar output is found as the qcow2 writer finds the previous image: through the
+//! last manifest of NAME (`NAME.strata.json`, its last step's key gives the previous output
+//! key), its blob and chunk index from the cache, the blob read at random from its local file
+//! ([`StepCache::blob_file`]) once its digest checked out. Whatever is missing or does not
+//! check out (no manifest, an evicted index, a damaged blob, another zstd level) means a full
+//! write, with a debug line saying why; the blob's bytes are the same either way. The log
+//! says how many chunks were reused (`NAME.tar: cached copy in N chunks, K reused from the
+//! previous output, M MB compressed`). The tgz's blob stays one zstd stream: the gzip stream
+//! it holds is made anew every time (`gzip -9` bytes cannot be reused by chunk), and zstd of it
+//! gains nothing from chunks.
+//!
+//! Measured on `debian-minimal -t tar` (825 MB tar, 380 chunks, `-v` timings), the rebuild after
+//! an edit of the last install.d hook: the tar output went from 3.9-7.5 s (zstd of the whole
+//! tar, ~3.5 s of CPU) to 1.9-2.5 s on a loaded 2-core machine (376 chunks reused, 5 MB
+//! compressed; ~1.6 s of CPU: reading the tree, writing the file, blake3 of the tar, of the
+//! chunks, of the previous and the new blob). The blob is 2.5 % larger than one zstd stream.
 //!
 //! The squashfs file is `NAME.squash`, as dib names it. With SOURCE_DATE_EPOCH set, every time
 //! in it is that value (mksquashfs has no clamp: the tar keeps older mtimes, the squashfs does
