@@ -375,7 +375,11 @@ impl ChunkedBlob {
                 .as_ref()
                 .is_some_and(|j| j.send((self.seq, chunk)).is_ok());
             if !sent {
-                return Err(io::Error::other("the cached copy's writer stopped"));
+                // The writer stopped: its error is the cause (a full cache folder).
+                return Err(match self.writer.take().map(|w| w.join()) {
+                    Some(Ok(Err(e))) => e,
+                    _ => io::Error::other("the cached copy's writer stopped"),
+                });
             }
             self.seq += 1;
         }
