@@ -31,11 +31,13 @@
 //! it holds is made anew every time (`gzip -9` bytes cannot be reused by chunk), and zstd of it
 //! gains nothing from chunks.
 //!
-//! Measured on `debian-minimal -t tar` (825 MB tar, 380 chunks, `-v` timings), the rebuild after
-//! an edit of the last install.d hook: the tar output went from 3.9-7.5 s (zstd of the whole
-//! tar, ~3.5 s of CPU) to 1.9-2.5 s on a loaded 2-core machine (376 chunks reused, 5 MB
-//! compressed; ~1.6 s of CPU: reading the tree, writing the file, blake3 of the tar, of the
-//! chunks, of the previous and the new blob). The blob is 2.5 % larger than one zstd stream.
+//! Measured on `debian-minimal -t tar` (825 MB tar, 380 chunks), rebuilds after an edit of the
+//! last install.d hook with `--keep-tree`, this writer against the one-stream one, interleaved
+//! on the same (loaded, 2-core) machine: `output tar` 1.34-1.53 s against 3.50-4.17 s, the
+//! whole rebuild 4.3-4.9 s against 6.5-7.2 s (376 chunks reused, 5 MB compressed). What is left
+//! is ~1.6 s of CPU: reading the tree, writing the file, blake3 of the tar, of its chunks, of
+//! the previous blob (checked) and of the new one. The blob is 2.5 % larger than one zstd
+//! stream of the tar (265 against 258.5 MB; fixed 1 MiB chunks would cost 5.7 %).
 //!
 //! The squashfs file is `NAME.squash`, as dib names it. With SOURCE_DATE_EPOCH set, every time
 //! in it is that value (mksquashfs has no clamp: the tar keeps older mtimes, the squashfs does
