@@ -10,7 +10,7 @@
 //!                │     └─► chunked blob (chunked.rs): zstd frames of content-defined chunks;
 //!                │         a chunk the previous tar output of NAME had is not compressed
 //!                │         again, its frame is copied from that output's blob
-//!                │         + its chunk index, kept as the output key(KEY, "tar-chunk-index")
+//!                │         + its chunk index, kept as the output key(blake3(path), "tar-chunk-index")
 //!                └─► gzip -9 ─► NAME.tgz (+ one zstd stream of it as its blob; hashed)
 //!              (flate2: no file name, mtime 0, so NAME.tgz is gunzip-equal to NAME.tar)
 //!   squashfs   mksquashfs ROOT NAME.squash -comp xz -noappend [-all-time T -mkfs-time T]
@@ -20,12 +20,12 @@
 //!                                     ─► renamed into place (a bad blob never leaves a file)
 //! ```
 //!
-//! The previous tar output is found as the qcow2 writer finds the previous image: through the
-//! last manifest of NAME (`NAME.strata.json`, its last step's key gives the previous output
-//! key), its blob and chunk index from the cache, the blob read at random from its local file
-//! ([`StepCache::blob_file`]) once its digest checked out. Whatever is missing or does not
-//! check out (no manifest, an evicted index, a damaged blob, another zstd level) means a full
-//! write, with a debug line saying why; the blob's bytes are the same either way. The log
+//! The chunk index of the last tar output written to a path is kept under an output key of
+//! that path (its folder canonicalized), so the next write of the same name finds it; the
+//! previous blob it names is read at random from its local file ([`StepCache::blob_file`]) once
+//! its digest checked out. Whatever is missing or does not check out (no index, an evicted
+//! blob, a damaged one, another zstd level) means a full write, with a debug line saying why;
+//! the blob's bytes are the same either way. The log
 //! says how many chunks were reused (`NAME.tar: cached copy in N chunks, K reused from the
 //! previous output, M MB compressed`). The tgz's blob stays one zstd stream: the gzip stream
 //! it holds is made anew every time (`gzip -9` bytes cannot be reused by chunk), and zstd of it
@@ -86,9 +86,7 @@ pub fn write(
         let scan = scan.context("a tar output needs a scan of the root folder")?;
         let mut fan = Fan {
             tar: tar_key
-                .map(|_| {
-                    FileSink::create_tar(&OutputType::Tar.path(image_name), cache, image_name, opts)
-                })
+                .map(|_| FileSink::create_tar(&OutputType::Tar.path(image_name), cache, opts))
                 .transpose()?,
             tgz: match tgz_key {
                 Some(_) => {
@@ -399,8 +397,23 @@ impl Write for Fan {
     }
 }
 
-/// The output key, beside a tar output's, of the index of its chunked blob.
+/// What the output key of a tar output's chunk index is derived from, with its path.
 const TAR_CHUNKS: &str = "tar-chunk-index";
+
+/// The output key under which the chunk index of the last tar output written to `dest` is
+/// kept: one per output path (its folder as the file system names it), so that the next write
+/// of the same name finds it.
+fn chunk_index_key(dest: &Path) -> String {
+    let abs = std::path::absolute(dest).unwrap_or_else(|_| dest.to_path_buf());
+    let abs = match (abs.parent(), abs.file_name()) {
+        (Some(p), Some(f)) => fs::canonicalize(p)
+            .map(|p| p.join(f))
+            .unwrap_or(abs.clone()),
+        _ => abs,
+    };
+    let name = blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex();
+    crate::key::output_key(name.as_str(), TAR_CHUNKS)
+}
 
 /// Where an output file's cached copy goes.
 enum BlobOut {
@@ -451,16 +464,11 @@ impl FileSink {
     }
 
     /// The tar file (its digest is set by the caller), kept as chunked frames that reuse the
-    /// previous tar output's of `image_name`.
-    fn create_tar(
-        dest: &Path,
-        cache: &dyn StepCache,
-        image_name: &str,
-        opts: &PackOptions,
-    ) -> Result<FileSink> {
+    /// last tar output's written to `dest`.
+    fn create_tar(dest: &Path, cache: &dyn StepCache, opts: &PackOptions) -> Result<FileSink> {
         let blob = match cache.blob_sink()? {
             Some(sink) => {
-                let previous = previous_tar(cache, image_name, opts.level);
+                let previous = previous_tar(cache, dest, opts.level);
                 let previous = match previous {
                     Ok(p) => Some(p),
                     Err(why) => {
@@ -508,8 +516,12 @@ impl FileSink {
                     blob_size: size,
                     chunks,
                 };
-                let index_key = crate::key::output_key(key, TAR_CHUNKS);
-                keep(cache, &index_key, &mut &index.to_bytes()[..], None)?;
+                keep(
+                    cache,
+                    &chunk_index_key(&dest),
+                    &mut &index.to_bytes()[..],
+                    None,
+                )?;
                 tracing::debug!(
                     "{}: cached copy recorded, {:.3} s after the stream ended",
                     dest.display(),
@@ -551,26 +563,19 @@ impl FileSink {
     }
 }
 
-/// The previous tar output of `image_name` (the one its last manifest names) in the cache,
-/// with its chunk index, if its frames can be reused at zstd `level`; else why not.
+/// The blob of the last tar output written to `dest`, with its chunk index, if its frames can
+/// be reused at zstd `level`; else why not.
 fn previous_tar(
     cache: &dyn StepCache,
-    image_name: &str,
+    dest: &Path,
     level: i32,
 ) -> Result<chunked::Previous, String> {
-    use crate::manifest::Manifest;
-    let manifest = Manifest::read(&Manifest::path_for(image_name))
-        .map_err(|_| "no previous build manifest".to_string())?;
-    let last = manifest
-        .last_key()
-        .ok_or("the previous manifest names no step")?;
-    let prev_key = crate::key::output_key(last, OutputType::Tar.name());
-    let get = |key: &str| cache.get_output(key).map_err(|e| e.to_string());
-    let rec = get(&prev_key)?.ok_or("the previous tar output is not in the cache")?;
-    let index_rec = get(&crate::key::output_key(&prev_key, TAR_CHUNKS))?
-        .ok_or("the previous tar output has no chunk index")?;
+    let rec = cache
+        .get_output(&chunk_index_key(dest))
+        .map_err(|e| e.to_string())?
+        .ok_or("no chunk index of a previous tar output of this name in the cache")?;
     let bytes = (|| -> Result<Vec<u8>> {
-        let mut blob = cache.open_blob(&index_rec.blob_digest)?;
+        let mut blob = cache.open_blob(&rec.blob_digest)?;
         let mut bytes = Vec::new();
         zstd::Decoder::new(&mut blob)?.read_to_end(&mut bytes)?;
         blob.finish()?;
@@ -578,14 +583,11 @@ fn previous_tar(
     })()
     .map_err(|e| format!("cannot read the chunk index: {e}"))?;
     let index = chunked::ChunkIndex::from_bytes(&bytes)?;
-    if index.blob != rec.blob_digest || index.blob_size != rec.size {
-        return Err("the chunk index is of another blob".into());
-    }
     if index.level != level || index.zstd != chunked::zstd_version() {
         return Err("the previous output was compressed at another level or zstd version".into());
     }
     let path = cache
-        .blob_file(&rec.blob_digest)
+        .blob_file(&index.blob)
         .ok_or("the cache keeps no local blob files")?;
     let file = fs::File::open(&path).map_err(|e| format!("cannot open the previous blob: {e}"))?;
     Ok(chunked::Previous::new(file, &index))
@@ -957,8 +959,6 @@ mod bench {
             let last = format!("bench-last-{round}");
             let want = vec![(OutputType::Tar, crate::key::output_key(&last, "tar"))];
             let (written, _) = write(&cache, root, Some(&scan), &want, &name, &opts).unwrap();
-            // The manifest the next round finds the previous output through.
-            write_manifest(&name, &last);
             eprintln!(
                 "round {round}: {:.3} s wall, {:.3} s cpu, {}",
                 t.elapsed().as_secs_f64(),
@@ -966,17 +966,6 @@ mod bench {
                 written[0].blake3
             );
         }
-    }
-
-    /// A minimal build manifest for `name` whose last step has key `last`.
-    pub(super) fn write_manifest(name: &str, last: &str) {
-        let m = serde_json::json!({
-            "strata_version": "test", "cache_format_version": 0, "image_name": name,
-            "arch": "amd64", "outputs": [], "seconds": 0.0,
-            "steps": [{"phase": "install.d", "hook": "h", "key": last, "diff_id": null,
-                       "cached": false, "seconds": 0.0}],
-        });
-        fs::write(format!("{name}.strata.json"), m.to_string()).unwrap();
     }
 
     fn cpu_seconds() -> f64 {
