@@ -97,6 +97,10 @@ impl StepCache for Local {
         Ok(Some(Box::new(self.store.blob_writer()?)))
     }
 
+    fn blob_file(&self, digest: &str) -> Option<std::path::PathBuf> {
+        crate::store::is_digest(digest).then(|| self.store.blob_path(digest))
+    }
+
     fn record_step(&self, step: &StepRecord, layers: &[LayerRecord]) -> Result<(), CacheError> {
         Ok(self.store.record_step(step, layers)?)
     }

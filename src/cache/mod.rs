@@ -178,6 +178,13 @@ pub trait StepCache: Send + Sync {
     /// A writer for a new blob, or None when this cache keeps nothing.
     fn blob_sink(&self) -> Result<Option<Box<dyn BlobSink>>, CacheError>;
 
+    /// The local file that holds a blob (which may not exist), for a writer that reads parts
+    /// of an earlier blob at random (the tar output's chunked blob); None when this cache has
+    /// no local files. Unverified: the reader checks the blob's digest itself.
+    fn blob_file(&self, _digest: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Records a step and its layers (whose blobs were written through [`Self::blob_sink`]).
     fn record_step(&self, step: &StepRecord, layers: &[LayerRecord]) -> Result<(), CacheError>;
 
@@ -246,6 +253,9 @@ impl<T: StepCache + ?Sized> StepCache for std::sync::Arc<T> {
     }
     fn blob_sink(&self) -> Result<Option<Box<dyn BlobSink>>, CacheError> {
         (**self).blob_sink()
+    }
+    fn blob_file(&self, digest: &str) -> Option<std::path::PathBuf> {
+        (**self).blob_file(digest)
     }
     fn record_step(&self, step: &StepRecord, layers: &[LayerRecord]) -> Result<(), CacheError> {
         (**self).record_step(step, layers)

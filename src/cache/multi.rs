@@ -197,6 +197,10 @@ impl StepCache for MultiLevel {
         self.first().blob_sink()
     }
 
+    fn blob_file(&self, digest: &str) -> Option<std::path::PathBuf> {
+        self.first().blob_file(digest)
+    }
+
     fn record_step(&self, step: &StepRecord, layers: &[LayerRecord]) -> Result<(), CacheError> {
         self.first().record_step(step, layers)?;
         for (i, level) in self.later() {

@@ -5,8 +5,13 @@
 //!
 //! ```text
 //! write(cache, root, scan, [(type, key)], ..)
-//!   tar, tgz   ONE deterministic tar stream (layer::write_tar) ─┬─► NAME.tar            (+ blob)
-//!                                                               └─► gzip -9 ─► NAME.tgz (+ blob)
+//!   tar, tgz   ONE deterministic tar stream (layer::write_tar, which hashes it: the tar's digest)
+//!                ├─► NAME.tar (temp file, renamed into place)
+//!                │     └─► chunked blob (chunked.rs): zstd frames of content-defined chunks;
+//!                │         a chunk the previous tar output of NAME had is not compressed
+//!                │         again, its frame is copied from that output's blob
+//!                │         + its chunk index, kept as the output key(blake3(path), "tar-chunk-index")
+//!                └─► gzip -9 ─► NAME.tgz (+ one zstd stream of it as its blob; hashed)
 //!              (flate2: no file name, mtime 0, so NAME.tgz is gunzip-equal to NAME.tar)
 //!   squashfs   mksquashfs ROOT NAME.squash -comp xz -noappend [-all-time T -mkfs-time T]
 //!              -e proc/* sys/*  ─► hashed ─► blob
@@ -17,11 +22,32 @@
 //!                                     ─► renamed into place (a bad blob never leaves a file)
 //! ```
 //!
+//! The chunk index of the last tar output written to a path is kept under an output key of
+//! that path (its folder canonicalized), so the next write of the same name finds it; the
+//! previous blob it names is read at random from its local file ([`StepCache::blob_file`]) once
+//! its digest checked out. Whatever is missing or does not check out (no index, an evicted
+//! blob, a damaged one, another zstd level) means a full write, with a debug line saying why;
+//! the blob's bytes are the same either way. The log
+//! says how many chunks were reused (`NAME.tar: cached copy in N chunks, K reused from the
+//! previous output, M MB compressed`). The tgz's blob stays one zstd stream: the gzip stream
+//! it holds is made anew every time (`gzip -9` bytes cannot be reused by chunk), and zstd of it
+//! gains nothing from chunks.
+//!
+//! Measured on `debian-minimal -t tar` (825 MB tar, 380 chunks), rebuilds after an edit of the
+//! last install.d hook with `--keep-tree`, this writer against the one-stream one, interleaved
+//! on the same (loaded, 2-core) machine: `output tar` 1.34-1.53 s against 3.50-4.17 s, the
+//! whole rebuild 4.3-4.9 s against 6.5-7.2 s (376 chunks reused, 5 MB compressed). What is left
+//! is ~1.6 s of CPU: reading the tree, writing the file, blake3 of the tar, of its chunks, of
+//! the previous blob (checked) and of the new one. The blob is 2.5 % larger than one zstd
+//! stream of the tar (265 against 258.5 MB; fixed 1 MiB chunks would cost 5.7 %).
+//!
 //! The squashfs file is `NAME.squash`, as dib names it. With SOURCE_DATE_EPOCH set, every time
 //! in it is that value (mksquashfs has no clamp: the tar keeps older mtimes, the squashfs does
 //! not); without it, mksquashfs records the files' times and the current time.
 //! dib's `DIB_GZIP_BIN` is not used: the gzip stream is made in-process, so its bytes do not
 //! depend on the host's gzip. Every loop here stops on SIGINT/SIGTERM ([`crate::cancel`]).
+
+mod chunked;
 
 use super::{OutputType, Timings, Written};
 use crate::cache::{BlobSink, StepCache};
@@ -62,7 +88,7 @@ pub fn write(
         let scan = scan.context("a tar output needs a scan of the root folder")?;
         let mut fan = Fan {
             tar: tar_key
-                .map(|_| FileSink::create(&OutputType::Tar.path(image_name), cache, opts))
+                .map(|_| FileSink::create_tar(&OutputType::Tar.path(image_name), cache, opts))
                 .transpose()?,
             tgz: match tgz_key {
                 Some(_) => {
@@ -78,25 +104,37 @@ pub fn write(
                 None => None,
             },
         };
-        if let Err(e) = layer::write_tar(root, &Changeset::full(scan), &mut fan, opts) {
-            // An output file that could not be written (a full output folder) is the cause,
-            // not "the layer stream".
-            let failed = fan
-                .tar
-                .as_ref()
-                .and_then(|t| t.failed.clone())
-                .or_else(|| fan.tgz.as_ref().and_then(|g| g.get_ref().failed.clone()));
-            return Err(match failed {
-                Some(why) => anyhow::anyhow!(why),
-                None => e.into(),
-            });
-        }
+        let info = match layer::write_tar(root, &Changeset::full(scan), &mut fan, opts) {
+            Ok(info) => {
+                tracing::debug!(
+                    "tar stream of {} written in {:.3} s",
+                    root.display(),
+                    started.elapsed().as_secs_f64()
+                );
+                info
+            }
+            Err(e) => {
+                // An output file that could not be written (a full output folder) is the
+                // cause, not "the layer stream".
+                let failed = fan
+                    .tar
+                    .as_ref()
+                    .and_then(|t| t.failed.clone())
+                    .or_else(|| fan.tgz.as_ref().and_then(|g| g.get_ref().failed.clone()));
+                return Err(match failed {
+                    Some(why) => anyhow::anyhow!(why),
+                    None => e.into(),
+                });
+            }
+        };
         let label: Vec<&str> = [("tar", &tar_key), ("tgz", &tgz_key)]
             .into_iter()
             .filter(|(_, k)| k.is_some())
             .map(|(t, _)| t)
             .collect();
-        if let (Some(sink), Some(key)) = (fan.tar, tar_key) {
+        if let (Some(mut sink), Some(key)) = (fan.tar, tar_key) {
+            // The tar file's digest is the stream's, which write_tar hashed already.
+            sink.blake3 = Some(info.diff_id.clone());
             written.push(sink.finish(cache, key, OutputType::Tar, image_name)?);
         }
         if let (Some(gz), Some(key)) = (fan.tgz, tgz_key) {
@@ -406,11 +444,40 @@ impl Write for Fan {
     }
 }
 
+/// What the output key of a tar output's chunk index is derived from, with its path.
+const TAR_CHUNKS: &str = "tar-chunk-index";
+
+/// The output key under which the chunk index of the last tar output written to `dest` is
+/// kept: one per output path (its folder as the file system names it), so that the next write
+/// of the same name finds it.
+fn chunk_index_key(dest: &Path) -> String {
+    let abs = std::path::absolute(dest).unwrap_or_else(|_| dest.to_path_buf());
+    let abs = match (abs.parent(), abs.file_name()) {
+        (Some(p), Some(f)) => fs::canonicalize(p)
+            .map(|p| p.join(f))
+            .unwrap_or(abs.clone()),
+        _ => abs,
+    };
+    let name = blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex();
+    crate::key::output_key(name.as_str(), TAR_CHUNKS)
+}
+
+/// Where an output file's cached copy goes.
+enum BlobOut {
+    /// One zstd stream (the tgz: zstd of the gzip bytes, which would gain nothing from chunks).
+    Stream(zstd::Encoder<'static, Box<dyn BlobSink>>),
+    /// zstd frames of chunks, reusing the previous output's (the tar), at this level.
+    Chunked(chunked::ChunkedBlob, i32),
+}
+
 /// One output file being written: a temp file beside it, hashed, and copied into a zstd blob
 /// when the cache keeps outputs.
 struct FileSink {
-    file: Hashing<BufWriter<tempfile::NamedTempFile>>,
-    blob: Option<zstd::Encoder<'static, Box<dyn BlobSink>>>,
+    file: BufWriter<tempfile::NamedTempFile>,
+    /// Hashes the file as it is written; None when the caller sets `blake3`.
+    hasher: Option<blake3::Hasher>,
+    blake3: Option<String>,
+    blob: Option<BlobOut>,
     /// The output's final name, for messages.
     dest: std::path::PathBuf,
     /// Why writing the file failed, once it did.
@@ -418,25 +485,50 @@ struct FileSink {
 }
 
 impl FileSink {
-    fn create(dest: &Path, cache: &dyn StepCache, opts: &PackOptions) -> Result<FileSink> {
+    fn new(dest: &Path, blob: Option<BlobOut>, hash: bool) -> Result<FileSink> {
         let tmp = temp_beside(dest)?;
-        let blob = match cache.blob_sink()? {
-            Some(sink) => {
-                let mut enc = zstd::Encoder::new(sink, opts.level)?;
-                enc.multithread(opts.workers.max(1))?;
-                Some(enc)
-            }
-            None => None,
-        };
         Ok(FileSink {
-            file: Hashing {
-                inner: BufWriter::with_capacity(1 << 20, tmp),
-                hasher: blake3::Hasher::new(),
-            },
+            file: BufWriter::with_capacity(1 << 20, tmp),
+            hasher: hash.then(blake3::Hasher::new),
+            blake3: None,
             blob,
             dest: dest.to_path_buf(),
             failed: None,
         })
+    }
+
+    /// A file hashed as it is written, kept as one zstd stream.
+    fn create(dest: &Path, cache: &dyn StepCache, opts: &PackOptions) -> Result<FileSink> {
+        let blob = match cache.blob_sink()? {
+            Some(sink) => {
+                let mut enc = zstd::Encoder::new(sink, opts.level)?;
+                enc.multithread(opts.workers.max(1))?;
+                Some(BlobOut::Stream(enc))
+            }
+            None => None,
+        };
+        FileSink::new(dest, blob, true)
+    }
+
+    /// The tar file (its digest is set by the caller), kept as chunked frames that reuse the
+    /// last tar output's written to `dest`.
+    fn create_tar(dest: &Path, cache: &dyn StepCache, opts: &PackOptions) -> Result<FileSink> {
+        let blob = match cache.blob_sink()? {
+            Some(sink) => {
+                let previous = previous_tar(cache, dest, opts.level);
+                let previous = match previous {
+                    Ok(p) => Some(p),
+                    Err(why) => {
+                        tracing::debug!("{}: compressing every chunk ({why})", dest.display());
+                        None
+                    }
+                };
+                let blob = chunked::ChunkedBlob::new(sink, previous, opts.level, opts.workers);
+                Some(BlobOut::Chunked(blob, opts.level))
+            }
+            None => None,
+        };
+        FileSink::new(dest, blob, false)
     }
 
     /// Keeps the blob under `key`, renames the file into place, returns what was written.
@@ -448,18 +540,67 @@ impl FileSink {
         image_name: &str,
     ) -> Result<Written> {
         let dest = ty.path(image_name);
-        if let Some(enc) = self.blob {
-            let (digest, size) = enc.finish()?.finish()?;
-            cache.put_output(key, &digest, size, now())?;
+        match self.blob {
+            Some(BlobOut::Stream(enc)) => {
+                let (digest, size) = enc.finish()?.finish()?;
+                cache.put_output(key, &digest, size, now())?;
+            }
+            Some(BlobOut::Chunked(blob, level)) => {
+                let t = Instant::now();
+                let (sink, chunks, stats) = blob.finish()?;
+                let joined = t.elapsed().as_secs_f64();
+                let (digest, size) = sink.finish()?;
+                tracing::debug!(
+                    "{}: cached copy: last frames written in {joined:.3} s, blob synced in {:.3} s",
+                    dest.display(),
+                    t.elapsed().as_secs_f64() - joined
+                );
+                cache.put_output(key, &digest, size, now())?;
+                let index = chunked::ChunkIndex {
+                    zstd: chunked::zstd_version(),
+                    level,
+                    blob: digest,
+                    blob_size: size,
+                    chunks,
+                };
+                keep(
+                    cache,
+                    &chunk_index_key(&dest),
+                    &mut &index.to_bytes()[..],
+                    None,
+                )?;
+                tracing::debug!(
+                    "{}: cached copy recorded, {:.3} s after the stream ended",
+                    dest.display(),
+                    t.elapsed().as_secs_f64()
+                );
+                tracing::info!(
+                    "{}: cached copy in {} chunks, {} reused from the previous output, {} MB compressed",
+                    dest.display(),
+                    stats.chunks,
+                    stats.reused,
+                    stats.compressed_bytes / 1_000_000
+                );
+            }
+            None => {}
         }
-        let blake3 = self.file.hasher.finalize().to_hex().to_string();
+        let blake3 = match (self.blake3, self.hasher) {
+            (Some(d), _) => d,
+            (None, Some(h)) => h.finalize().to_hex().to_string(),
+            (None, None) => anyhow::bail!("no digest for {}", dest.display()),
+        };
         let tmp = self
             .file
-            .inner
             .into_inner()
             .map_err(|e| anyhow::anyhow!(crate::fsutil::write_error(&dest, e.error())))?;
+        // The file this replaces is closed by a thread of its own: freeing a large file's
+        // blocks (0.37 s for 825 MB on ext4 with discard) need not hold up the build.
+        let old = fs::File::open(&dest).ok();
         tmp.persist(&dest)
             .with_context(|| format!("cannot write {}", dest.display()))?;
+        if let Some(old) = old {
+            std::thread::spawn(move || drop(old));
+        }
         Ok(Written {
             r#type: ty,
             path: dest,
@@ -469,14 +610,49 @@ impl FileSink {
     }
 }
 
+/// The blob of the last tar output written to `dest`, with its chunk index, if its frames can
+/// be reused at zstd `level`; else why not.
+fn previous_tar(
+    cache: &dyn StepCache,
+    dest: &Path,
+    level: i32,
+) -> Result<chunked::Previous, String> {
+    let rec = cache
+        .get_output(&chunk_index_key(dest))
+        .map_err(|e| e.to_string())?
+        .ok_or("no chunk index of a previous tar output of this name in the cache")?;
+    let bytes = (|| -> Result<Vec<u8>> {
+        let mut blob = cache.open_blob(&rec.blob_digest)?;
+        let mut bytes = Vec::new();
+        zstd::Decoder::new(&mut blob)?.read_to_end(&mut bytes)?;
+        blob.finish()?;
+        Ok(bytes)
+    })()
+    .map_err(|e| format!("cannot read the chunk index: {e}"))?;
+    let index = chunked::ChunkIndex::from_bytes(&bytes)?;
+    if index.level != level || index.zstd != chunked::zstd_version() {
+        return Err("the previous output was compressed at another level or zstd version".into());
+    }
+    let path = cache
+        .blob_file(&index.blob)
+        .ok_or("the cache keeps no local blob files")?;
+    let file = fs::File::open(&path).map_err(|e| format!("cannot open the previous blob: {e}"))?;
+    Ok(chunked::Previous::new(file, &index))
+}
+
 impl Write for FileSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if let Err(e) = self.file.write_all(buf) {
             self.failed = Some(crate::fsutil::write_error(&self.dest, &e));
             return Err(e);
         }
-        if let Some(b) = self.blob.as_mut() {
-            b.write_all(buf)?;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(buf);
+        }
+        match self.blob.as_mut() {
+            Some(BlobOut::Stream(b)) => b.write_all(buf)?,
+            Some(BlobOut::Chunked(b, _)) => b.write_all(buf)?,
+            None => {}
         }
         Ok(buf.len())
     }
@@ -485,7 +661,7 @@ impl Write for FileSink {
             self.failed = Some(crate::fsutil::write_error(&self.dest, &e));
             return Err(e);
         }
-        if let Some(b) = self.blob.as_mut() {
+        if let Some(BlobOut::Stream(b)) = self.blob.as_mut() {
             b.flush()?;
         }
         Ok(())
@@ -537,23 +713,6 @@ impl SparseFile {
             .persist(dest)
             .with_context(|| format!("cannot write {}", dest.display()))?;
         Ok(())
-    }
-}
-
-/// A writer that hashes what passes through it.
-struct Hashing<W> {
-    inner: W,
-    hasher: blake3::Hasher,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
@@ -800,5 +959,67 @@ mod tests {
         // No temp file left beside the output.
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+/// Times `write` of a tar output of a real tree: `STRATA_BENCH_ROOT=/path/to/rootfs
+/// STRATA_BENCH_WORK=/var/tmp/dir cargo test --release --lib outputs::tree::bench -- --ignored
+/// --nocapture`. Round 1 writes with an empty cache, round 2 the same tree again, round 3 after
+/// `STRATA_BENCH_EDIT` (a file under the root) was appended to.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::cache::Local;
+    use crate::store::Store;
+
+    #[test]
+    #[ignore]
+    fn tar_output_rounds() {
+        let (Ok(root), Ok(work)) = (
+            std::env::var("STRATA_BENCH_ROOT"),
+            std::env::var("STRATA_BENCH_WORK"),
+        ) else {
+            eprintln!("set STRATA_BENCH_ROOT and STRATA_BENCH_WORK");
+            return;
+        };
+        let (root, work) = (Path::new(&root), Path::new(&work));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+        let cache = Local::new(Store::open(&work.join("cache")).unwrap());
+        let name = work.join("out").display().to_string();
+        let opts = PackOptions::default();
+        for round in 1..=3 {
+            if round == 3
+                && let Ok(edit) = std::env::var("STRATA_BENCH_EDIT")
+            {
+                let mut f = fs::OpenOptions::new()
+                    .append(true)
+                    .open(root.join(edit))
+                    .unwrap();
+                writeln!(f, "# bench edit").unwrap();
+            }
+            let scan = layer::scan(root, &Default::default()).unwrap();
+            let t = Instant::now();
+            let cpu0 = cpu_seconds();
+            let last = format!("bench-last-{round}");
+            let want = vec![(OutputType::Tar, crate::key::output_key(&last, "tar"))];
+            let (written, _) = write(&cache, root, Some(&scan), &want, &name, &opts).unwrap();
+            eprintln!(
+                "round {round}: {:.3} s wall, {:.3} s cpu, {}",
+                t.elapsed().as_secs_f64(),
+                cpu_seconds() - cpu0,
+                written[0].blake3
+            );
+        }
+    }
+
+    fn cpu_seconds() -> f64 {
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct it is given.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
     }
 }

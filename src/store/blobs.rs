@@ -26,8 +26,16 @@ pub struct BlobWriter {
     tmp_path: PathBuf,
     hasher: blake3::Hasher,
     size: u64,
+    /// Bytes of the file whose write-back was started (see [`WRITEBACK_EVERY`]).
+    written_back: u64,
     blobs_dir: PathBuf,
 }
+
+/// Write-back of a blob's bytes is started every this many bytes, so that the fsync at
+/// `finish` waits for little more than the last of them rather than the whole blob (the kernel
+/// would start it only at the dirty-page threshold, gigabytes on a large machine). Measured on
+/// a 265 MB tar output blob: the fsync went from 0.8 s to ~0.1 s.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl Store {
     /// Starts writing a blob into a temp file in `<cache>/tmp`, locked while it is written.
@@ -49,6 +57,7 @@ impl Store {
             tmp_path,
             hasher: blake3::Hasher::new(),
             size: 0,
+            written_back: 0,
             blobs_dir: self.root.join("blobs").join("blake3"),
         })
     }
@@ -111,6 +120,21 @@ impl Write for BlobWriter {
         let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
+        let flushed = self.size - file.buffer().len() as u64;
+        if flushed - self.written_back >= WRITEBACK_EVERY {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: a hint on an open descriptor this writer owns; errors are ignored (the
+            // fsync at finish is what counts).
+            unsafe {
+                libc::sync_file_range(
+                    file.get_ref().as_file().as_raw_fd(),
+                    self.written_back as libc::off64_t,
+                    (flushed - self.written_back) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.written_back = flushed;
+        }
         Ok(n)
     }
 

@@ -16,4 +16,5 @@ mod registry;
 mod registry_server;
 mod sandbox;
 mod shell;
+mod tar_chunks;
 mod util;
