@@ -75,6 +75,16 @@ impl BuildFixture {
         self.path().join("elements")
     }
 
+    /// Writes an executable bash hook `rel` (e.g. `install.d/30-x`) of the fixture element
+    /// `element`, under `set -eu -o pipefail`.
+    pub fn write_bash_hook(&self, element: &str, rel: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.elements().join(element).join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, format!("#!/bin/bash\nset -eu -o pipefail\n{body}")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
     pub fn cache(&self) -> PathBuf {
         self.path().join("cache")
     }

@@ -13,13 +13,7 @@ const SDE: (&str, &str) = ("SOURCE_DATE_EPOCH", "1700000000");
 /// An element whose later steps make hardlinks, delete files and folders (whiteouts), rename a
 /// folder, change a mode and open a file for writing without changing it.
 fn add_kept_element(f: &BuildFixture) {
-    let el = f.elements().join("fixture-kept");
-    let hook = |rel: &str, body: &str| {
-        let p = el.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, format!("#!/bin/bash\nset -eu -o pipefail\n{body}")).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    };
+    let hook = |rel: &str, body: &str| f.write_bash_hook("fixture-kept", rel, body);
     hook(
         "install.d/30-links",
         "mkdir -p /opt/k/gone/deep /opt/k/moved\n\

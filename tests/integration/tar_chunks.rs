@@ -4,20 +4,13 @@
 
 use crate::harness::BuildFixture;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 
 const SDE: (&str, &str) = ("SOURCE_DATE_EPOCH", "1700000000");
 
 /// An element with ~6 MB of files before `/opt` and ~6 MB after it in the tar (deterministic
 /// text), and a last install.d hook that writes `/opt/edit/version`.
 fn add_element(f: &BuildFixture, version: &str) {
-    let el = f.elements().join("fixture-chunks");
-    let hook = |rel: &str, body: &str| {
-        let p = el.join(rel);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, format!("#!/bin/bash\nset -eu -o pipefail\n{body}")).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    };
+    let hook = |rel: &str, body: &str| f.write_bash_hook("fixture-chunks", rel, body);
     hook(
         "install.d/30-bulk",
         "for d in /bulk-a /srv/bulk-z; do\n\
