@@ -59,7 +59,7 @@ for i in $(seq "$runs"); do
     printf '\n# benchmark edit %s\ntrue\n' "$i" >> "over/$element/install.d/$hook"
     ELEMENTS_PATH=$work/over LOG=edit$i.log build cold1 cache1 icache-c1 >> edit
     restore_of "edit$i.log" >> erestore; output_of "edit$i.log" >> eoutput
-    echo "$(reuse_of "edit$i.log")" >> reuse
+    printf '%s\n' "$(reuse_of "edit$i.log")" >> reuse
 done
 last_log=edit$runs.log
 if [ "${KEEP_TREE:-0}" = 1 ]; then
@@ -71,7 +71,7 @@ if [ "${KEEP_TREE:-0}" = 1 ]; then
         r=$(restore_of "kedit$i.log")
         if [ "$i" = 0 ]; then kfirst=$t; kfirst_r=$r; else
             echo "$t" >> kedit; echo "$r" >> krestore; output_of "kedit$i.log" >> koutput
-            echo "$(reuse_of "kedit$i.log")" >> reuse
+            printf '%s\n' "$(reuse_of "kedit$i.log")" >> reuse
         fi
     done
     last_log=kedit$runs.log

@@ -14,7 +14,7 @@ strata=$here/target/release/strata
 work=$(mktemp -d /var/tmp/strata-reg.XXXXXX)
 reg_pid=
 cleanup() {
-    [ -n "$reg_pid" ] && kill "$reg_pid" 2>/dev/null || true
+    if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
