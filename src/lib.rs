@@ -40,6 +40,9 @@ pub mod settings;
 pub mod store;
 pub mod tools;
 
+#[cfg(test)]
+pub(crate) mod testutil;
+
 pub use commands::run;
 
 #[cfg(test)]

@@ -1141,18 +1141,7 @@ fn a_path_hidden_by_an_exclude_is_not_whited_out() {
     assert_eq!(changes.deleted().count(), 1);
 }
 
-/// Bytes that zstd cannot shrink much (so a layer spans several decoded pieces).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use crate::testutil::noise;
 
 #[test]
 fn a_layer_of_many_decoded_pieces_round_trips_with_its_diff_id() {

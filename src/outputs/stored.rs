@@ -91,14 +91,8 @@ mod tests {
 
     #[test]
     fn zstd_reads_back_every_size_exactly() {
-        let mut seed = 7u64;
         for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK, 1_000_003] {
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    (seed >> 33) as u8
-                })
-                .collect();
+            let data = crate::testutil::noise(len, len as u64);
             let frame = stored(&data);
             // Header, one 3-byte header per block (an empty last block), no more.
             let blocks = len.div_ceil(BLOCK) + usize::from(len % BLOCK == 0 || len == 0);

@@ -41,18 +41,7 @@ fn client(server: &RegistryServer, options: ClientOptions) -> Client {
     Client::new(&r.registry, options).unwrap()
 }
 
-/// `len` bytes that do not repeat (xorshift), different per `seed`.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use crate::testutil::noise;
 
 fn docker_config(dir: &Path, json: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
