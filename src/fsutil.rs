@@ -86,7 +86,7 @@ pub fn locked_temp_in(dir: &Path, prefix: &str) -> io::Result<tempfile::NamedTem
 pub fn locked_temp_dir_in(dir: &Path, prefix: &str) -> io::Result<(tempfile::TempDir, fs::File)> {
     loop {
         let tmp = tempfile::Builder::new().prefix(prefix).tempdir_in(dir)?;
-        match lock_fresh_dir(tmp.path())? {
+        match try_lock_dir(tmp.path())? {
             Some(lock) => return Ok((tmp, lock)),
             // The sweep removes it (or has), not this drop.
             None => {
@@ -96,11 +96,12 @@ pub fn locked_temp_dir_in(dir: &Path, prefix: &str) -> io::Result<(tempfile::Tem
     }
 }
 
-/// Opens a folder this process has just created and takes its exclusive lock. None when a
-/// sweep got there first (between the creation and the lock it looks like a dead writer's):
-/// the sweep holds the lock, or has removed the folder, or the name now leads elsewhere. The
-/// caller then starts again with a new name.
-pub fn lock_fresh_dir(path: &Path) -> io::Result<Option<fs::File>> {
+/// Opens a folder and takes its exclusive lock without waiting. None when another process
+/// holds the lock, the folder is gone, or the name now leads to another folder. A writer that
+/// has just created the folder gets None when a sweep got there first (between the creation
+/// and the lock it looks like a dead writer's), and starts again with a new name; a sweep gets
+/// None for a live writer's folder.
+pub fn try_lock_dir(path: &Path) -> io::Result<Option<fs::File>> {
     let lock = match fs::File::open(path) {
         Ok(lock) => lock,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -174,10 +175,10 @@ pub fn sweep_dead(dir: &Path, prefix: &str) -> io::Result<usize> {
             continue;
         }
         let path = entry.path();
-        let Ok(lock) = fs::File::open(&path) else {
+        let Ok(Some(_lock)) = try_lock_dir(&path) else {
             continue;
         };
-        if lock.try_lock().is_ok() && same_file(&lock, &path) && fs::remove_dir_all(&path).is_ok() {
+        if fs::remove_dir_all(&path).is_ok() {
             tracing::debug!("removed {}, left by a writer that died", path.display());
             removed += 1;
         }
@@ -283,22 +284,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fresh");
         // Removed by a sweep before it could be opened.
-        assert!(lock_fresh_dir(&path).unwrap().is_none());
+        assert!(try_lock_dir(&path).unwrap().is_none());
         // Held by a sweep (another open file, as another process would have).
         fs::create_dir(&path).unwrap();
         let sweep = fs::File::open(&path).unwrap();
         sweep.lock().unwrap();
-        assert!(lock_fresh_dir(&path).unwrap().is_none());
+        assert!(try_lock_dir(&path).unwrap().is_none());
         drop(sweep);
         // Free: locked, and a second taker is refused while it is held.
-        let lock = lock_fresh_dir(&path)
+        let lock = try_lock_dir(&path)
             .unwrap()
             .expect("a free folder is locked");
-        assert!(lock_fresh_dir(&path).unwrap().is_none());
+        assert!(try_lock_dir(&path).unwrap().is_none());
         drop(lock);
         // Another error (not a folder we may open) is an error.
         let file = dir.path().join("file");
         fs::write(&file, "").unwrap();
-        assert!(lock_fresh_dir(&file.join("below")).is_err());
+        assert!(try_lock_dir(&file.join("below")).is_err());
     }
 }

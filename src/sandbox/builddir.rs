@@ -41,15 +41,9 @@ pub struct BuildDir {
     _lock_mounted: Option<fs::File>,
 }
 
-/// Opens a folder and takes its exclusive lock without waiting: None when another process
-/// holds it.
+/// [`crate::fsutil::try_lock_dir`], its error naming the folder.
 fn lock_dir(path: &Path) -> Result<Option<fs::File>, SandboxError> {
-    let dir = fs::File::open(path).map_err(|e| SandboxError::io("open", path, e))?;
-    match dir.try_lock() {
-        Ok(()) => Ok(Some(dir)),
-        Err(fs::TryLockError::WouldBlock) => Ok(None),
-        Err(fs::TryLockError::Error(e)) => Err(SandboxError::io("lock", path, e)),
-    }
+    crate::fsutil::try_lock_dir(path).map_err(|e| SandboxError::io("lock", path, e))
 }
 
 impl BuildDir {
@@ -63,9 +57,7 @@ impl BuildDir {
                 .map_err(|e| SandboxError::io("create a build directory in", parent, e.into()))?;
             // A sweep may have taken the fresh folder for a dead build's; then this name is
             // gone and we start again with a new one.
-            if let Some(lock) = crate::fsutil::lock_fresh_dir(&path)
-                .map_err(|e| SandboxError::io("lock", &path, e))?
-            {
+            if let Some(lock) = lock_dir(&path)? {
                 break (path, lock);
             }
         };
@@ -153,9 +145,6 @@ pub fn sweep_dead_build_dirs(parent: &Path, prefix: &str) -> Result<Vec<PathBuf>
                 continue;
             }
         };
-        if !crate::fsutil::same_file(&lock, &path) {
-            continue;
-        }
         match remove_tree_on_one_mount(&path) {
             Ok(()) => {
                 tracing::debug!("removed {}, left by a build that died", path.display());
