@@ -95,10 +95,10 @@ pub fn convert(
             },
         });
     }
-    tmp_file.persist(out).map(drop).map_err(|e| {
+    crate::fsutil::persist_replacing(tmp_file, out).map_err(|e| {
         ImageError::io(
             format!("renaming {} to {}", tmp.display(), out.display()),
-            e.error,
+            e,
         )
     })
 }

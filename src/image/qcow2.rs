@@ -520,8 +520,8 @@ pub fn write(
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(0o644))
         .map_err(|e| Qcow2Error::io(format!("setting the mode of {shown}"), e))?;
-    tmp.persist(dest)
-        .map_err(|e| Qcow2Error::io(format!("renaming {shown} to {}", dest.display()), e.error))?;
+    crate::fsutil::persist_replacing(tmp, dest)
+        .map_err(|e| Qcow2Error::io(format!("renaming {shown} to {}", dest.display()), e))?;
     Ok(Written {
         previous_ignored,
         ..written

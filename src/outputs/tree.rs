@@ -220,7 +220,7 @@ fn write_squashfs(
     crate::fsutil::set_mode(tmp.path(), 0o644)
         .with_context(|| format!("cannot set the mode of {}", tmp.path().display()))?;
     let blake3 = store_file(cache, key, tmp.path())?;
-    tmp.persist(&dest)
+    crate::fsutil::persist_replacing(tmp, &dest)
         .with_context(|| format!("cannot write {}", dest.display()))?;
     Ok(Written {
         r#type: OutputType::Squashfs,
@@ -593,14 +593,8 @@ impl FileSink {
             .file
             .into_inner()
             .map_err(|e| anyhow::anyhow!(crate::fsutil::write_error(&dest, e.error())))?;
-        // The file this replaces is closed by a thread of its own: freeing a large file's
-        // blocks (0.37 s for 825 MB on ext4 with discard) need not hold up the build.
-        let old = fs::File::open(&dest).ok();
-        tmp.persist(&dest)
+        crate::fsutil::persist_replacing(tmp, &dest)
             .with_context(|| format!("cannot write {}", dest.display()))?;
-        if let Some(old) = old {
-            std::thread::spawn(move || drop(old));
-        }
         Ok(Written {
             r#type: ty,
             path: dest,
@@ -709,8 +703,7 @@ impl SparseFile {
             .as_file()
             .set_len(self.pos)
             .with_context(|| format!("cannot size {}", dest.display()))?;
-        self.tmp
-            .persist(dest)
+        crate::fsutil::persist_replacing(self.tmp, dest)
             .with_context(|| format!("cannot write {}", dest.display()))?;
         Ok(())
     }
