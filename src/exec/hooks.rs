@@ -42,12 +42,14 @@ pub fn run_phase_hooks(
     if hooks.is_empty() {
         return Ok(Vec::new());
     }
+    let started = std::time::Instant::now();
     let mut mounts = if phase.in_chroot() {
         ChrootMounts::mount(&paths.mount_dir, &paths.hooks_dir)?
     } else {
         ChrootMounts::host(&paths.mount_dir)?
     };
     let cache_locks = cache_mounts(&mut mounts)?;
+    let mounted = started.elapsed().as_secs_f64();
     let env_dir = paths.hooks_dir.join("environment.d");
     let files = elements::env::env_files(&env_dir)
         .with_context(|| format!("cannot list {}", env_dir.display()))?;
@@ -107,8 +109,18 @@ pub fn run_phase_hooks(
             break;
         }
     }
+    let ran = started.elapsed().as_secs_f64();
     let unmounted = mounts.unmount();
     drop(cache_locks);
+    tracing::debug!(
+        "{phase}: mounts {mounted:.3} s, hooks {:.3} s ({}), unmount {:.3} s",
+        ran - mounted,
+        rows.iter()
+            .map(|(h, s)| format!("{h} {s:.3}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        started.elapsed().as_secs_f64() - ran
+    );
     if hooks.len() > 1 {
         reporter.table(phase.dir_name(), &rows);
     }

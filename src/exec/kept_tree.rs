@@ -47,6 +47,9 @@
 //!   every chroot step, never). Differences remain where a hook touches a path without
 //!   changing it (a mode, owner or times set to the values it has, a rename undone): a plain
 //!   tree records it (its ctime changed), a kept tree may leave it out; outputs are the same.
+//! * Scans: everything a step does to the merged tree lands in the upper folder, so after a
+//!   step only the paths that changed there are looked at again ([`Overlay::dirty_since`] ─►
+//!   `layer::rescan`, which adds the other names of a hardlinked inode), not the whole tree.
 //! * `strata cache gc` drops every slot nobody holds ([`drop_slots`]).
 //! * Never for `build --check`: an audit rebuilds from the cache's own layers.
 
@@ -62,7 +65,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::layer::{FileKind, Meta};
+use crate::layer::{FileKind, Meta, Scan};
 
 /// The folder under the cache folder that holds the slots.
 pub const TREES_DIR: &str = "trees";
@@ -383,9 +386,13 @@ pub struct Overlay {
     merged: PathBuf,
 }
 
-/// What the upper folder held when a step started: its paths, and each folder's xattrs.
-#[derive(Debug, Default)]
-pub struct UpperState(HashMap<Vec<u8>, Option<Xattrs>>);
+/// What the upper folder held when a step started: its paths with their `lstat` there, and
+/// each folder's xattrs as the merged tree shows them.
+#[derive(Debug)]
+pub struct UpperState {
+    paths: Scan,
+    xattrs: HashMap<Vec<u8>, Xattrs>,
+}
 
 /// A path's xattrs, sorted by name.
 type Xattrs = Vec<(OsString, Vec<u8>)>;
@@ -393,25 +400,51 @@ type Xattrs = Vec<(OsString, Vec<u8>)>;
 impl Overlay {
     /// The state of the upper folder now (before a step runs).
     pub fn upper_state(&self) -> Result<UpperState> {
-        let mut map = HashMap::new();
-        let prefix = self.upper.as_os_str().len();
-        for entry in walkdir::WalkDir::new(&self.upper).follow_links(false) {
-            let entry = entry.with_context(|| format!("cannot list {}", self.upper.display()))?;
-            let b = entry.path().as_os_str().as_bytes();
-            let rel = b.get(prefix..).unwrap_or_default();
-            let rel = rel.strip_prefix(b"/").unwrap_or(rel).to_vec();
-            let x = if entry.file_type().is_dir() {
-                Some(xattrs(
+        let paths = self.upper_scan()?;
+        let xattrs = paths
+            .iter()
+            .filter(|(_, m)| m.kind == FileKind::Dir)
+            .map(|(rel, _)| {
+                let rel = rel.as_os_str().as_bytes().to_vec();
+                let x = xattrs(
                     &self
                         .merged
                         .join(Path::new(std::ffi::OsStr::from_bytes(&rel))),
-                ))
-            } else {
-                None
-            };
-            map.insert(rel, x);
+                );
+                (rel, x)
+            })
+            .collect();
+        Ok(UpperState { paths, xattrs })
+    }
+
+    fn upper_scan(&self) -> Result<Scan> {
+        crate::layer::scan(&self.upper, &Default::default())
+            .with_context(|| format!("cannot list {}", self.upper.display()))
+    }
+
+    /// The paths of the merged tree a step may have changed since `start`: every path of the
+    /// upper folder that appeared, went, or whose `lstat` there changed. Everything a step
+    /// does to the merged tree lands in the upper folder (the kept tree below is never
+    /// written), so this is what [`crate::layer::rescan`] needs: a file changed in place or
+    /// copied up, a new path or whiteout, and a folder whose names changed (its own entry in
+    /// the upper folder changes with them; an opaque or redirected folder is a new entry).
+    /// The other names of a hardlink copied up (overlayfs' index shows them changed without
+    /// an upper entry) are added by `rescan` from the inode numbers.
+    pub fn dirty_since(&self, start: &UpperState) -> Result<Vec<Vec<u8>>> {
+        let now = self.upper_scan()?;
+        let mut dirty = Vec::new();
+        for (rel, m) in now.iter() {
+            let was = start.paths.get(rel);
+            if was.is_none_or(|w| w.changed(m)) {
+                dirty.push(rel.as_os_str().as_bytes().to_vec());
+            }
         }
-        Ok(UpperState(map))
+        for (rel, _) in start.paths.iter() {
+            if now.get(rel).is_none() {
+                dirty.push(rel.as_os_str().as_bytes().to_vec());
+            }
+        }
+        Ok(dirty)
     }
 
     /// True when `rel` (before `b`, after `a`, both as the merged tree showed them) changed
@@ -441,12 +474,12 @@ impl Overlay {
         if a.kind == FileKind::Dir && !self.child_copied_up(start, rel) {
             return false;
         }
-        match start.0.get(rel) {
+        match start.paths.get_bytes(rel) {
             // Already up when the step began: nothing is copied up again, so only a folder
             // (whose child was copied up into it) may show a ctime that means nothing.
-            Some(start_xattrs) => {
+            Some(_) => {
                 a.kind == FileKind::Dir
-                    && start_xattrs.as_ref().is_some_and(|x| *x == xattrs(&merged))
+                    && start.xattrs.get(rel).is_some_and(|x| *x == xattrs(&merged))
             }
             // In the kept tree only when the step began: the kept tree still has it as it was.
             None => {
@@ -479,7 +512,7 @@ impl Overlay {
             }
             child.extend_from_slice(e.file_name().as_bytes());
             let whiteout = e.file_type().is_ok_and(|t| t.is_char_device());
-            !whiteout && !start.0.contains_key(&child)
+            !whiteout && start.paths.get_bytes(&child).is_none()
         })
     }
 }
@@ -700,5 +733,100 @@ mod tests {
         let p = |rel: &str| out.path().join(rel).display().to_string();
         assert_eq!(slot_dir(c, &p("a/img")), slot_dir(c, &p("a/../a/img")));
         assert_ne!(slot_dir(c, &p("a/img")), slot_dir(c, &p("a/img2")));
+    }
+
+    /// Each step's rescan (the paths that changed in the upper folder) equals a full scan of
+    /// the merged tree, whatever the step did to paths of the kept tree or of the upper one.
+    #[test]
+    fn on_an_overlay_a_rescan_of_the_upper_changes_equals_a_full_scan() {
+        use crate::layer::{ScanOptions, rescan, scan};
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        crate::sandbox::enter_private_namespace().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let kt = KeptTree::open(cache.path(), "img").unwrap().unwrap();
+        let lower = kt.tree();
+        let w = |rel: &str, data: &str| {
+            let p = lower.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, data).unwrap();
+        };
+        for rel in [
+            "etc/a",
+            "etc/b",
+            "usr/bin/tool",
+            "usr/lib/x/y/z",
+            "var/gone/deep/f",
+        ] {
+            w(rel, rel);
+        }
+        for rel in [
+            "opt/opaque/old",
+            "opt/moved/m",
+            "opt/moved/sub/n",
+            "srv/same",
+        ] {
+            w(rel, rel);
+        }
+        fs::hard_link(lower.join("usr/bin/tool"), lower.join("usr/bin/alias")).unwrap();
+        fs::hard_link(lower.join("etc/b"), lower.join("srv/b-alias")).unwrap();
+        symlink("../etc/a", lower.join("usr/link")).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let merged = tempfile::tempdir().unwrap();
+        let m = merged.path();
+        let overlay = kt.mount(m, scratch.path()).unwrap();
+        let opts = ScanOptions::default();
+        let steps: [fn(&Path); 4] = [
+            |m| {
+                fs::write(m.join("etc/a"), "changed").unwrap();
+                fs::set_permissions(m.join("etc/b"), fs::Permissions::from_mode(0o600)).unwrap();
+                xattr::set(m.join("srv/same"), "trusted.strata-test", b"v").unwrap();
+                fs::OpenOptions::new()
+                    .append(true)
+                    .open(m.join("usr/bin/tool"))
+                    .unwrap();
+                fs::write(m.join("usr/bin/tool"), "new tool").unwrap();
+                fs::remove_dir_all(m.join("var/gone")).unwrap();
+                fs::remove_dir_all(m.join("opt/opaque")).unwrap();
+                fs::create_dir(m.join("opt/opaque")).unwrap();
+                fs::write(m.join("opt/opaque/fresh"), "fresh").unwrap();
+                fs::rename(m.join("opt/moved"), m.join("opt/moved2")).unwrap();
+                fs::create_dir_all(m.join("new/a/b")).unwrap();
+                fs::write(m.join("new/a/b/c"), "c").unwrap();
+                fs::remove_file(m.join("usr/link")).unwrap();
+                symlink("../etc/b", m.join("usr/link")).unwrap();
+            },
+            |m| {
+                fs::write(m.join("etc/a"), "changed again, longer").unwrap();
+                fs::rename(m.join("new/a/b/c"), m.join("new/c")).unwrap();
+                fs::remove_dir_all(m.join("new/a")).unwrap();
+                fs::hard_link(m.join("new/c"), m.join("usr/c-link")).unwrap();
+                fs::remove_file(m.join("srv/b-alias")).unwrap();
+                fs::rename(m.join("opt/moved2"), m.join("opt/moved")).unwrap();
+                fs::write(m.join("usr/lib/x/y/z"), "z2").unwrap();
+            },
+            |m| {
+                fs::write(m.join("tmp-only"), "t").unwrap();
+                fs::remove_file(m.join("tmp-only")).unwrap();
+                fs::remove_dir_all(m.join("usr/lib")).unwrap();
+                fs::create_dir_all(m.join("usr/lib/x")).unwrap();
+            },
+            |_| {},
+        ];
+        let mut before = scan(m, &opts).unwrap();
+        for (i, step) in steps.iter().enumerate() {
+            let start = overlay.upper_state().unwrap();
+            step(m);
+            let dirty = overlay.dirty_since(&start).unwrap();
+            let re = rescan(m, &before, dirty, &opts).unwrap();
+            let full = scan(m, &opts).unwrap();
+            let listed = |s: &crate::layer::Scan| -> Vec<(PathBuf, Meta)> {
+                s.iter()
+                    .map(|(p, m)| (p.to_path_buf(), m.clone()))
+                    .collect()
+            };
+            assert_eq!(listed(&re), listed(&full), "step {i}");
+            before = full;
+        }
+        nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).unwrap();
     }
 }

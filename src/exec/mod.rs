@@ -472,6 +472,7 @@ impl<'a> Executor<'a> {
         } else {
             self.snapshots.before()?
         };
+        let t_before = started.elapsed().as_secs_f64();
         if let Err(e) = self.execute(step) {
             self.reporter.event(&Event::StepEnd {
                 step: &label,
@@ -483,9 +484,11 @@ impl<'a> Executor<'a> {
             return Err(e);
         }
         self.ran_any = true;
+        let t_run = started.elapsed().as_secs_f64();
         let mounts = self.snapshots.note_mounts(&label)?;
         let layers = self.snapshots.after(before)?;
         let seconds = started.elapsed().as_secs_f64();
+        let t_after = seconds;
         if self.cache.writable() && !self.tainted {
             let t = now();
             let record = crate::cache::StepRecord {
@@ -504,6 +507,13 @@ impl<'a> Executor<'a> {
             };
             self.cache.record_step(&record, &layers.records())?;
         }
+        tracing::debug!(
+            "{label}: before {:.3} s, run {:.3} s, snapshot {:.3} s, record {:.3} s",
+            t_before,
+            t_run - t_before,
+            t_after - t_run,
+            started.elapsed().as_secs_f64() - t_after
+        );
         self.steps.push(manifest_step(
             step,
             layers.rootfs.as_ref().map(|l| l.diff_id.clone()),

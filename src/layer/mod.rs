@@ -34,7 +34,7 @@ use std::path::PathBuf;
 pub use check::{CheckStats, check};
 pub use diff::{Change, ChangeKind, Changeset, diff, diff_with};
 pub use pack::{LayerInfo, PackOptions, pack, write_tar, write_tar_dense};
-pub use scan::{FileKind, Meta, Scan, ScanOptions, scan};
+pub use scan::{FileKind, Meta, Scan, ScanOptions, rescan, scan};
 pub use unpack::{UnpackOptions, UnpackStats, unpack};
 
 /// Granularity of content-defined sparse holes: an aligned run of this many zero bytes in a file

@@ -4,6 +4,25 @@
 //! legitimately span several, e.g. a separate /boot); mount points that must not be captured
 //! (proc, sys, dev, tmp/in_target.d) are skipped with [`ScanOptions::exclude`], which drops the
 //! path itself and its whole subtree.
+//!
+//! [`rescan`] brings an earlier scan up to date by looking again only at the paths a caller
+//! knows may have changed (on an overlay: what changed in its upper folder), instead of
+//! walking the whole tree:
+//!
+//! ```text
+//! rescan(root, before, dirty):  excludes differ from before's ──► scan(root) (a full walk)
+//!   dirty += every other name of a hardlinked inode in dirty (its link count, ctime, content
+//!            are the same inode's)
+//!   each dirty path, parents first ──► lstat
+//!     gone                     ──► it and its subtree dropped
+//!     a folder that was one    ──► its entry updated; its names listed again: names gone
+//!                                  drop their subtrees, new names are walked in full
+//!     anything else            ──► its old subtree dropped, walked in full (a file: one entry)
+//! ```
+//!
+//! The result equals what [`scan`] would give provided `dirty` holds every path that appeared,
+//! disappeared or whose `lstat` changed, except that a path may be left out when its folder's
+//! list of names changed and that folder is in `dirty`.
 
 use std::ffi::OsStr;
 use std::io;
@@ -174,14 +193,21 @@ fn normalize_exclude(p: &Path) -> Vec<u8> {
     out
 }
 
-/// Scans `root` (which must be a directory) without following symlinks.
-pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
-    let excludes: Vec<Vec<u8>> = opts
+fn normalized_excludes(opts: &ScanOptions) -> Vec<Vec<u8>> {
+    let mut excludes: Vec<Vec<u8>> = opts
         .exclude
         .iter()
         .map(|p| normalize_exclude(p))
         .filter(|p| !p.is_empty())
         .collect();
+    excludes.sort();
+    excludes.dedup();
+    excludes
+}
+
+/// Scans `root` (which must be a directory) without following symlinks.
+pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
+    let excludes = normalized_excludes(opts);
     let root_md = std::fs::metadata(root)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot scan {}: {e}", root.display())))?;
     if !root_md.is_dir() {
@@ -190,15 +216,35 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
             format!("cannot scan {}: not a directory", root.display()),
         ));
     }
+    let mut entries = Vec::new();
+    walk(root, &[], Some(root_md), &excludes, &mut entries)?;
+    entries.sort_by(|a, b| path_cmp(&a.0, &b.0));
+    Ok(Scan {
+        entries,
+        excluded: excludes,
+    })
+}
+
+/// Walks `root/start` (`start` relative, "" for the root itself) without following symlinks,
+/// pushing (relative path, metadata) for it and everything below it that `excludes` leaves in.
+/// `start_md` is its metadata when the caller has it.
+fn walk(
+    root: &Path,
+    start: &[u8],
+    start_md: Option<std::fs::Metadata>,
+    excludes: &[Vec<u8>],
+    entries: &mut Vec<(Vec<u8>, Meta)>,
+) -> io::Result<()> {
     let prefix_len = root.as_os_str().len();
     let rel_of = |p: &Path| -> Vec<u8> {
         let b = p.as_os_str().as_bytes();
         let r = b.get(prefix_len..).unwrap_or_default();
         r.strip_prefix(b"/").unwrap_or(r).to_vec()
     };
-    let walker = walkdir::WalkDir::new(root)
+    let top = root.join(OsStr::from_bytes(start));
+    let walker = walkdir::WalkDir::new(&top)
         .follow_links(false)
-        .follow_root_links(true)
+        .follow_root_links(start.is_empty())
         .same_file_system(false)
         .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()))
         .into_iter()
@@ -209,7 +255,7 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
             let rel = rel_of(e.path());
             !excludes.contains(&rel)
         });
-    let mut entries = Vec::new();
+    let mut start_md = start_md;
     for item in walker {
         let item = item.map_err(|e| {
             let path = e
@@ -227,35 +273,188 @@ pub fn scan(root: &Path, opts: &ScanOptions) -> io::Result<Scan> {
             io::Error::new(kind, format!("cannot scan {path}: {msg}"))
         })?;
         let path = item.path();
-        let md = if item.depth() == 0 {
-            root_md.clone()
-        } else {
-            std::fs::symlink_metadata(path).map_err(|e| {
+        let md = match (item.depth(), start_md.take()) {
+            (0, Some(md)) => md,
+            _ => std::fs::symlink_metadata(path).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot lstat {}: {e}", path.display()))
-            })?
-        };
-        let target = if md.file_type().is_symlink() {
-            Some(
-                std::fs::read_link(path)
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("cannot readlink {}: {e}", path.display()))
-                    })?
-                    .into_os_string()
-                    .into_vec(),
-            )
-        } else {
-            None
+            })?,
         };
         let rel = if item.depth() == 0 {
-            Vec::new()
+            start.to_vec()
         } else {
             rel_of(path)
         };
-        entries.push((rel, Meta::from_std(&md, target)));
+        entries.push((rel, meta_of(path, &md)?));
     }
-    entries.sort_by(|a, b| path_cmp(&a.0, &b.0));
+    Ok(())
+}
+
+/// The metadata of `path` from its `lstat`, with its target read if it is a symlink.
+fn meta_of(path: &Path, md: &std::fs::Metadata) -> io::Result<Meta> {
+    let target = if md.file_type().is_symlink() {
+        Some(
+            std::fs::read_link(path)
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot readlink {}: {e}", path.display()))
+                })?
+                .into_os_string()
+                .into_vec(),
+        )
+    } else {
+        None
+    };
+    Ok(Meta::from_std(md, target))
+}
+
+/// A relative path ordered as [`path_cmp`] orders it (a folder's subtree right after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ordered(Vec<u8>);
+
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        path_cmp(&self.0, &other.0)
+    }
+}
+
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Brings `before`, a scan of `root`, up to date by looking again only at `dirty` (relative
+/// paths) and what the module docs say follows from them. Falls back to a full [`scan`] when
+/// the paths `opts` excludes are not the ones `before` excluded (a mount came or went).
+pub fn rescan(
+    root: &Path,
+    before: &Scan,
+    dirty: impl IntoIterator<Item = Vec<u8>>,
+    opts: &ScanOptions,
+) -> io::Result<Scan> {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    let excludes = normalized_excludes(opts);
+    if excludes != before.excluded {
+        return scan(root, opts);
+    }
+    let mut dirty: BTreeSet<Ordered> = dirty.into_iter().map(Ordered).collect();
+    // The other names of a hardlinked inode change with it (link count, ctime, content).
+    let linked: Vec<u64> = dirty
+        .iter()
+        .filter_map(|p| before.get_bytes(&p.0))
+        .filter(|m| m.kind != FileKind::Dir && m.nlink > 1)
+        .map(|m| m.ino)
+        .collect();
+    if !linked.is_empty() {
+        let mut by_ino: HashMap<u64, Vec<&[u8]>> = HashMap::new();
+        for (p, m) in before.entries() {
+            if m.kind != FileKind::Dir && m.nlink > 1 {
+                by_ino.entry(m.ino).or_default().push(p);
+            }
+        }
+        for ino in linked {
+            for p in by_ino.get(&ino).into_iter().flatten() {
+                dirty.insert(Ordered(p.to_vec()));
+            }
+        }
+    }
+    let mut tree: BTreeMap<Ordered, Meta> = before
+        .entries()
+        .iter()
+        .map(|(p, m)| (Ordered(p.clone()), m.clone()))
+        .collect();
+    let hidden = |rel: &[u8]| {
+        excludes
+            .iter()
+            .any(|x| rel == x.as_slice() || super::is_below(rel, x))
+    };
+    fn drop_subtree(tree: &mut BTreeMap<Ordered, Meta>, rel: &[u8]) {
+        let gone: Vec<Ordered> = tree
+            .range(Ordered(rel.to_vec())..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.0 == rel || super::is_below(&k.0, rel))
+            .cloned()
+            .collect();
+        for k in gone {
+            tree.remove(&k);
+        }
+    }
+    let walk_into = |tree: &mut BTreeMap<Ordered, Meta>, rel: &[u8], md| -> io::Result<()> {
+        let mut found = Vec::new();
+        walk(root, rel, Some(md), &excludes, &mut found)?;
+        tree.extend(found.into_iter().map(|(p, m)| (Ordered(p), m)));
+        Ok(())
+    };
+    for Ordered(rel) in dirty {
+        if hidden(&rel) {
+            continue;
+        }
+        let path = root.join(OsStr::from_bytes(&rel));
+        let md = match std::fs::symlink_metadata(&path) {
+            Ok(md) => md,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(nix::libc::ENOTDIR) =>
+            {
+                if !rel.is_empty() {
+                    drop_subtree(&mut tree, &rel);
+                }
+                continue;
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot lstat {}: {e}", path.display()),
+                ));
+            }
+        };
+        let key = Ordered(rel.clone());
+        let was_dir = tree.get(&key).is_some_and(|m| m.kind == FileKind::Dir);
+        if !(was_dir && md.is_dir()) {
+            drop_subtree(&mut tree, &rel);
+            walk_into(&mut tree, &rel, md)?;
+            continue;
+        }
+        tree.insert(key, meta_of(&path, &md)?);
+        let mut listed = BTreeSet::new();
+        for e in std::fs::read_dir(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot list {}: {e}", path.display())))?
+        {
+            let e = e.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot list {}: {e}", path.display()))
+            })?;
+            let mut child = rel.clone();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(e.file_name().as_bytes());
+            listed.insert(child);
+        }
+        let known: Vec<Vec<u8>> = tree
+            .range(Ordered(rel.clone())..)
+            .map(|(k, _)| &k.0)
+            .skip(1)
+            .take_while(|k| super::is_below(k, &rel))
+            .filter(|k| super::split_parent(k).0 == rel.as_slice())
+            .cloned()
+            .collect();
+        for k in &known {
+            if !listed.contains(k) {
+                drop_subtree(&mut tree, k);
+            }
+        }
+        for n in listed {
+            if hidden(&n) || tree.contains_key(&Ordered(n.clone())) {
+                continue;
+            }
+            let p = root.join(OsStr::from_bytes(&n));
+            let md = std::fs::symlink_metadata(&p).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot lstat {}: {e}", p.display()))
+            })?;
+            walk_into(&mut tree, &n, md)?;
+        }
+    }
     Ok(Scan {
-        entries,
+        entries: tree.into_iter().map(|(k, m)| (k.0, m)).collect(),
         excluded: excludes,
     })
 }

@@ -484,6 +484,82 @@ fn excludes_skip_the_path_and_its_subtree() {
     assert_eq!(got, vec!["", "procfile", "tmp", "tmp/keep"]);
 }
 
+fn entries_of(s: &Scan) -> Vec<(PathBuf, Meta)> {
+    s.iter()
+        .map(|(p, m)| (p.to_path_buf(), m.clone()))
+        .collect()
+}
+
+#[test]
+fn a_rescan_of_the_changed_paths_equals_a_full_scan() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    simple_tree(r);
+    write(&r.join("h1"), b"linked");
+    fs::hard_link(r.join("h1"), r.join("a/h2")).unwrap();
+    symlink("a/keep", r.join("link")).unwrap();
+    fs::create_dir_all(r.join("proc/1")).unwrap();
+    let opts = ScanOptions {
+        exclude: vec!["proc".into()],
+    };
+    let before = scan(r, &opts).unwrap();
+
+    write(&r.join("a/b/f"), b"one and more");
+    fs::remove_dir_all(r.join("gone")).unwrap();
+    fs::remove_dir_all(r.join("dir2file")).unwrap();
+    write(&r.join("dir2file"), b"now a file");
+    fs::remove_file(r.join("file2dir")).unwrap();
+    fs::create_dir_all(r.join("file2dir/in/deep")).unwrap();
+    write(&r.join("file2dir/in/deep/x"), b"x");
+    fs::remove_dir_all(r.join("recreated")).unwrap();
+    fs::create_dir(r.join("recreated")).unwrap();
+    write(&r.join("recreated/new"), b"new");
+    fs::set_permissions(r.join("chmod"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(r.join("link")).unwrap();
+    symlink("a/b/f", r.join("link")).unwrap();
+    // Changed through one name only: the other name of the inode follows.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(r.join("h1"))
+        .unwrap()
+        .write_all(b" more")
+        .unwrap();
+    fs::create_dir_all(r.join("fresh/sub")).unwrap();
+    write(&r.join("fresh/sub/f"), b"f");
+    write(&r.join("proc/1/status"), b"unseen");
+
+    // What changed, as an overlay's upper folder tells it: each changed path, except names a
+    // changed folder lost or gained (the root and `a` list theirs again).
+    let dirty: Vec<Vec<u8>> = [
+        "",
+        "a/b/f",
+        "dir2file",
+        "file2dir",
+        "recreated",
+        "chmod",
+        "link",
+        "h1",
+        "proc/1",
+    ]
+    .iter()
+    .map(|p| p.as_bytes().to_vec())
+    .collect();
+    let full = scan(r, &opts).unwrap();
+    let re = rescan(r, &before, dirty.clone(), &opts).unwrap();
+    assert_eq!(entries_of(&re), entries_of(&full));
+    assert_eq!(diff(&before, &re), diff(&before, &full));
+    assert!(re.get(Path::new("a/h2")).unwrap().size > 6);
+
+    // Leaving out a path that changed gives a stale answer: the set is what decides.
+    let stale = rescan(r, &before, vec![b"".to_vec()], &opts).unwrap();
+    assert_ne!(entries_of(&stale), entries_of(&full));
+
+    // Other excludes (a mount came or went): a full walk.
+    let none = ScanOptions::default();
+    let re = rescan(r, &before, Vec::new(), &none).unwrap();
+    assert_eq!(entries_of(&re), entries_of(&scan(r, &none).unwrap()));
+}
+
 // ---- hostile layers -------------------------------------------------------------------------
 
 enum Ent<'a> {
