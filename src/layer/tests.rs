@@ -560,6 +560,41 @@ fn a_rescan_of_the_changed_paths_equals_a_full_scan() {
     assert_eq!(entries_of(&re), entries_of(&scan(r, &none).unwrap()));
 }
 
+/// The scan's threads see the caller's mounts: a build mounts its tree in a private mount
+/// namespace, and threads made before it (a pool) would see the folder under the mount.
+#[test]
+fn a_scan_sees_the_mounts_of_the_calling_threads_namespace() {
+    // Threads that exist before the namespace is entered, as a pool's would.
+    rayon::join(|| (), || ());
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let m = t.path().join("m");
+    fs::create_dir(&m).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &m,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    for d in 0..20 {
+        fs::create_dir_all(m.join(format!("d{d}/sub"))).unwrap();
+        write(&m.join(format!("d{d}/sub/f")), b"f");
+    }
+    let s = scan0(&m);
+    nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert_eq!(s.len(), 1 + 20 * 3);
+}
+
 // ---- hostile layers -------------------------------------------------------------------------
 
 enum Ent<'a> {
