@@ -775,7 +775,7 @@ mod tests {
         let m = merged.path();
         let overlay = kt.mount(m, scratch.path()).unwrap();
         let opts = ScanOptions::default();
-        let steps: [fn(&Path); 4] = [
+        let steps: [fn(&Path); 5] = [
             |m| {
                 fs::write(m.join("etc/a"), "changed").unwrap();
                 fs::set_permissions(m.join("etc/b"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -809,6 +809,13 @@ mod tests {
                 fs::remove_file(m.join("tmp-only")).unwrap();
                 fs::remove_dir_all(m.join("usr/lib")).unwrap();
                 fs::create_dir_all(m.join("usr/lib/x")).unwrap();
+                fs::create_dir_all(m.join("usr/lib/tmp")).unwrap();
+            },
+            // A folder replaced by a symlink out of the tree: what was below it (in the upper
+            // folder, so looked at again) must not be looked up through the link.
+            |m| {
+                fs::remove_dir_all(m.join("usr/lib")).unwrap();
+                symlink("/", m.join("usr/lib")).unwrap();
             },
             |_| {},
         ];

@@ -444,6 +444,17 @@ pub fn rescan(
         if hidden(&rel) {
             continue;
         }
+        // Below anything but a folder (gone, or now a symlink: lstat would follow it out of
+        // the tree) there is nothing. Parents come first, so the tree knows what they are now.
+        let (parent, _) = super::split_parent(&rel);
+        if !rel.is_empty()
+            && !tree
+                .get(&Ordered(parent.to_vec()))
+                .is_some_and(|m| m.kind == FileKind::Dir)
+        {
+            drop_subtree(&mut tree, &rel);
+            continue;
+        }
         let path = root.join(OsStr::from_bytes(&rel));
         let md = match std::fs::symlink_metadata(&path) {
             Ok(md) => md,
