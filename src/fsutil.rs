@@ -159,7 +159,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// (`auto_da_alloc`, 0.2 s for an 825 MB tar), and the old file's blocks are freed by a
 /// thread of its own (0.4–1 s for the same file) so neither holds up the build.
 pub fn persist_replacing(tmp: tempfile::NamedTempFile, dest: &Path) -> io::Result<()> {
-    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
     let old = fs::symlink_metadata(dest)
         .ok()
         .filter(|m| m.is_file())
@@ -167,22 +166,25 @@ pub fn persist_replacing(tmp: tempfile::NamedTempFile, dest: &Path) -> io::Resul
     let Some(old) = old else {
         return tmp.persist(dest).map(drop).map_err(|e| e.error);
     };
-    match renameat2(
-        AT_FDCWD,
-        tmp.path(),
-        AT_FDCWD,
-        dest,
-        RenameFlags::RENAME_EXCHANGE,
-    ) {
+    if exchange(tmp.path(), dest)? {
         // The old file is at the temp path now: dropping `tmp` unlinks it there.
-        Ok(()) => drop(tmp),
-        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
-            tmp.persist(dest).map_err(|e| e.error)?;
-        }
-        Err(e) => return Err(e.into()),
+        drop(tmp);
+    } else {
+        tmp.persist(dest).map_err(|e| e.error)?;
     }
     std::thread::spawn(move || drop(old));
     Ok(())
+}
+
+/// Swaps the paths `a` and `b` atomically (`renameat2(RENAME_EXCHANGE)`). False when the file
+/// system cannot (the caller then renames another way).
+pub fn exchange(a: &Path, b: &Path) -> io::Result<bool> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Removes the files and folders in `dir` whose name starts with `prefix` and that no live

@@ -1355,40 +1355,24 @@ fn hash_file(path: &Path, cancelled: &dyn Fn() -> bool) -> Result<(String, u64),
 /// Puts the finished temp folder at `dest`: renamed, or atomically exchanged with what is
 /// there (which is then removed).
 fn replace_dir(tmp: tempfile::TempDir, dest: &Path) -> Result<(), OciError> {
-    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
     if dest.symlink_metadata().is_err() {
         fs::rename(tmp.path(), dest).map_err(write_err(dest))?;
         let _ = tmp.keep();
         return Ok(());
     }
-    match renameat2(
-        AT_FDCWD,
-        tmp.path(),
-        AT_FDCWD,
-        dest,
-        RenameFlags::RENAME_EXCHANGE,
-    ) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
-            // No exchange on this file system: move the old one aside, then rename.
-            let parent = parent_of(dest);
-            let aside = tempfile::Builder::new()
-                .prefix(".strata-old.")
-                .tempdir_in(parent)
-                .map_err(write_err(parent))?;
-            let old = aside.path().join("old");
-            fs::rename(dest, &old).map_err(write_err(dest))?;
-            fs::rename(tmp.path(), dest).map_err(write_err(dest))?;
-            let _ = tmp.keep();
-            remove_old(&old);
-            return Ok(());
-        }
-        Err(e) => {
-            return Err(OciError::Write {
-                path: dest.to_path_buf(),
-                source: e.into(),
-            });
-        }
+    if !crate::fsutil::exchange(tmp.path(), dest).map_err(write_err(dest))? {
+        // No exchange on this file system: move the old one aside, then rename.
+        let parent = parent_of(dest);
+        let aside = tempfile::Builder::new()
+            .prefix(".strata-old.")
+            .tempdir_in(parent)
+            .map_err(write_err(parent))?;
+        let old = aside.path().join("old");
+        fs::rename(dest, &old).map_err(write_err(dest))?;
+        fs::rename(tmp.path(), dest).map_err(write_err(dest))?;
+        let _ = tmp.keep();
+        remove_old(&old);
+        return Ok(());
     }
     // The old output is now at the temp path.
     let old = tmp.keep();
