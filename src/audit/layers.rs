@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use tar::EntryType;
 
 use super::{AuditError, ByteName};
-use crate::layer::path_cmp;
 use crate::layer::read::{RawEntry, TarReader};
+use crate::layer::{PathKey, path_cmp};
 
 /// Name of a whiteout file's prefix and of the opaque-directory marker (OCI image spec).
 const WH: &[u8] = b".wh.";
@@ -812,22 +812,6 @@ fn node_fields(a: &Node, b: &Node) -> Vec<Field> {
     out
 }
 
-/// Newtype ordering byte paths by [`path_cmp`], for the pending map.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Key(Vec<u8>);
-
-impl Ord for Key {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        path_cmp(&self.0, &other.0)
-    }
-}
-
-impl PartialOrd for Key {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 /// A one-sided entry waiting for the other layer's entry under its counterpart key (`d/x` for a
 /// whiteout `d/.wh.x`, and the reverse), which the join has not reached yet.
 struct Pending {
@@ -859,7 +843,7 @@ struct Join<F> {
     summary: DiffSummary,
     emit: F,
     /// Keyed by the counterpart's key (where the other layer's matching entry would be).
-    pending: BTreeMap<Key, Pending>,
+    pending: BTreeMap<PathKey, Pending>,
 }
 
 impl<F: FnMut(FileDiff)> Join<F> {
@@ -886,7 +870,7 @@ impl<F: FnMut(FileDiff)> Join<F> {
     /// layer for the same path, kept pending until its counterpart key, or reported as is.
     fn one_sided(&mut self, e: Entry, in_first: bool) {
         let side = side_of(&e.body);
-        if let Some(p) = self.pending.remove(&Key(e.key.clone())) {
+        if let Some(p) = self.pending.remove(&PathKey(e.key.clone())) {
             if p.in_first != in_first {
                 let sides = if in_first {
                     (side, p.side)
@@ -910,7 +894,7 @@ impl<F: FnMut(FileDiff)> Join<F> {
                     in_first,
                     side,
                 };
-                self.pending.insert(Key(c), p);
+                self.pending.insert(PathKey(c), p);
             }
             _ => self.out(presence_diff(e.path, one_side(in_first, side))),
         }

@@ -93,6 +93,23 @@ pub fn path_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
     a.len().cmp(&b.len())
 }
 
+/// A relative byte path ordered as [`path_cmp`] orders it (a folder's subtree right after it),
+/// for ordered maps of paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathKey(pub Vec<u8>);
+
+impl Ord for PathKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        path_cmp(&self.0, &other.0)
+    }
+}
+
+impl PartialOrd for PathKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 /// The parent of a relative byte path ("" for a top-level name) and its last component.
 pub(crate) fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&c| c == b'/') {

@@ -34,7 +34,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
-use super::path_cmp;
+use super::{PathKey, path_cmp};
 
 /// What to leave out of a scan.
 #[derive(Debug, Clone, Default)]
@@ -362,22 +362,6 @@ fn meta_of(path: &Path, md: &std::fs::Metadata) -> io::Result<Meta> {
     Ok(Meta::from_std(md, target))
 }
 
-/// A relative path ordered as [`path_cmp`] orders it (a folder's subtree right after it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Ordered(Vec<u8>);
-
-impl Ord for Ordered {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        path_cmp(&self.0, &other.0)
-    }
-}
-
-impl PartialOrd for Ordered {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
 /// Brings `before`, a scan of `root`, up to date by looking again only at `dirty` (relative
 /// paths) and what the module docs say follows from them. Falls back to a full [`scan`] when
 /// the paths `opts` excludes are not the ones `before` excluded (a mount came or went).
@@ -392,7 +376,7 @@ pub fn rescan(
     if excludes != before.excluded {
         return scan(root, opts);
     }
-    let mut dirty: BTreeSet<Ordered> = dirty.into_iter().map(Ordered).collect();
+    let mut dirty: BTreeSet<PathKey> = dirty.into_iter().map(PathKey).collect();
     // The other names of a hardlinked inode change with it (link count, ctime, content).
     let linked: Vec<u64> = dirty
         .iter()
@@ -409,23 +393,23 @@ pub fn rescan(
         }
         for ino in linked {
             for p in by_ino.get(&ino).into_iter().flatten() {
-                dirty.insert(Ordered(p.to_vec()));
+                dirty.insert(PathKey(p.to_vec()));
             }
         }
     }
-    let mut tree: BTreeMap<Ordered, Meta> = before
+    let mut tree: BTreeMap<PathKey, Meta> = before
         .entries()
         .iter()
-        .map(|(p, m)| (Ordered(p.clone()), m.clone()))
+        .map(|(p, m)| (PathKey(p.clone()), m.clone()))
         .collect();
     let hidden = |rel: &[u8]| {
         excludes
             .iter()
             .any(|x| rel == x.as_slice() || super::is_below(rel, x))
     };
-    fn drop_subtree(tree: &mut BTreeMap<Ordered, Meta>, rel: &[u8]) {
-        let gone: Vec<Ordered> = tree
-            .range(Ordered(rel.to_vec())..)
+    fn drop_subtree(tree: &mut BTreeMap<PathKey, Meta>, rel: &[u8]) {
+        let gone: Vec<PathKey> = tree
+            .range(PathKey(rel.to_vec())..)
             .map(|(k, _)| k)
             .take_while(|k| k.0 == rel || super::is_below(&k.0, rel))
             .cloned()
@@ -434,13 +418,13 @@ pub fn rescan(
             tree.remove(&k);
         }
     }
-    let walk_into = |tree: &mut BTreeMap<Ordered, Meta>, rel: &[u8], md| -> io::Result<()> {
+    let walk_into = |tree: &mut BTreeMap<PathKey, Meta>, rel: &[u8], md| -> io::Result<()> {
         let mut found = Vec::new();
         walk(root, rel, md, &excludes, &mut found)?;
-        tree.extend(found.into_iter().map(|(p, m)| (Ordered(p), m)));
+        tree.extend(found.into_iter().map(|(p, m)| (PathKey(p), m)));
         Ok(())
     };
-    for Ordered(rel) in dirty {
+    for PathKey(rel) in dirty {
         if hidden(&rel) {
             continue;
         }
@@ -449,7 +433,7 @@ pub fn rescan(
         let (parent, _) = super::split_parent(&rel);
         if !rel.is_empty()
             && !tree
-                .get(&Ordered(parent.to_vec()))
+                .get(&PathKey(parent.to_vec()))
                 .is_some_and(|m| m.kind == FileKind::Dir)
         {
             drop_subtree(&mut tree, &rel);
@@ -474,7 +458,7 @@ pub fn rescan(
                 ));
             }
         };
-        let key = Ordered(rel.clone());
+        let key = PathKey(rel.clone());
         let was_dir = tree.get(&key).is_some_and(|m| m.kind == FileKind::Dir);
         if !(was_dir && md.is_dir()) {
             drop_subtree(&mut tree, &rel);
@@ -497,7 +481,7 @@ pub fn rescan(
             listed.insert(child);
         }
         let known: Vec<Vec<u8>> = tree
-            .range(Ordered(rel.clone())..)
+            .range(PathKey(rel.clone())..)
             .map(|(k, _)| &k.0)
             .skip(1)
             .take_while(|k| super::is_below(k, &rel))
@@ -510,7 +494,7 @@ pub fn rescan(
             }
         }
         for n in listed {
-            if hidden(&n) || tree.contains_key(&Ordered(n.clone())) {
+            if hidden(&n) || tree.contains_key(&PathKey(n.clone())) {
                 continue;
             }
             let p = root.join(OsStr::from_bytes(&n));
