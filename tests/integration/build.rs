@@ -419,8 +419,10 @@ fn sigkill_mid_step_leaves_no_mount_or_process_and_a_rerun_resumes() {
     )
     .unwrap();
     child.wait().unwrap();
-    // The hook, its `sleep 300` and the namespace go with strata; a rerun resumes there.
-    f.assert_killed_build_left_nothing("sleep 300", &hold);
+    // The hook, its `sleep 300` and the namespace go with strata; a rerun resumes there. The
+    // sleep is named after this fixture's hold file: tests beside this one hold builds too.
+    let sleep = format!("fixture-hold-sleep {}", hold.display());
+    f.assert_killed_build_left_nothing(&sleep, &hold);
     let m = f.build_ok(&[]);
     let idx = step_index("post-root.d/10-post-root");
     assert_eq!(m.cached(), &all_steps()[..idx]);
