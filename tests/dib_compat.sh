@@ -12,12 +12,12 @@
 # Exits non-zero on any mismatch.
 #
 # Environment:
-#   STRATA       the strata binary (default: <repo>/target/debug/strata, built if missing)
+#   STRATA       the strata binary (default: ${CARGO_TARGET_DIR:-<repo>/target}/debug/strata, built if missing)
 #   DIB_VERSION  diskimage-builder version to download (default 3.43.0; "latest" for the newest)
 set -eu -o pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-strata=${STRATA:-$repo/target/debug/strata}
+strata=${STRATA:-${CARGO_TARGET_DIR:-$repo/target}/debug/strata}
 dib_version=${DIB_VERSION:-3.43.0}
 
 if [ ! -x "$strata" ]; then
