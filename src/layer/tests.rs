@@ -1327,31 +1327,22 @@ fn a_cached_parent_replaced_by_a_file_refuses_its_children() {
 
 #[test]
 fn a_cached_parent_whited_out_is_made_again_for_later_entries() {
-    let a = Arena::new();
-    let t = a.target();
-    a.unpack(&hostile(&[
-        Ent::Dir(b"a/"),
-        Ent::Dir(b"a/b/"),
-        Ent::File(b"a/b/x", b"gone"),
-        Ent::File(b".wh.a", b""),
-        Ent::File(b"a/b/y", b"kept"),
-    ]))
-    .unwrap();
-    assert!(!t.join("a/b/x").exists());
-    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"kept");
-    // A whiteout of the cached directory itself, by its parent's entry.
-    let a = Arena::new();
-    let t = a.target();
-    a.unpack(&hostile(&[
-        Ent::Dir(b"a/"),
-        Ent::Dir(b"a/b/"),
-        Ent::File(b"a/b/x", b"gone"),
-        Ent::File(b"a/.wh.b", b""),
-        Ent::File(b"a/b/y", b"kept"),
-    ]))
-    .unwrap();
-    assert!(!t.join("a/b/x").exists());
-    assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"kept");
+    // A whiteout of the cached top folder, then of the cached folder itself by its parent's
+    // entry.
+    for whiteout in [&b".wh.a"[..], &b"a/.wh.b"[..]] {
+        let a = Arena::new();
+        let t = a.target();
+        a.unpack(&hostile(&[
+            Ent::Dir(b"a/"),
+            Ent::Dir(b"a/b/"),
+            Ent::File(b"a/b/x", b"gone"),
+            Ent::File(whiteout, b""),
+            Ent::File(b"a/b/y", b"kept"),
+        ]))
+        .unwrap();
+        assert!(!t.join("a/b/x").exists());
+        assert_eq!(fs::read(t.join("a/b/y")).unwrap(), b"kept");
+    }
 }
 
 #[test]
